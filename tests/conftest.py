@@ -3,7 +3,7 @@ database per test (CREATE DATABASE is ~50 ms), so tests never share state and ne
 
 from __future__ import annotations
 
-import os
+import os  # noqa: F401
 import uuid
 from pathlib import Path
 
@@ -12,7 +12,9 @@ import pytest
 
 from rag_assets.settings import Settings
 
-os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+from rag_assets.store.embedded import ensure_runtime_dir  # noqa: E402
+
+ensure_runtime_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,174 @@
+"""``rag-assets``: the command-line contract (index, query, status, export, …).
+
+Every command takes ``--json`` for scripts; failures exit non-zero with a message naming the
+document, setting or object at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rag_assets.settings import Settings, SettingsError
+
+
+def _print(obj: dict, as_json: bool, human) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=None, default=str, ensure_ascii=False))
+    else:
+        human(obj)
+
+
+def cmd_index(args, settings: Settings) -> int:
+    from rag_assets.pipeline import Indexer
+
+    path = Path(args.path)
+    settings = _with(settings, source_path=path)
+    idx = Indexer(settings)
+    try:
+        rep = idx.refresh(path, full=args.full, rehash=args.rehash)
+    finally:
+        idx.close()
+    d = rep.as_dict()
+
+    def human(d: dict) -> None:
+        print(
+            f"indexed {path}: {d['docs_total']} documents "
+            f"(+{d['docs_added']} ~{d['docs_modified']} meta {d['docs_metadata_only']} -{d['docs_deleted']} "
+            f"={d['docs_unchanged']}), {d['chunks_total']} chunks; embedded {d['chunks_embedded']} "
+            f"({d['tokens_embedded']} tokens), reused {d['chunks_reused']}; {d['shards_refreshed']} shards "
+            f"refreshed in {d['seconds']:.2f}s; generation {d['generation']}"
+        )
+        for e in d["errors"]:
+            print(f"  skipped {e['doc_id']}: {e['error']}", file=sys.stderr)
+
+    _print(d, args.json, human)
+    return 0
+
+
+def cmd_query(args, settings: Settings) -> int:
+    from rag_assets.embedders import make_embedder
+    from rag_assets.query import parse_filters, search
+    from rag_assets.store.db import connect, database_url
+
+    conn = connect(database_url(settings))
+    emb = make_embedder(settings)
+    try:
+        res = search(conn, emb, args.text, args.k, parse_filters(args.filter), args.min_score)
+    finally:
+        emb.close()
+        conn.close()
+
+    def human(d: dict) -> None:
+        for i, h in enumerate(d["results"], 1):
+            snippet = " ".join(h["text"].split())[:200]
+            print(f"{i:2d}. {h['score']:.3f}  {h['doc_id']}#{h['seq']}  {h['metadata'].get('title', '')}")
+            print(f"      {snippet}")
+        if not d["results"]:
+            print("no results")
+
+    _print(res.as_dict(), args.json, human)
+    return 0
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from rag_assets.status import index_status
+    from rag_assets.store.db import connect, database_url
+
+    conn = connect(database_url(settings))
+    try:
+        st = index_status(conn, digest=not args.no_digest)
+    finally:
+        conn.close()
+
+    def human(d: dict) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                v = json.dumps(v, default=str)
+            print(f"{k:>22}: {v}")
+
+    _print(st, args.json, human)
+    return 0
+
+
+def cmd_export(args, settings: Settings) -> int:
+    from rag_assets.export import export_rows
+    from rag_assets.store.db import connect, database_url
+
+    conn = connect(database_url(settings))
+    try:
+        n = export_rows(conn, Path(args.path), args.format)
+    finally:
+        conn.close()
+    _print({"path": args.path, "format": args.format, "rows": n}, args.json,
+           lambda d: print(f"exported {d['rows']} rows to {d['path']} ({d['format']})"))
+    return 0
+
+
+def cmd_db(args, settings: Settings) -> int:
+    from rag_assets.store.embedded import embedded_url, stop_embedded
+
+    if args.action == "stop":
+        stopped = stop_embedded(settings.home)
+        print("stopped" if stopped else "not running")
+    else:
+        print(settings.database_url or embedded_url(settings.home))
+    return 0
+
+
+def _with(settings: Settings, **kw) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rag-assets", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("index", help="refresh the index from a folder (incremental by default)")
+    s.add_argument("path")
+    s.add_argument("--full", action="store_true", help="rebuild from scratch into a new generation")
+    s.add_argument("--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_index)
+
+    s = sub.add_parser("query", help="top-k chunks for a question")
+    s.add_argument("text")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+    s.add_argument("--min-score", type=float, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("status", help="counts, last run, live generation and index digest")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--no-digest", action="store_true", help="skip the index digest (faster on big indexes)")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("export", help="write the serving rows to a file")
+    s.add_argument("path")
+    s.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("db", help="the embedded PostgreSQL server")
+    s.add_argument("action", choices=("url", "stop"))
+    s.set_defaults(fn=cmd_db)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return args.fn(args, settings)
+    except (SettingsError, ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
+        print(f"rag-assets {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

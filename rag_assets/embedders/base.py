@@ -1,0 +1,156 @@
+"""The one interface every embedding provider implements, and the run statistics they record.
+
+The pipeline never talks to a provider directly: it hands the texts that missed the cache to
+``Embedder.embed`` and gets back a float32 matrix, one row per text, in order. Providers raise
+``EmbeddingError`` (with the document/chunk label of the offending text when there is one) rather
+than return anything partial, so a failed batch can never be half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class EmbeddingError(RuntimeError):
+    """An embedding call failed for good (after any retries). The message is safe to show: no secrets."""
+
+    def __init__(self, message: str, *, label: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.label = label
+        self.status = status
+
+
+class EmbeddingDimensionError(EmbeddingError):
+    """The provider returned vectors of the wrong size."""
+
+
+class TextTooLongError(EmbeddingError):
+    """A text exceeds the model's input limit and the long-text policy is 'error'."""
+
+
+@dataclass
+class EmbedStats:
+    """What embedding cost in one run. Thread-safe ``add_*`` so concurrent batches can share one."""
+
+    texts: int = 0
+    tokens: int = 0
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0  # HTTP 429 answers
+    rate_limit_wait_s: float = 0.0  # time spent waiting on Retry-After and our own RPM/TPM budget
+    seconds: float = 0.0  # wall time inside embed()
+    latencies_ms: list[float] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_request(self, latency_ms: float) -> None:
+        with self._lock:
+            self.requests += 1
+            self.latencies_ms.append(latency_ms)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def merge(self, other: EmbedStats) -> None:
+        with self._lock:
+            self.texts += other.texts
+            self.tokens += other.tokens
+            self.requests += other.requests
+            self.retries += other.retries
+            self.throttled += other.throttled
+            self.rate_limit_wait_s += other.rate_limit_wait_s
+            self.seconds += other.seconds
+            self.latencies_ms.extend(other.latencies_ms)
+
+    def percentile_ms(self, q: float) -> float | None:
+        if not self.latencies_ms:
+            return None
+        return float(np.percentile(np.asarray(self.latencies_ms), q))
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "texts": self.texts,
+            "tokens": self.tokens,
+            "requests": self.requests,
+            "retries": self.retries,
+            "throttled_429": self.throttled,
+            "rate_limit_wait_s": round(self.rate_limit_wait_s, 4),
+            "embed_seconds": round(self.seconds, 4),
+            "latency_p50_ms": self.percentile_ms(50),
+            "latency_p95_ms": self.percentile_ms(95),
+        }
+
+
+class Embedder(ABC):
+    """An embedding provider.
+
+    ``fingerprint`` is the identity of the vectors it produces: provider, model, dimensions,
+    normalisation and any provider-visible option. It keys the embedding cache and is the
+    ``code_version`` of the embeddings asset, so changing it re-embeds while changing a timeout
+    (not part of the fingerprint) does not.
+    """
+
+    provider: str = "abstract"
+    model: str = ""
+    dims: int = 0
+    normalize: bool = True
+    max_input_tokens: int | None = None
+
+    def fingerprint_options(self) -> dict[str, object]:
+        """Provider-visible options that change the vectors (override to add some)."""
+        return {}
+
+    @property
+    def fingerprint(self) -> str:
+        spec = {
+            "provider": self.provider,
+            "model": self.model,
+            "dims": self.dims,
+            "normalize": self.normalize,
+            "options": self.fingerprint_options(),
+        }
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.provider}:{self.model}:{self.dims}:{'norm' if self.normalize else 'raw'}:{digest}"
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts as the provider bills them (a conservative estimate when unknown)."""
+        return [estimate_tokens(t) for t in texts]
+
+    @abstractmethod
+    def embed(
+        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Embed ``texts``; return float32 ``(len(texts), dims)``. ``labels`` name each text in errors."""
+
+    def price_per_mtok(self) -> float:
+        """USD per million input tokens (0 for local providers)."""
+        return 0.0
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or models."""
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token estimate (over-counts English BPE by ~10-30%) when no tokenizer is known."""
+    return max(1, (len(text.encode("utf-8")) + 2) // 3)
+
+
+def check_vectors(vectors: np.ndarray, n: int, dims: int, where: str) -> np.ndarray:
+    """Validate a provider's output: ``n`` finite vectors of ``dims`` floats, else raise."""
+    if vectors.ndim != 2 or vectors.shape[0] != n:
+        raise EmbeddingError(f"{where}: expected {n} vectors, got shape {tuple(vectors.shape)}")
+    if vectors.shape[1] != dims:
+        raise EmbeddingDimensionError(
+            f"{where}: expected vectors of dimension {dims}, got {vectors.shape[1]}"
+        )
+    if not np.all(np.isfinite(vectors)):
+        raise EmbeddingError(f"{where}: response contains NaN or infinite values")
+    return vectors.astype(np.float32, copy=False)

@@ -1,0 +1,452 @@
+"""The indexing pipeline: scan → manifest → chunks → embeddings, shard by shard.
+
+Each stage is a function over a set of shards, transactional and level-triggered, so the same
+functions serve the core CLI path (``Indexer.refresh`` runs them back to back), the Dagster assets
+(one stage per asset, one range of shards per run) and crash recovery (a stage that did not finish
+is simply behind and is caught up next time).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from rag_assets.chunking import Chunker, make_chunker
+from rag_assets.embedders import Embedder, EmbedStats, make_embedder
+from rag_assets.embedders.cache import ensure_embedder
+from rag_assets.manifest import ManifestDiff, ManifestEntry, shard_of
+from rag_assets.settings import Settings, SettingsError
+from rag_assets.sources import DocumentError, DocumentGone, FolderSource, ScanResult
+from rag_assets.store.chunk_stage import lagging_chunk_shards, sync_chunks
+from rag_assets.store.db import connect, database_url
+from rag_assets.store.manifest_store import DocUpdate, apply_manifest, load_manifest
+from rag_assets.store.serving import (
+    Generation,
+    finalize_generation,
+    get_generation,
+    lagging_serving_shards,
+    live_generation,
+    sync_serving,
+    target_generation,
+)
+
+
+@dataclass
+class RefreshReport:
+    """What a refresh did: the numbers ``index --json`` prints and Dagster records as metadata."""
+
+    docs_total: int = 0
+    docs_added: int = 0
+    docs_modified: int = 0
+    docs_metadata_only: int = 0
+    docs_deleted: int = 0
+    docs_unchanged: int = 0
+    chunks_total: int = 0
+    chunks_embedded: int = 0
+    tokens_embedded: int = 0
+    chunks_reused: int = 0
+    tokens_reused: int = 0
+    chunks_written: int = 0
+    chunks_deleted: int = 0
+    docs_rechunked: int = 0
+    rows_written: int = 0
+    rows_deleted: int = 0
+    docs_meta_written: int = 0
+    shards_refreshed: int = 0
+    generation: int | None = None
+    generation_switched: bool = False
+    seconds: float = 0.0
+    seconds_scan: float = 0.0
+    seconds_manifest: float = 0.0
+    seconds_chunks: float = 0.0
+    seconds_embed: float = 0.0
+    seconds_sync: float = 0.0
+    price_per_mtok: float = 0.0
+    cost_usd: float = 0.0
+    cost_avoided_usd: float = 0.0
+    full_reembed_tokens: int = 0
+    embedder: str = ""
+    embedding: dict = field(default_factory=dict)
+    errors: list[dict] = field(default_factory=list)
+
+    _SUMMED = (
+        "docs_added docs_modified docs_metadata_only docs_deleted chunks_embedded tokens_embedded "
+        "chunks_reused tokens_reused chunks_written chunks_deleted docs_rechunked rows_written rows_deleted "
+        "docs_meta_written seconds_scan seconds_manifest seconds_chunks seconds_embed seconds_sync cost_usd"
+    ).split()
+
+    def add_diff(self, d: ManifestDiff) -> None:
+        self.docs_added += len(d.added)
+        self.docs_modified += len(d.modified)
+        self.docs_metadata_only += len(d.metadata_only)
+        self.docs_deleted += len(d.deleted)
+
+    def merge(self, other: dict) -> None:
+        """Add another (stage) report's counters into this one."""
+        for k in self._SUMMED:
+            if k in other and other[k] is not None:
+                setattr(self, k, getattr(self, k) + other[k])
+        self.errors.extend(other.get("errors") or [])
+        if other.get("generation_switched"):
+            self.generation_switched = True
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class IndexingError(RuntimeError):
+    """A refresh failed; shards already synced keep their new state, the rest their old state."""
+
+
+def check_shard_count(conn: psycopg.Connection, n_shards: int) -> None:
+    """The shard count is fixed per index: changing it would move every document."""
+    row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO rag.settings (key, value) VALUES ('shards', %s) ON CONFLICT DO NOTHING",
+            (Jsonb(n_shards),),
+        )
+        if not conn.autocommit:
+            conn.commit()
+        return
+    if int(row[0]) != n_shards:
+        raise SettingsError(
+            f"RAG_SHARDS={n_shards} but this index was built with {row[0]} shards; "
+            "use the same value (changing it would move every document)"
+        )
+
+
+@dataclass
+class ScanPlan:
+    """The fast path's answer: which shards need work and which files must be re-read."""
+
+    scan: ScanResult
+    old: dict[str, ManifestEntry]
+    shard_of_doc: dict[str, int]
+    stale: set[int]
+    reread: set[str]
+    seconds: float = 0.0
+
+
+def plan_scan(conn: psycopg.Connection, source: FolderSource, n_shards: int, *, rehash: bool = False) -> ScanPlan:
+    """Stat the folder and compare with the manifest: only changed files will be read."""
+    t0 = time.perf_counter()
+    scan = source.scan()
+    old = load_manifest(conn)
+    shard_of_doc = {}
+    stale: set[int] = set()
+    reread: set[str] = set()
+    for doc_id, st in scan.stats.items():
+        o = old.get(doc_id)
+        shard = o.shard if o is not None else shard_of(doc_id, n_shards)
+        shard_of_doc[doc_id] = shard
+        if rehash or o is None or o.source != source.name or o.size != st.size or o.mtime_ns != st.mtime_ns:
+            reread.add(doc_id)
+            stale.add(shard)
+    for doc_id, o in old.items():
+        if o.source == source.name and doc_id not in scan.stats:
+            stale.add(o.shard)
+    return ScanPlan(scan, old, shard_of_doc, stale, reread, time.perf_counter() - t0)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs; built once per process (CLI) or per step (Dagster)."""
+
+    settings: Settings
+    conn: psycopg.Connection
+    embedder: Embedder
+    chunker: Chunker
+    embedder_id: int
+    run_id: str
+    kind: str = "cli"
+
+    @classmethod
+    def create(
+        cls,
+        settings: Settings,
+        *,
+        conn: psycopg.Connection | None = None,
+        embedder: Embedder | None = None,
+        chunker: Chunker | None = None,
+        run_id: str | None = None,
+        kind: str = "cli",
+    ) -> StageContext:
+        conn = conn or connect(database_url(settings))
+        embedder = embedder or make_embedder(settings)
+        chunker = chunker or make_chunker(settings.chunker, settings.chunk_max_tokens)
+        eid = ensure_embedder(conn, embedder)
+        check_shard_count(conn, settings.shards)
+        return cls(settings, conn, embedder, chunker, eid, run_id or uuid.uuid4().hex, kind)
+
+    def source(self, path: Path | str | None = None) -> FolderSource:
+        s = self.settings
+        return FolderSource(path or s.source_path, s.include, s.exclude, s.max_doc_bytes)
+
+    def target(self, fresh_token: str | None = None) -> Generation:
+        return target_generation(
+            self.conn, self.embedder_id, self.chunker.version, self.embedder.dims, fresh_token=fresh_token
+        )
+
+    def pending_shards(self, plan: ScanPlan, gen: Generation) -> set[int]:
+        """Shards with source changes, plus any whose chunk or serving stage is behind."""
+        return set(plan.stale) | lagging_chunk_shards(self.conn, self.chunker.version) | lagging_serving_shards(
+            self.conn, gen
+        )
+
+
+def manifest_stage(
+    ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource
+) -> dict:
+    """Read the changed files of ``shards`` and record their new manifest (one transaction)."""
+    t0 = time.perf_counter()
+    shards = set(shards)
+    errors: list[dict] = []
+    updates: dict[str, DocUpdate] = {}
+    for doc_id in sorted(plan.scan.stats):
+        shard = plan.shard_of_doc[doc_id]
+        if shard not in shards:
+            continue
+        o = plan.old.get(doc_id)
+        if doc_id not in plan.reread and o is not None:
+            updates[doc_id] = DocUpdate(o, {}, None)
+            continue
+        try:
+            doc = source.read(doc_id)
+        except DocumentGone:
+            continue  # deleted while we ran: it is simply gone
+        except DocumentError as e:
+            errors.append({"doc_id": e.doc_id, "error": e.reason})
+            if o is not None and o.source == source.name:
+                updates[doc_id] = DocUpdate(o, {}, None)  # keep the last good version indexed
+            continue
+        entry = ManifestEntry(doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, source.name)
+        updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text)
+    diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
+    out = diff.counts()
+    out.update(errors=errors, seconds_manifest=time.perf_counter() - t0, versions=versions, changed=diff.changed)
+    return out
+
+
+def chunk_stage(ctx: StageContext, shards: Iterable[int], *, force: bool = False) -> dict:
+    t0 = time.perf_counter()
+    st = sync_chunks(ctx.conn, shards, ctx.chunker, force=force)
+    return {
+        "shards_rechunked": st.shards,
+        "docs_rechunked": st.docs_rechunked,
+        "chunks_written": st.chunks_written,
+        "chunks_deleted": st.chunks_deleted,
+        "seconds_chunks": time.perf_counter() - t0,
+    }
+
+
+def embed_stage(
+    ctx: StageContext,
+    shards: Iterable[int],
+    *,
+    gen: Generation | None = None,
+    fresh_token: str | None = None,
+    force: bool = False,
+    finalize: bool = True,
+) -> dict:
+    """Embed cache misses and sync the serving rows of ``shards``; switch a completed new generation."""
+    gen = gen or ctx.target(fresh_token)
+    estats = EmbedStats()
+    sst = sync_serving(ctx.conn, shards, gen, ctx.embedder, ctx.embedder_id, estats, force=force)
+    out = asdict(sst)
+    out.pop("shards")
+    out["shards_synced"] = sst.shards
+    out["seconds_embed"] = estats.seconds
+    out["embedding"] = estats.as_dict()
+    out["generation_switched"] = False
+    if finalize:
+        current = get_generation(ctx.conn, gen.id) or gen
+        if current.state == "building":
+            out["generation_switched"] = finalize_generation(ctx.conn, current, ctx.settings.keep_generations)
+    price = ctx.embedder.price_per_mtok()
+    out["cost_usd"] = sst.tokens_embedded * price / 1e6
+    return out
+
+
+def record_stage(
+    ctx: StageContext, stage: str, shards: Iterable[int], started_at: datetime, stats: dict, *, full_reembed_tokens: int = 0
+) -> None:
+    """One row in ``rag.runs`` per stage run: what ``status`` and ``cost`` read."""
+    price = ctx.embedder.price_per_mtok()
+    tokens = int(stats.get("tokens_embedded") or 0)
+    ctx.conn.execute(
+        """INSERT INTO rag.runs (run_id, kind, stage, shards, started_at, embedder, model, tokens_embedded,
+               tokens_full_reembed, price_per_mtok, cost_usd, cost_avoided_usd, stats)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (
+            ctx.run_id,
+            ctx.kind,
+            stage,
+            sorted(set(shards)),
+            started_at,
+            ctx.embedder.fingerprint,
+            ctx.embedder.model,
+            tokens,
+            full_reembed_tokens,
+            price,
+            tokens * price / 1e6,
+            max(0, full_reembed_tokens - tokens) * price / 1e6,
+            Jsonb(_jsonable(stats)),
+        ),
+    )
+    if not ctx.conn.autocommit:
+        ctx.conn.commit()
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "versions"}
+
+
+def totals(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """(documents, chunks, tokens of all chunks): the corpus a full re-embed would pay for."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM rag.manifest), (SELECT count(*) FROM rag.chunks),"
+        " (SELECT coalesce(sum(n_tokens), 0) FROM rag.chunks)"
+    ).fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def finish_report(ctx: StageContext, rep: RefreshReport) -> RefreshReport:
+    """Fill the totals, cost and live generation of a report."""
+    rep.docs_total, rep.chunks_total, rep.full_reembed_tokens = totals(ctx.conn)
+    rep.docs_unchanged = max(0, rep.docs_total - rep.docs_added - rep.docs_modified - rep.docs_metadata_only)
+    rep.price_per_mtok = ctx.embedder.price_per_mtok()
+    rep.cost_usd = rep.tokens_embedded * rep.price_per_mtok / 1e6
+    rep.cost_avoided_usd = max(0, rep.full_reembed_tokens - rep.tokens_embedded) * rep.price_per_mtok / 1e6
+    live = live_generation(ctx.conn)
+    rep.generation = live.id if live else None
+    rep.embedder = ctx.embedder.fingerprint
+    return rep
+
+
+def shard_batches(shards: list[int], plan: ScanPlan, max_docs: int) -> list[list[int]]:
+    """Group shards so one batch reads at most ~``max_docs`` documents (bounded memory)."""
+    per_shard: dict[int, int] = {}
+    for d in plan.reread:
+        s = plan.shard_of_doc[d]
+        per_shard[s] = per_shard.get(s, 0) + 1
+    out: list[list[int]] = []
+    cur: list[int] = []
+    load = 0
+    for s in shards:
+        cur.append(s)
+        load += per_shard.get(s, 0)
+        if load >= max_docs:
+            out.append(cur)
+            cur, load = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+class Indexer:
+    """The core, outside Dagster: refresh a folder into the index, incrementally or in full."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        conn: psycopg.Connection | None = None,
+        embedder: Embedder | None = None,
+        chunker: Chunker | None = None,
+    ):
+        self.ctx = StageContext.create(settings, conn=conn, embedder=embedder, chunker=chunker)
+        self.settings = settings
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        return self.ctx.conn
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.ctx.embedder
+
+    def source(self, path=None) -> FolderSource:
+        return self.ctx.source(path)
+
+    def refresh(
+        self,
+        path=None,
+        *,
+        full: bool = False,
+        rehash: bool = False,
+        progress: bool | None = None,
+        shard_batch_docs: int = 8000,
+    ) -> RefreshReport:
+        """Incremental refresh (or ``full`` rebuild into a new generation) of the folder at ``path``."""
+        t_start = time.perf_counter()
+        started_at = datetime.now(UTC)
+        ctx = self.ctx
+        ctx.run_id = uuid.uuid4().hex
+        rep = RefreshReport()
+        source = self.source(path)
+        plan = plan_scan(ctx.conn, source, self.settings.shards, rehash=rehash or full)
+        rep.seconds_scan = plan.seconds
+        rep.errors.extend({"doc_id": p, "error": r} for p, r in plan.scan.errors)
+        gen = ctx.target(fresh_token=ctx.run_id if full else None)
+        pending = set(range(self.settings.shards)) if full else ctx.pending_shards(plan, gen)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        bar = None
+        if progress and pending:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(pending), unit="shard", desc="indexing", file=sys.stderr, leave=False)
+        try:
+            for batch in shard_batches(sorted(pending), plan, shard_batch_docs):
+                m = manifest_stage(ctx, batch, plan, source)
+                c = chunk_stage(ctx, batch, force=full)
+                e = embed_stage(ctx, batch, gen=gen, finalize=False)
+                for part in (m, c, e):
+                    rep.merge(part)
+                rep.embedding = _merge_embedding(rep.embedding, e["embedding"])
+                if m["changed"] or c["shards_rechunked"] or e["shards_synced"]:
+                    rep.shards_refreshed += len(batch)
+                if bar is not None:
+                    bar.update(len(batch))
+            current = get_generation(ctx.conn, gen.id) or gen
+            if current.state == "building":
+                rep.generation_switched = finalize_generation(ctx.conn, current, self.settings.keep_generations)
+        except Exception as e:
+            if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                ctx.conn.rollback()
+            raise IndexingError(f"refresh failed: {e}") from e
+        finally:
+            if bar is not None:
+                bar.close()
+        finish_report(ctx, rep)
+        rep.seconds = time.perf_counter() - t_start
+        record_stage(ctx, "refresh", pending, started_at, rep.as_dict(), full_reembed_tokens=rep.full_reembed_tokens)
+        return rep
+
+    def close(self) -> None:
+        self.ctx.embedder.close()
+        self.ctx.conn.close()
+
+
+def _merge_embedding(a: dict, b: dict) -> dict:
+    """Combine two ``EmbedStats.as_dict()`` (sums; latency percentiles keep the larger)."""
+    if not a:
+        return dict(b)
+    out = dict(a)
+    for k, v in b.items():
+        if v is None:
+            continue
+        if k.startswith("latency_"):
+            out[k] = max(out.get(k) or 0, v)
+        else:
+            out[k] = (out.get(k) or 0) + v
+    return out

@@ -1,0 +1,158 @@
+"""Top-k retrieval over the live generation, with metadata filters that still return k results.
+
+pgvector applies WHERE clauses after the HNSW scan, so a selective filter on a plain scan returns
+fewer than k rows (pgvector#751). We enable iterative index scans (pgvector ≥ 0.8) in the query's
+transaction, and re-sort the over-fetched candidates by exact distance, as the pgvector README
+recommends for ``relaxed_order``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+from rag_assets.embedders import Embedder, EmbedStats
+from rag_assets.store.serving import live_generation
+
+
+class QueryError(ValueError):
+    """The query cannot run (bad filter, no index yet, embedder mismatch); the message says why."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    seq: int
+    score: float
+    text: str
+    metadata: dict
+    chunk_id: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    results: list[Hit]
+    generation: int | None
+
+    def as_dict(self) -> dict:
+        return {"results": [asdict(h) for h in self.results], "generation": self.generation}
+
+
+def parse_filters(pairs: list[str] | None) -> dict[str, object]:
+    """``KEY=VALUE`` pairs → a filter dict; VALUE is JSON when it parses (numbers, true), else text."""
+    out: dict[str, object] = {}
+    for p in pairs or []:
+        key, sep, raw = p.partition("=")
+        if not sep or not key:
+            raise QueryError(f"bad filter {p!r}: use KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = value
+    return out
+
+
+def _filter_sql(filt: Mapping[str, object] | None) -> tuple[str, list]:
+    """Each key must match: equal to the value, or (for list metadata) contain it."""
+    if not filt:
+        return "", []
+    clauses, params = [], []
+    for k, v in filt.items():
+        if not isinstance(k, str) or not k:
+            raise QueryError(f"bad filter key {k!r}")
+        if isinstance(v, list | dict):
+            clauses.append("metadata @> %s")
+            params.append(Jsonb({k: v}))
+        else:
+            clauses.append("(metadata @> %s OR metadata @> %s)")
+            params.extend([Jsonb({k: v}), Jsonb({k: [v]})])
+    return " WHERE " + " AND ".join(clauses), params
+
+
+def search_vector(
+    conn: psycopg.Connection,
+    vector: np.ndarray,
+    k: int = 10,
+    filt: Mapping[str, object] | None = None,
+    min_score: float | None = None,
+    *,
+    ef_search: int | None = None,
+    exact: bool = False,
+) -> QueryResult:
+    """Top-k chunks of the live generation by cosine similarity to ``vector``."""
+    if not 1 <= k <= 1000:
+        raise QueryError(f"k={k}: must be between 1 and 1000")
+    where, params = _filter_sql(filt)
+    tiebreak = ", doc_id, seq" if exact else ""  # exact search is the reference: make ties deterministic
+    q = np.asarray(vector, dtype=np.float32)
+    with conn.transaction():
+        if exact:
+            conn.execute("SET LOCAL enable_indexscan = off")
+        else:
+            conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            conn.execute(f"SET LOCAL hnsw.ef_search = {int(max(ef_search or 40, k))}")
+        try:
+            rows = conn.execute(
+                f"""WITH r AS MATERIALIZED (
+                        SELECT chunk_id, doc_id, seq, text, metadata, generation,
+                               embedding <=> %s::vector AS distance
+                        FROM rag.items{where}
+                        ORDER BY embedding <=> %s::vector{tiebreak} LIMIT %s)
+                    SELECT chunk_id, doc_id, seq, text, metadata, generation, distance
+                    FROM r ORDER BY distance + 0, doc_id, seq""",
+                [q, *params, q, k],
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            raise QueryError("the index is empty: run `rag-assets index PATH` first") from None
+        except psycopg.errors.DataException as e:
+            raise QueryError(f"query vector does not fit the index: {e}".strip()) from None
+    hits = []
+    generation = None
+    for chunk_id, doc_id, seq, text, metadata, gen, dist in rows:
+        generation = gen
+        score = 1.0 - float(dist)
+        if min_score is not None and score < min_score:
+            continue
+        hits.append(Hit(doc_id, seq, round(score, 6), text, metadata, chunk_id))
+    if generation is None:
+        live = live_generation(conn)
+        generation = live.id if live else None
+    return QueryResult(hits, generation)
+
+
+def check_embedder_matches(conn: psycopg.Connection, embedder: Embedder) -> None:
+    """Queries must be embedded by the model that built the live generation."""
+    row = conn.execute(
+        "SELECT e.fingerprint FROM rag.live l JOIN rag.generations g ON g.id = l.generation "
+        "JOIN rag.embedders e ON e.id = g.embedder_id"
+    ).fetchone()
+    if row is None:
+        raise QueryError("the index is empty: run `rag-assets index PATH` first")
+    if row[0] != embedder.fingerprint:
+        raise QueryError(
+            f"the live index was built with embedder {row[0]!r} but RAG_EMBEDDER settings give "
+            f"{embedder.fingerprint!r}; query with the same settings, or re-index"
+        )
+
+
+def search(
+    conn: psycopg.Connection,
+    embedder: Embedder,
+    text: str,
+    k: int = 10,
+    filt: Mapping[str, object] | None = None,
+    min_score: float | None = None,
+    **kw,
+) -> QueryResult:
+    """Embed ``text`` with the live generation's embedder and return the top-k chunks."""
+    if not text or not text.strip():
+        raise QueryError("query text is empty")
+    check_embedder_matches(conn, embedder)
+    vec = embedder.embed([text], EmbedStats(), labels=["query"])[0]
+    return search_vector(conn, vec, k, filt, min_score, **kw)

@@ -1,0 +1,1 @@
+"""PostgreSQL + pgvector storage: schema, stages, serving generations."""

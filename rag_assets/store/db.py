@@ -1,0 +1,54 @@
+"""Connections, and the per-shard locks that serialise the stages touching one shard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from rag_assets.settings import Settings
+from rag_assets.store.embedded import embedded_url
+from rag_assets.store.schema import LOCK_NAMESPACE, migrate
+
+_migrated: set[str] = set()
+
+
+def database_url(settings: Settings) -> str:
+    """``RAG_DATABASE_URL``, or the embedded server under ``RAG_HOME``."""
+    return settings.database_url or embedded_url(settings.home)
+
+
+def connect(url: str, *, autocommit: bool = True, ensure_schema: bool = True) -> psycopg.Connection:
+    """Open a connection with pgvector types registered; create/migrate the schema once per URL.
+
+    Autocommit by default: every multi-statement change is an explicit ``conn.transaction()``
+    block, so a stage's locks and writes last exactly as long as its transaction, never longer.
+    """
+    try:
+        conn = psycopg.connect(url, autocommit=True)
+    except psycopg.OperationalError as e:
+        raise ConnectionError(f"cannot connect to PostgreSQL ({_redact(url)}): {e}".strip()) from None
+    if ensure_schema and url not in _migrated:
+        migrate(conn)
+        _migrated.add(url)
+    register_vector(conn)
+    conn.autocommit = autocommit
+    return conn
+
+
+def _redact(url: str) -> str:
+    """A URL without its password, for error messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def lock_shards(conn: psycopg.Connection, shards: Iterable[int]) -> None:
+    """Transaction-scoped advisory locks, taken in shard order so two writers cannot deadlock."""
+    for s in sorted(set(shards)):
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, s))

@@ -1,0 +1,380 @@
+"""The core against a real PostgreSQL + pgvector: equivalence, minimal work, deletes, bad input."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import strategies as st
+
+from rag_assets.embedders.base import EmbedStats
+from rag_assets.pipeline import Indexer, IndexingError
+from rag_assets.query import search
+from rag_assets.sources import FolderSource
+from rag_assets.store.db import connect
+from rag_assets.store.serving import index_digest, shard_digests
+from tests.helpers import RecordingEmbedder, WrongDimEmbedder, full_rebuild, markdown_doc, paragraph, write
+
+
+def _indexer(settings, dims=32, **kw):
+    return Indexer(settings, embedder=RecordingEmbedder(dims), **kw)
+
+
+def _rows(conn):
+    return conn.execute(
+        "SELECT doc_id, seq, text, metadata, embedding::text FROM rag.items ORDER BY doc_id, seq"
+    ).fetchall()
+
+
+def test_first_index_then_no_change_does_nothing(settings, docs_dir):
+    rng = random.Random(1)
+    for i in range(12):
+        write(docs_dir / f"d{i}.md", markdown_doc(rng))
+    idx = _indexer(settings)
+    r1 = idx.refresh(docs_dir)
+    assert r1.docs_added == 12 and r1.docs_total == 12 and r1.chunks_total > 12
+    assert r1.generation_switched and r1.generation is not None
+    n_texts = len(idx.embedder.texts)
+    assert n_texts == len(set(idx.embedder.texts)) == r1.chunks_embedded
+    r2 = idx.refresh(docs_dir)
+    assert (r2.docs_unchanged, r2.chunks_embedded, r2.rows_written, r2.rows_deleted, r2.shards_refreshed) == (
+        12,
+        0,
+        0,
+        0,
+        0,
+    )
+    assert len(idx.embedder.texts) == n_texts  # zero embedder calls
+
+
+def test_one_paragraph_edit_reembeds_about_one_chunk(settings, docs_dir):
+    rng = random.Random(2)
+    text = markdown_doc(rng, sections=12)
+    write(docs_dir / "long.md", text)
+    idx = _indexer(settings)
+    r1 = idx.refresh(docs_dir)
+    paras = text.split("\n\n")
+    k = len(paras) // 2
+    paras[k] = paras[k] + " An edited sentence."
+    write(docs_dir / "long.md", "\n\n".join(paras))
+    before = len(idx.embedder.texts)
+    r2 = idx.refresh(docs_dir)
+    assert r2.docs_modified == 1
+    assert 1 <= r2.chunks_embedded <= 2 < r1.chunks_embedded
+    assert len(idx.embedder.texts) - before == r2.chunks_embedded
+
+
+def test_metadata_only_change_updates_rows_without_embedding(settings, docs_dir):
+    write(
+        docs_dir / "g.md", "---\ntags: [old]\n---\n# Guide\n\n" + paragraph(random.Random(3)), mtime_ns=10**18
+    )
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    write(
+        docs_dir / "g.md",
+        "---\ntags: [new]\n---\n# Guide\n\n" + paragraph(random.Random(3)),
+        mtime_ns=10**18 + 1,
+    )
+    before = len(idx.embedder.texts)
+    r = idx.refresh(docs_dir)
+    assert r.docs_metadata_only == 1 and r.docs_modified == 0
+    assert r.chunks_embedded == 0 and r.rows_written == 0 and len(idx.embedder.texts) == before
+    tags = {tuple(m["tags"]) for (m,) in idx.conn.execute("SELECT metadata FROM rag.items").fetchall()}
+    assert tags == {("new",)}
+
+
+def test_deletes_propagate_to_rows_and_queries(settings, docs_dir):
+    write(docs_dir / "keep.md", "# Keep\n\nalpha beta gamma")
+    write(docs_dir / "drop.md", "# Drop\n\nzebra quagga okapi")
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    assert search(idx.conn, idx.embedder, "zebra quagga", 5).results[0].doc_id == "drop.md"
+    (docs_dir / "drop.md").unlink()
+    r = idx.refresh(docs_dir)
+    assert r.docs_deleted == 1 and r.rows_deleted >= 1
+    assert {h.doc_id for h in search(idx.conn, idx.embedder, "zebra quagga", 5).results} == {"keep.md"}
+    assert idx.conn.execute("SELECT count(*) FROM rag.manifest WHERE doc_id = 'drop.md'").fetchone()[0] == 0
+
+
+def test_minimal_work_only_cache_misses_reach_the_embedder(settings, docs_dir):
+    rng = random.Random(4)
+    shared = paragraph(rng)
+    a_text = f"# A\n\n{shared}\n\n{paragraph(rng)}"
+    write(docs_dir / "a.md", a_text)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    cached = {h for (h,) in idx.conn.execute("SELECT chunk_hash FROM rag.embedding_cache")}
+    # b.md repeats a's text exactly (same chunks) plus a new section.
+    write(docs_dir / "b.md", f"{a_text}\n\n# New\n\n{paragraph(rng)}")
+    before = len(idx.embedder.texts)
+    r = idx.refresh(docs_dir)
+    sent = idx.embedder.texts[before:]
+    import hashlib
+
+    sent_hashes = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in sent]
+    assert len(sent_hashes) == len(set(sent_hashes)) == r.chunks_embedded
+    assert not set(sent_hashes) & cached  # nothing already cached was sent
+    now = {h for (h,) in idx.conn.execute("SELECT DISTINCT chunk_hash FROM rag.chunks")}
+    assert now - cached == set(sent_hashes)  # and every miss was sent
+    assert r.chunks_reused >= 1
+
+
+def test_bad_input_is_reported_and_loses_nothing_else(settings, docs_dir):
+    s = replace(settings, max_doc_bytes=10 * 1024 * 1024)
+    write(docs_dir / "good.md", "# Good\n\nfine text here")
+    write(docs_dir / "binary.md", b"\x89PNG\r\n\x1a\n\x00\x00\x00")
+    write(docs_dir / "latin1.md", "caf\xe9 cr\xe8me".encode("latin-1"))
+    write(docs_dir / "empty.md", "")
+    write(docs_dir / "whitespace.md", "  \n\n \n")
+    write(docs_dir / "huge.md", b"word " * (50 * 1024 * 1024 // 5))  # 50 MB
+    hostile = ['it\'s "q".md', "..dots..md", "spa ce.md", "ünï 文書.md", "back\\slash.md"]
+    for h in hostile:
+        write(docs_dir / h, f"# {h}\n\nhostile id {h}")
+    idx = _indexer(s)
+    r = idx.refresh(docs_dir)
+    errs = {e["doc_id"]: e["error"] for e in r.errors}
+    assert set(errs) == {"binary.md", "latin1.md", "huge.md"}
+    assert "binary" in errs["binary.md"] and "UTF-8" in errs["latin1.md"] and "too large" in errs["huge.md"]
+    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM rag.items")}
+    assert indexed == {"good.md", *hostile}
+    assert r.docs_total == 3 + len(hostile)  # good, empty and whitespace are documents with no chunks
+    # a later good version replaces the error; the bad ones keep being reported, nothing else changes
+    write(docs_dir / "binary.md", "# Fixed\n\nnow text")
+    r2 = idx.refresh(docs_dir)
+    assert {e["doc_id"] for e in r2.errors} == {"latin1.md", "huge.md"}
+    assert r2.docs_added == 1
+
+
+def test_a_file_that_turns_bad_keeps_its_last_good_version(settings, docs_dir):
+    write(docs_dir / "a.md", "# A\n\ngood text")
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    digest = index_digest(idx.conn)
+    write(docs_dir / "a.md", b"\x00binary now")
+    r = idx.refresh(docs_dir)
+    assert [e["doc_id"] for e in r.errors] == ["a.md"]
+    assert index_digest(idx.conn) == digest
+
+
+def test_file_deleted_while_the_run_reads_the_folder(settings, docs_dir):
+    for n in ("a.md", "b.md", "c.md"):
+        write(docs_dir / n, f"# {n}\n\ntext of {n}")
+
+    class Vanishing(FolderSource):
+        def read(self, doc_id):
+            (docs_dir / "c.md").unlink(missing_ok=True)  # another process deletes c.md mid-run
+            return super().read(doc_id)
+
+    idx = _indexer(settings)
+    idx.source = lambda path=None: Vanishing(docs_dir, settings.include)
+    r = idx.refresh(docs_dir)
+    assert r.errors == []
+    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM rag.items")}
+    assert "c.md" not in indexed and {"a.md", "b.md"} <= indexed | {"c.md"}
+
+
+def test_wrong_dimension_embedder_commits_nothing(settings, docs_dir):
+    write(docs_dir / "a.md", "# A\n\nfirst version")
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    digest = index_digest(idx.conn)
+    write(docs_dir / "b.md", "# B\n\nnew document")
+    bad = Indexer(settings, conn=idx.conn, embedder=WrongDimEmbedder(32))
+    with pytest.raises(IndexingError, match="expected vectors of dimension 32, got 33"):
+        bad.refresh(docs_dir)
+    assert index_digest(idx.conn) == digest
+    assert (
+        idx.conn.execute(
+            "SELECT count(*) FROM rag.embedding_cache WHERE embedding IS NOT NULL AND vector_dims(embedding) <> 32"
+        ).fetchone()[0]
+        == 0
+    )
+    r = idx.refresh(docs_dir)  # the good embedder converges
+    assert r.docs_total == 2
+
+
+def test_incremental_matches_full_rebuild_and_queries_match(settings, docs_dir, make_db):
+    rng = random.Random(5)
+    for i in range(20):
+        write(docs_dir / f"sub{i % 3}/d{i}.md", markdown_doc(rng))
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    for i in range(0, 20, 4):
+        write(docs_dir / f"sub{i % 3}/d{i}.md", markdown_doc(rng))
+    (docs_dir / "sub1/d1.md").unlink()
+    idx.refresh(docs_dir)
+    ref = full_rebuild(settings, make_db(), docs_dir)
+    assert index_digest(idx.conn) == index_digest(ref.conn)
+    assert shard_digests(idx.conn) == shard_digests(ref.conn)
+    for q in ("vector index shard", "webhook retry budget", "postgres schema"):
+        a = [(h.doc_id, h.seq, h.score) for h in search(idx.conn, idx.embedder, q, 5, exact=True).results]
+        b = [(h.doc_id, h.seq, h.score) for h in search(ref.conn, ref.embedder, q, 5, exact=True).results]
+        assert a == b
+
+
+def test_full_rebuild_switches_generation_and_keeps_serving(settings, docs_dir):
+    write(docs_dir / "a.md", "# A\n\nalpha")
+    idx = _indexer(settings)
+    r1 = idx.refresh(docs_dir)
+    digest = index_digest(idx.conn)
+    r2 = idx.refresh(docs_dir, full=True)
+    assert r2.generation == r1.generation + 1 and r2.generation_switched
+    assert r2.chunks_embedded == 0  # the cache is content-addressed: a rebuild pays nothing
+    assert index_digest(idx.conn) == digest
+
+
+def test_shard_count_change_is_refused(settings, docs_dir):
+    write(docs_dir / "a.md", "x")
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    from rag_assets.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="RAG_SHARDS=9 but this index was built with 8"):
+        Indexer(replace(settings, shards=9), conn=idx.conn, embedder=RecordingEmbedder(32))
+
+
+# --- property-based equivalence -------------------------------------------------------------
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "edit", "delete", "rename", "meta", "noop", "append_para"]),
+        st.integers(0, 7),
+        st.integers(0, 10**6),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@hsettings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=OPS, seed=st.integers(0, 10**6))
+def test_property_incremental_equals_full_rebuild(settings, tmp_path_factory, make_db, ops, seed):
+    rng = random.Random(seed)
+    root = tmp_path_factory.mktemp("prop")
+    live: dict[str, int] = {}  # name -> tag counter
+    tick = [10**18]
+
+    def put(name: str, body: str, tags: int) -> None:
+        tick[0] += 1000
+        write(root / name, f"---\ntags: [t{tags}]\n---\n{body}", mtime_ns=tick[0])
+
+    for i in range(4):
+        put(f"f{i}.md", markdown_doc(rng), 0)
+        live[f"f{i}.md"] = 0
+    s = replace(settings, database_url=make_db())
+    idx = Indexer(s, embedder=RecordingEmbedder(32))
+    idx.refresh(root)
+    for op, k, r in ops:
+        names = sorted(live)
+        name = names[k % len(names)] if names else None
+        if op == "add" or name is None:
+            new = f"n{r}.md"
+            put(new, markdown_doc(random.Random(r)), 0)
+            live[new] = 0
+        elif op == "edit":
+            put(name, markdown_doc(random.Random(r)), live[name])
+        elif op == "append_para":
+            body = (root / name).read_text().split("---\n", 2)[2]
+            put(name, body + "\n\n" + paragraph(random.Random(r)), live[name])
+        elif op == "delete":
+            (root / name).unlink()
+            del live[name]
+        elif op == "rename":
+            new = f"r{r}.md"
+            (root / name).rename(root / new)
+            live[new] = live.pop(name)
+        elif op == "meta":
+            body = (root / name).read_text().split("---\n", 2)[2]
+            live[name] += 1
+            put(name, body, live[name])
+        before = len(idx.embedder.texts)
+        rep = idx.refresh(root)
+        assert len(idx.embedder.texts) - before == rep.chunks_embedded
+        if op == "meta":
+            assert rep.chunks_embedded == 0
+        if op == "noop":
+            assert rep.chunks_embedded == 0
+        ref = full_rebuild(s, make_db(), root)
+        assert index_digest(idx.conn) == index_digest(ref.conn), f"after {op}"
+        assert _rows(idx.conn) == _rows(ref.conn)
+        q = [
+            (h.doc_id, h.seq)
+            for h in search(idx.conn, idx.embedder, "vector shard query", 5, exact=True).results
+        ]
+        qr = [
+            (h.doc_id, h.seq)
+            for h in search(ref.conn, ref.embedder, "vector shard query", 5, exact=True).results
+        ]
+        assert q == qr
+        ref.close()
+    idx.close()
+
+
+def test_query_filter_returns_k_when_k_exist(settings, docs_dir):
+    rng = random.Random(7)
+    for i in range(30):
+        tag = "rare" if i % 10 == 0 else "common"
+        write(docs_dir / f"d{i}.md", f"---\ntags: [{tag}]\naudience: ops\n---\n" + markdown_doc(rng, 3))
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    n_rare = idx.conn.execute(
+        'SELECT count(*) FROM rag.items WHERE metadata @> \'{"tags": ["rare"]}\''
+    ).fetchone()[0]
+    res = search(idx.conn, idx.embedder, "vector shard", 5, {"tags": "rare"})
+    assert len(res.results) == min(5, n_rare)
+    assert all("rare" in h.metadata["tags"] for h in res.results)
+    assert len(search(idx.conn, idx.embedder, "vector", 3, {"audience": "ops"}).results) == 3
+    assert search(idx.conn, idx.embedder, "vector", 3, {"audience": "nobody"}).results == []
+
+
+def test_query_before_any_index_is_a_clear_error(settings):
+    from rag_assets.query import QueryError
+
+    idx = _indexer(settings)
+    with pytest.raises(QueryError, match="index is empty"):
+        search(idx.conn, idx.embedder, "anything", 3)
+
+
+def test_embed_stats_count_texts(settings, docs_dir):
+    write(docs_dir / "a.md", "# A\n\nalpha beta")
+    idx = _indexer(settings)
+    r = idx.refresh(docs_dir)
+    assert r.embedding["texts"] == r.chunks_embedded
+    assert r.tokens_embedded > 0
+    assert isinstance(EmbedStats().as_dict(), dict)
+
+
+def test_concurrent_refreshes_do_not_corrupt(settings, docs_dir, db_url):
+    import threading
+
+    rng = random.Random(8)
+    for i in range(40):
+        write(docs_dir / f"d{i}.md", markdown_doc(rng))
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            i = Indexer(settings, conn=connect(db_url), embedder=RecordingEmbedder(32))
+            i.refresh(docs_dir)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    # schema first (one process), then two concurrent refreshes of the same folder
+    _indexer(settings).conn.close()
+    ts = [threading.Thread(target=run) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    dup = idx.conn.execute("SELECT count(*) - count(DISTINCT (doc_id, seq)) FROM rag.items").fetchone()[0]
+    assert dup == 0
+    assert idx.conn.execute("SELECT count(DISTINCT doc_id) FROM rag.items").fetchone()[0] == 40
