@@ -22,15 +22,22 @@ def _print(obj: dict, as_json: bool, human) -> None:
 
 
 def cmd_index(args, settings: Settings) -> int:
-    from rag_assets.pipeline import Indexer
-
     path = Path(args.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"source folder does not exist or is not a directory: {path}")
     settings = _with(settings, source_path=path)
-    idx = Indexer(settings)
-    try:
-        rep = idx.refresh(path, full=args.full, rehash=args.rehash)
-    finally:
-        idx.close()
+    if args.core:
+        from rag_assets.pipeline import Indexer
+
+        idx = Indexer(settings)
+        try:
+            rep = idx.refresh(path, full=args.full, rehash=args.rehash)
+        finally:
+            idx.close()
+    else:
+        from rag_assets.defs.runner import index_via_dagster
+
+        rep = index_via_dagster(settings, path, full=args.full, rehash=args.rehash)
     d = rep.as_dict()
 
     def human(d: dict) -> None:
@@ -132,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--full", action="store_true", help="rebuild from scratch into a new generation")
     s.add_argument("--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed")
+    s.add_argument(
+        "--core", action="store_true", help="run the stages directly instead of as Dagster materializations"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_index)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,22 @@ SCHEMA = pa.schema(
 )
 
 
+def _table(rows: list[tuple]) -> pa.Table:
+    cols = list(zip(*rows, strict=True))
+    return pa.table(
+        [
+            pa.array(cols[0], pa.string()),
+            pa.array(cols[1], pa.string()),
+            pa.array(cols[2], pa.int16()),
+            pa.array(cols[3], pa.int32()),
+            pa.array(cols[4], pa.string()),
+            pa.array([json.dumps(m, sort_keys=True, ensure_ascii=False) for m in cols[5]]),
+            pa.array([e.tolist() for e in cols[6]], pa.list_(pa.float32())),
+        ],
+        schema=SCHEMA,
+    )
+
+
 def export_rows(conn: psycopg.Connection, path: Path, fmt: str = "parquet", batch: int = 5000) -> int:
     """Write every serving row of the live generation, ordered by (doc_id, seq). Returns the count."""
     if fmt not in ("parquet", "jsonl"):
@@ -36,36 +53,23 @@ def export_rows(conn: psycopg.Connection, path: Path, fmt: str = "parquet", batc
             )
         except psycopg.errors.UndefinedTable:
             raise ValueError("the index is empty: run `rag-assets index PATH` first") from None
-        writer = pq.ParquetWriter(path, SCHEMA, compression="zstd") if fmt == "parquet" else None
-        fh = open(path, "w", encoding="utf-8") if fmt == "jsonl" else None
-        try:
+        with contextlib.ExitStack() as stack:
+            if fmt == "parquet":
+                writer = stack.enter_context(pq.ParquetWriter(path, SCHEMA, compression="zstd"))
+            else:
+                fh = stack.enter_context(open(path, "w", encoding="utf-8"))
             while rows := cur.fetchmany(batch):
                 n += len(rows)
-                if writer is not None:
-                    cols = list(zip(*rows, strict=True))
-                    writer.write_table(
-                        pa.table(
-                            [
-                                pa.array(cols[0], pa.string()),
-                                pa.array(cols[1], pa.string()),
-                                pa.array(cols[2], pa.int16()),
-                                pa.array(cols[3], pa.int32()),
-                                pa.array(cols[4], pa.string()),
-                                pa.array([json.dumps(m, sort_keys=True, ensure_ascii=False) for m in cols[5]]),
-                                pa.array([e.tolist() for e in cols[6]], pa.list_(pa.float32())),
-                            ],
-                            schema=SCHEMA,
+                if fmt == "parquet":
+                    writer.write_table(_table(rows))
+                    continue
+                for r in rows:
+                    fh.write(
+                        json.dumps(
+                            {"chunk_id": r[0], "doc_id": r[1], "shard": r[2], "seq": r[3], "text": r[4],
+                             "metadata": r[5], "embedding": r[6].tolist()},
+                            ensure_ascii=False,
                         )
+                        + "\n"
                     )
-                else:
-                    for r in rows:
-                        fh.write(json.dumps({
-                            "chunk_id": r[0], "doc_id": r[1], "shard": r[2], "seq": r[3], "text": r[4],
-                            "metadata": r[5], "embedding": r[6].tolist(),
-                        }, ensure_ascii=False) + "\n")
-        finally:
-            if writer is not None:
-                writer.close()
-            if fh is not None:
-                fh.close()
     return n

@@ -37,6 +37,7 @@ from rag_assets.store.serving import (
     sync_serving,
     target_generation,
 )
+from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
 
 
 @dataclass
@@ -77,11 +78,7 @@ class RefreshReport:
     embedding: dict = field(default_factory=dict)
     errors: list[dict] = field(default_factory=list)
 
-    _SUMMED = (
-        "docs_added docs_modified docs_metadata_only docs_deleted chunks_embedded tokens_embedded "
-        "chunks_reused tokens_reused chunks_written chunks_deleted docs_rechunked rows_written rows_deleted "
-        "docs_meta_written seconds_scan seconds_manifest seconds_chunks seconds_embed seconds_sync cost_usd"
-    ).split()
+    _SUMMED = ["docs_added", "docs_modified", "docs_metadata_only", "docs_deleted", "chunks_embedded", "tokens_embedded", "chunks_reused", "tokens_reused", "chunks_written", "chunks_deleted", "docs_rechunked", "rows_written", "rows_deleted", "docs_meta_written", "seconds_scan", "seconds_manifest", "seconds_chunks", "seconds_embed", "seconds_sync", "cost_usd"]
 
     def add_diff(self, d: ManifestDiff) -> None:
         self.docs_added += len(d.added)
@@ -198,8 +195,11 @@ class StageContext:
 
     def pending_shards(self, plan: ScanPlan, gen: Generation) -> set[int]:
         """Shards with source changes, plus any whose chunk or serving stage is behind."""
-        return set(plan.stale) | lagging_chunk_shards(self.conn, self.chunker.version) | lagging_serving_shards(
-            self.conn, gen
+        return (
+            set(plan.stale)
+            | pending_inbox_shards(self.conn)
+            | lagging_chunk_shards(self.conn, self.chunker.version)
+            | lagging_serving_shards(self.conn, gen)
         )
 
 
@@ -232,7 +232,20 @@ def manifest_stage(
         updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text)
     diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
     out = diff.counts()
-    out.update(errors=errors, seconds_manifest=time.perf_counter() - t0, versions=versions, changed=diff.changed)
+    changed = diff.changed
+    hooks = apply_inbox(ctx.conn, shards)  # documents pushed by webhooks into these shards
+    for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted"):
+        out[k] += hooks.get(k, 0)
+        changed = changed or bool(hooks.get(k))
+    errors.extend(hooks["errors"])
+    out.update(
+        errors=errors,
+        events_applied=hooks["events_applied"],
+        events_stale=hooks["events_stale"],
+        seconds_manifest=time.perf_counter() - t0,
+        versions=versions,
+        changed=changed,
+    )
     return out
 
 

@@ -273,3 +273,19 @@ class FolderSource:
         except PermissionError as e:
             raise DocumentError(doc_id, f"cannot read: {e.strerror}") from None
         return make_document(doc_id, data, st.st_mtime_ns, self.max_doc_bytes)
+
+
+def make_webhook_document(doc_id: str, content: str, metadata: dict, source_time: dt.datetime) -> Document:
+    """A document pushed by a webhook: same normalisation and metadata shape as a file.
+
+    ``mtime`` is the time the source says it changed the document, so the newest-wins rule and
+    the metadata agree.
+    """
+    validate_doc_id(doc_id)
+    if "\x00" in content:
+        raise DocumentError(doc_id, "content contains NUL characters")
+    text = content.replace("\r\n", "\n").replace("\r", "\n")
+    size = len(text.encode("utf-8"))
+    mtime_ns = int(source_time.timestamp() * 1_000_000) * 1000
+    meta = build_metadata(doc_id, _jsonable(dict(metadata or {})), text, size, mtime_ns)  # type: ignore[arg-type]
+    return Document(doc_id, text, meta, size, mtime_ns, content_hash(text), meta_hash(meta))

@@ -106,6 +106,26 @@ DDL = [
         chunks_version text NOT NULL,
         synced_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (generation, shard))""",
+    # Webhook inbox: every accepted event is committed here before the 2xx answer. The event id
+    # is the idempotency key; the manifest stage of the event's shard consumes it (applied_at).
+    """CREATE TABLE IF NOT EXISTS rag.inbox (
+        seq bigserial PRIMARY KEY,
+        event_id text NOT NULL UNIQUE,
+        event_type text NOT NULL CHECK (event_type IN ('document.created', 'document.updated', 'document.deleted')),
+        doc_id text COLLATE "C" NOT NULL,
+        shard smallint NOT NULL,
+        source_time timestamptz NOT NULL,
+        content text,
+        metadata jsonb NOT NULL DEFAULT '{}',
+        received_at timestamptz NOT NULL DEFAULT now(),
+        applied_at timestamptz,
+        outcome text)""",
+    "CREATE INDEX IF NOT EXISTS inbox_pending ON rag.inbox (shard, seq) WHERE applied_at IS NULL",
+    # Deleted webhook documents remember when they were deleted, so an older update that arrives
+    # late cannot resurrect them (newest source time wins).
+    """CREATE TABLE IF NOT EXISTS rag.tombstones (
+        doc_id text COLLATE "C" PRIMARY KEY,
+        source_time timestamptz NOT NULL)""",
     # One row per stage run (a CLI refresh, or one Dagster asset step): what `status` and `cost` read.
     """CREATE TABLE IF NOT EXISTS rag.runs (
         id bigserial PRIMARY KEY,

@@ -1,0 +1,25 @@
+"""The code location: ``rag_assets.definitions:defs`` (loaded by workspace.yaml and `dagster dev`)."""
+
+import dagster as dg
+
+from rag_assets.defs.assets import build_assets
+from rag_assets.defs.jobs import SCHEDULES, consistency_audit, full_reindex_job
+from rag_assets.defs.resources import default_resources
+from rag_assets.defs.sensors import build_sensors
+from rag_assets.settings import Settings
+
+
+def build_defs(settings: Settings | None = None, resources: dict | None = None) -> dg.Definitions:
+    """All Dagster objects for one configuration (``RAG_*`` environment by default)."""
+    settings = settings or Settings.from_env()
+    raw_documents, assets = build_assets(settings)
+    return dg.Definitions(
+        assets=[raw_documents, *assets],
+        jobs=[full_reindex_job(assets), consistency_audit],
+        schedules=SCHEDULES,
+        sensors=build_sensors(settings),
+        resources=resources or default_resources(),
+    )
+
+
+defs = build_defs()

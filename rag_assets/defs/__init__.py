@@ -1,0 +1,1 @@
+"""Dagster glue only: assets, checks, sensors, schedules and resources over the core stages."""

@@ -1,0 +1,63 @@
+"""Jobs and schedules: the full reindex (a backfill of all shards) and the consistency audit."""
+
+import dagster as dg
+
+from rag_assets.audit import audit
+
+from .resources import EmbedderResource, RagResource, stage_context
+
+REBUILD_TAG = {"rag/mode": "rebuild"}
+
+# A backfill of this job over all shards is a full reindex: every file re-read, every document
+# re-chunked, a new generation filled (vectors from the cache unless the embedder changed) and
+# switched to when complete. Backfills run as range runs (BackfillPolicy.single_run).
+
+
+def full_reindex_job(assets: list[dg.AssetsDefinition]):
+    return dg.define_asset_job(
+        "full_reindex",
+        selection=dg.AssetSelection.assets(*assets),
+        tags=REBUILD_TAG,  # a run tag, not run config: backfills of the job carry it to every run
+        description="Full reindex: backfill all shards (UI: Launch backfill → all partitions).",
+    )
+
+
+@dg.op(description="Compare manifest, chunks, serving rows and cached vectors; repair drifted shards.")
+def audit_and_repair(context: dg.OpExecutionContext, rag: RagResource, embedder: EmbedderResource) -> dict:
+    ctx = stage_context(context, rag, embedder)
+    try:
+        report = audit(ctx, repair=True)
+    finally:
+        ctx.conn.close()
+    found = report["found"]
+    context.log.info(
+        f"audit found {found} in shards {report['shards_affected']}; repaired={report['repaired']}"
+    )
+    context.add_output_metadata(
+        {
+            **{f"found_{k}": v for k, v in found.items()},
+            "shards_affected": len(report["shards_affected"]),
+            "repaired": report["repaired"],
+            "seconds": report["seconds"],
+        }
+    )
+    if report["shards_affected"] and not report["repaired"]:
+        raise dg.Failure(
+            description=f"drift remains after repair: {report.get('remaining') or report.get('note')}"
+        )
+    return report
+
+
+@dg.job(description="Consistency audit: finds and repairs missing, orphaned and stale serving rows.")
+def consistency_audit():
+    audit_and_repair()
+
+
+audit_schedule = dg.ScheduleDefinition(
+    name="consistency_audit_daily",
+    job=consistency_audit,
+    cron_schedule="0 4 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+
+SCHEDULES = [audit_schedule]

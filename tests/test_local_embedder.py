@@ -1,0 +1,145 @@
+"""LocalEmbedder: the packaged all-MiniLM-L6-v2 through sentence-transformers, offline.
+
+Tests marked ``model`` load the real model (~10 s on a CPU, mostly importing torch); they skip only
+when sentence-transformers is not installed (``pip install 'rag-assets[local]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from rag_assets.embedders.base import EmbeddingError, EmbedStats, TextTooLongError
+from rag_assets.embedders.local import LocalEmbedder
+from rag_assets.embedders.openai_compat import combine_pieces, split_text
+from rag_assets.settings import Settings
+
+
+def test_identity_without_loading_the_model() -> None:
+    e = LocalEmbedder()
+    assert (e.provider, e.model, e.dims, e.normalize) == ("local", "all-MiniLM-L6-v2", 384, True)
+    assert e.fingerprint.startswith("local:all-MiniLM-L6-v2:384:norm:")
+    assert LocalEmbedder(batch_size=8, device="cpu").fingerprint == e.fingerprint
+    assert e.price_per_mtok() == 0.0
+    assert not e.loaded
+
+
+def test_from_settings() -> None:
+    s = Settings.from_env(
+        {"RAG_EMBEDDER": "local", "RAG_EMBEDDING_BATCH_SIZE": "16", "RAG_EMBEDDING_LONG_TEXT": "split"}
+    )
+    e = LocalEmbedder.from_settings(s)
+    assert (e.batch_size, e.long_text, e.max_input_tokens) == (16, "split", 256)  # 8191 does not raise it
+    assert LocalEmbedder(max_input_tokens=100).max_input_tokens == 100
+    with pytest.raises(ValueError, match="long_text"):
+        LocalEmbedder(long_text="truncate")
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalEmbedder:
+    pytest.importorskip(
+        "sentence_transformers",
+        reason="sentence-transformers is not importable (pip install 'rag-assets[local]')",
+        exc_type=ImportError,
+    )
+    e = LocalEmbedder(batch_size=16)
+    e.count_tokens(["warm up"])  # loads the model once for the module
+    return e
+
+
+@pytest.mark.model
+def test_packaged_model_offline(model: LocalEmbedder) -> None:
+    assert os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "ON", "on", "yes")
+    fp = model.fingerprint
+    texts = [
+        "The cat sat on the mat.",
+        "A kitten is sitting on a rug.",
+        "Quarterly revenue grew by five percent.",
+        "How do I reset my password?",
+        "Steps to change the password of your account.",
+    ]
+    stats = EmbedStats()
+    v = model.embed(texts, stats, labels=[f"doc#{i}" for i in range(5)])
+    assert v.shape == (5, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    sim = v @ v.T
+    assert sim[0, 1] > sim[0, 2] + 0.3  # cat/kitten vs revenue
+    assert sim[3, 4] > sim[3, 0] + 0.3  # password questions
+    assert model.fingerprint == fp
+    assert stats.texts == 5 and stats.tokens == sum(model.count_tokens(texts)) and stats.requests == 1
+    assert model.count_tokens(["hello world"]) == [4]  # [CLS] hello world [SEP]
+    again = model.embed(texts[:2], EmbedStats())
+    np.testing.assert_allclose(again, v[:2], atol=1e-6)
+
+
+@pytest.mark.model
+def test_long_text_is_an_error_naming_the_label(model: LocalEmbedder) -> None:
+    long = " ".join(f"word{i}" for i in range(400))
+    assert model.count_tokens([long])[0] > 256
+    with pytest.raises(
+        TextTooLongError, match=r"guide\.md#7: \d+ tokens exceeds the input limit of 256"
+    ) as info:
+        model.embed(["short", long], EmbedStats(), labels=["guide.md#6", "guide.md#7"])
+    assert info.value.label == "guide.md#7"
+
+
+@pytest.mark.model
+def test_long_text_split_is_a_weighted_average(model: LocalEmbedder) -> None:
+    splitter = LocalEmbedder(long_text="split")
+    splitter._model = model._load()  # share the loaded model
+    paragraphs = [
+        f"Section {i}. Postgres keeps the vector index in step with the corpus; chunk {i} describes "
+        f"how incremental embedding avoids recomputing unchanged text, and why caching matters."
+        for i in range(20)
+    ]
+    long = "\n\n".join(paragraphs)
+    assert splitter.count_tokens([long])[0] > 256
+    out = splitter.embed(["short text", long], EmbedStats(), labels=["a#0", "a#1"])
+    assert out.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    pieces = split_text(long, 256, splitter._count_one)
+    assert len(pieces) >= 2 and "".join(pieces) == long
+    piece_vecs = model.embed(pieces, EmbedStats())
+    want = combine_pieces(piece_vecs, splitter.count_tokens(pieces))
+    np.testing.assert_allclose(out[1], want, atol=1e-5)
+
+
+@pytest.mark.model
+def test_thread_safe(model: LocalEmbedder) -> None:
+    texts = [f"sentence number {i} about embeddings and threads" for i in range(24)]
+    want = model.embed(texts, EmbedStats())
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = model.embed(texts[k::4], EmbedStats())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in range(4):
+        np.testing.assert_allclose(results[k], want[k::4], atol=1e-5)
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("sentence_transformers"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(EmbeddingError, match="rag-assets\\[local\\]"):
+        LocalEmbedder().embed(["x"], EmbedStats())
