@@ -38,34 +38,48 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
     )
     if gen is None:
         return out
-    items, docs = schema.items_table(gen.id), schema.docs_table(gen.id)
+    items, pos, docs = schema.items_table(gen.id), schema.pos_table(gen.id), schema.docs_table(gen.id)
     out["rows_missing"] = _by_shard(
         conn,
         sql.SQL(
-            """SELECT c.shard, count(*) FROM rag.chunks c WHERE NOT EXISTS (
-                   SELECT 1 FROM {items} i WHERE i.doc_id = c.doc_id AND i.seq = c.seq) GROUP BY 1"""
-        ).format(items=items),
+            """SELECT c.shard, count(*) FROM rag.chunks c WHERE
+                   NOT EXISTS (SELECT 1 FROM {items} i WHERE i.chunk_id = c.chunk_id)
+                   OR NOT EXISTS (SELECT 1 FROM {pos} p WHERE p.chunk_id = c.chunk_id) GROUP BY 1"""
+        ).format(items=items, pos=pos),
         {},
     )
-    out["rows_orphaned"] = _by_shard(
+    orphans = [
+        _by_shard(
+            conn,
+            sql.SQL(
+                """SELECT x.shard, count(*) FROM {t} x WHERE NOT EXISTS (
+                       SELECT 1 FROM rag.chunks c WHERE c.chunk_id = x.chunk_id) GROUP BY 1"""
+            ).format(t=t),
+            {},
+        )
+        for t in (items, pos)
+    ]
+    out["rows_orphaned"] = {s: orphans[0].get(s, 0) + orphans[1].get(s, 0) for s in {*orphans[0], *orphans[1]}}
+    stale = _by_shard(
         conn,
         sql.SQL(
-            """SELECT i.shard, count(*) FROM {items} i WHERE NOT EXISTS (
-                   SELECT 1 FROM rag.chunks c WHERE c.doc_id = i.doc_id AND c.seq = i.seq) GROUP BY 1"""
-        ).format(items=items),
-        {},
-    )
-    out["rows_stale"] = _by_shard(
-        conn,
-        sql.SQL(
-            """SELECT i.shard, count(*) FROM {items} i JOIN rag.chunks c USING (doc_id, seq)
+            """SELECT i.shard, count(*) FROM {items} i JOIN rag.chunks c USING (chunk_id)
                LEFT JOIN rag.embedding_cache e ON e.embedder_id = %(eid)s AND e.chunk_hash = c.chunk_hash
                WHERE i.chunk_hash <> c.chunk_hash OR i.text <> c.text OR i.shard <> c.shard
-                  OR e.embedding IS NULL OR i.embedding <> e.embedding
+                  OR i.doc_id <> c.doc_id OR e.embedding IS NULL OR i.embedding <> e.embedding
                GROUP BY 1"""
         ).format(items=items),
         {"eid": gen.embedder_id},
     )
+    moved = _by_shard(
+        conn,
+        sql.SQL(
+            """SELECT p.shard, count(*) FROM {pos} p JOIN rag.chunks c USING (chunk_id)
+               WHERE p.seq <> c.seq OR p.doc_id <> c.doc_id OR p.shard <> c.shard GROUP BY 1"""
+        ).format(pos=pos),
+        {},
+    )
+    out["rows_stale"] = {s: stale.get(s, 0) + moved.get(s, 0) for s in {*stale, *moved}}
     out["docs_drift"] = _by_shard(
         conn,
         sql.SQL(
@@ -112,12 +126,20 @@ def _drop_drifted_rows(conn: psycopg.Connection, gen_id: int, ctx: StageContext,
         conn.execute(
             sql.SQL(
                 """DELETE FROM {items} i USING rag.chunks c
-                   WHERE i.shard = ANY(%(s)s) AND c.doc_id = i.doc_id AND c.seq = i.seq AND (
-                       i.text <> c.text OR i.shard <> c.shard OR NOT EXISTS (
+                   WHERE i.shard = ANY(%(s)s) AND c.chunk_id = i.chunk_id AND (
+                       i.text <> c.text OR i.shard <> c.shard OR i.doc_id <> c.doc_id OR NOT EXISTS (
                            SELECT 1 FROM rag.embedding_cache e WHERE e.embedder_id = %(eid)s
                            AND e.chunk_hash = c.chunk_hash AND e.embedding = i.embedding))"""
             ).format(items=items),
             {"s": shards, "eid": ctx.embedder_id},
+        )
+        pos = schema.pos_table(gen_id)
+        conn.execute(
+            sql.SQL(
+                """DELETE FROM {pos} p USING rag.chunks c WHERE p.shard = ANY(%(s)s) AND c.chunk_id = p.chunk_id
+                   AND (p.doc_id <> c.doc_id OR p.shard <> c.shard)"""
+            ).format(pos=pos),
+            {"s": shards},
         )
         docs = schema.docs_table(gen_id)
         conn.execute(

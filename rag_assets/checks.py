@@ -30,25 +30,28 @@ class CheckResult:
 
 
 def rows_match_chunks(conn: psycopg.Connection, gen: Generation, shards: Iterable[int]) -> CheckResult:
-    """Serving rows of ``shards`` = the chunks of their current documents (ids, hashes and text)."""
+    """Serving rows of ``shards`` = the chunks of their current documents (ids, positions, text)."""
     shards = sorted(set(shards))
-    items = schema.items_table(gen.id)
-    missing, extra, text_diff = conn.execute(
+    items, pos = schema.items_table(gen.id), schema.pos_table(gen.id)
+    missing, extra, mismatch = conn.execute(
         sql.SQL(
             """SELECT
-                 (SELECT count(*) FROM rag.chunks c WHERE c.shard = ANY(%(s)s) AND NOT EXISTS (
-                     SELECT 1 FROM {items} i WHERE i.doc_id = c.doc_id AND i.seq = c.seq AND i.chunk_hash = c.chunk_hash)),
+                 (SELECT count(*) FROM rag.chunks c WHERE c.shard = ANY(%(s)s) AND (
+                     NOT EXISTS (SELECT 1 FROM {items} i WHERE i.chunk_id = c.chunk_id)
+                     OR NOT EXISTS (SELECT 1 FROM {pos} p WHERE p.chunk_id = c.chunk_id AND p.seq = c.seq))),
                  (SELECT count(*) FROM {items} i WHERE i.shard = ANY(%(s)s) AND NOT EXISTS (
-                     SELECT 1 FROM rag.chunks c WHERE c.doc_id = i.doc_id AND c.seq = i.seq AND c.chunk_hash = i.chunk_hash)),
-                 (SELECT count(*) FROM {items} i JOIN rag.chunks c USING (doc_id, seq)
-                     WHERE i.shard = ANY(%(s)s) AND i.text <> c.text)"""
-        ).format(items=items),
+                     SELECT 1 FROM rag.chunks c WHERE c.chunk_id = i.chunk_id))
+                 + (SELECT count(*) FROM {pos} p WHERE p.shard = ANY(%(s)s) AND NOT EXISTS (
+                     SELECT 1 FROM rag.chunks c WHERE c.chunk_id = p.chunk_id)),
+                 (SELECT count(*) FROM {items} i JOIN rag.chunks c USING (chunk_id)
+                     WHERE i.shard = ANY(%(s)s) AND (i.text <> c.text OR i.doc_id <> c.doc_id))"""
+        ).format(items=items, pos=pos),
         {"s": shards},
     ).fetchone()
     return CheckResult(
         "rows_match_chunks",
-        missing + extra + text_diff,
-        {"missing_rows": missing, "unexpected_rows": extra, "text_mismatch": text_diff, "shards": len(shards)},
+        missing + extra + mismatch,
+        {"missing_rows": missing, "unexpected_rows": extra, "text_mismatch": mismatch, "shards": len(shards)},
     )
 
 

@@ -114,6 +114,49 @@ def cmd_export(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_cost(args, settings: Settings) -> int:
+    from datetime import date
+
+    from rag_assets.cost import cost_report
+    from rag_assets.store.db import connect, database_url
+
+    since = date.fromisoformat(args.since) if args.since else None
+    conn = connect(database_url(settings))
+    try:
+        rep = cost_report(conn, since, args.price_per_mtok)
+    finally:
+        conn.close()
+
+    def human(d: dict) -> None:
+        print(f"{'day':<11} {'model':<24} {'runs':>5} {'tokens':>12} {'cost $':>10} {'full re-embed tokens':>21} "
+              f"{'full $':>10} {'saved':>7}")
+        for r in d["rows"] + [{"day": "total", "model": "", **d["total"]}]:
+            pct = f"{r['saved_pct']:.1f}%" if r.get("saved_pct") is not None else "-"
+            print(f"{r['day']:<11} {r['model'][:24]:<24} {r['runs']:>5} {r['tokens_embedded']:>12} "
+                  f"{r['cost_usd']:>10.4f} {r['full_reembed_tokens']:>21} {r['full_reembed_cost_usd']:>10.4f} {pct:>7}")
+
+    _print(rep, args.json, human)
+    return 0
+
+
+def cmd_dev(args, settings: Settings) -> int:
+    """`dagster dev` on the same instance and database as the CLI (so CLI runs show in the UI)."""
+    import os
+    import shutil
+
+    from rag_assets.dagster_instance import dagster_home
+
+    home = dagster_home(settings)
+    env = dict(os.environ, DAGSTER_HOME=str(home))
+    if args.source:
+        env["RAG_SOURCE_PATH"] = str(Path(args.source).resolve())
+    exe = shutil.which("dagster") or "dagster"
+    cmd = [exe, "dev", "-m", "rag_assets.definitions", "-h", args.host, "-p", str(args.port)]
+    print(f"DAGSTER_HOME={home} {' '.join(cmd)}", file=sys.stderr)
+    os.execvpe(exe, cmd, env)
+    return 0  # not reached
+
+
 def cmd_db(args, settings: Settings) -> int:
     from rag_assets.store.embedded import embedded_url, stop_embedded
 
@@ -163,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("cost", help="embedding spend per day and model vs. re-embedding everything")
+    s.add_argument("--since", metavar="YYYY-MM-DD")
+    s.add_argument("--price-per-mtok", type=float, default=None, help="re-price every run (USD per 1M tokens)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_cost)
+
+    s = sub.add_parser("dev", help="run `dagster dev` (UI, sensors, automation) on this index")
+    s.add_argument("--source", help="folder to watch (default RAG_SOURCE_PATH)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=3000)
+    s.set_defaults(fn=cmd_dev)
 
     s = sub.add_parser("db", help="the embedded PostgreSQL server")
     s.add_argument("action", choices=("url", "stop"))

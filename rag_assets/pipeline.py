@@ -60,6 +60,7 @@ class RefreshReport:
     docs_rechunked: int = 0
     rows_written: int = 0
     rows_deleted: int = 0
+    rows_moved: int = 0
     docs_meta_written: int = 0
     shards_refreshed: int = 0
     generation: int | None = None
@@ -78,7 +79,29 @@ class RefreshReport:
     embedding: dict = field(default_factory=dict)
     errors: list[dict] = field(default_factory=list)
 
-    _SUMMED = ["docs_added", "docs_modified", "docs_metadata_only", "docs_deleted", "chunks_embedded", "tokens_embedded", "chunks_reused", "tokens_reused", "chunks_written", "chunks_deleted", "docs_rechunked", "rows_written", "rows_deleted", "docs_meta_written", "seconds_scan", "seconds_manifest", "seconds_chunks", "seconds_embed", "seconds_sync", "cost_usd"]
+    _SUMMED = [
+        "docs_added",
+        "docs_modified",
+        "docs_metadata_only",
+        "docs_deleted",
+        "chunks_embedded",
+        "tokens_embedded",
+        "chunks_reused",
+        "tokens_reused",
+        "chunks_written",
+        "chunks_deleted",
+        "docs_rechunked",
+        "rows_written",
+        "rows_deleted",
+        "rows_moved",
+        "docs_meta_written",
+        "seconds_scan",
+        "seconds_manifest",
+        "seconds_chunks",
+        "seconds_embed",
+        "seconds_sync",
+        "cost_usd",
+    ]
 
     def add_diff(self, d: ManifestDiff) -> None:
         self.docs_added += len(d.added)
@@ -133,7 +156,9 @@ class ScanPlan:
     seconds: float = 0.0
 
 
-def plan_scan(conn: psycopg.Connection, source: FolderSource, n_shards: int, *, rehash: bool = False) -> ScanPlan:
+def plan_scan(
+    conn: psycopg.Connection, source: FolderSource, n_shards: int, *, rehash: bool = False
+) -> ScanPlan:
     """Stat the folder and compare with the manifest: only changed files will be read."""
     t0 = time.perf_counter()
     scan = source.scan()
@@ -203,9 +228,7 @@ class StageContext:
         )
 
 
-def manifest_stage(
-    ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource
-) -> dict:
+def manifest_stage(ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource) -> dict:
     """Read the changed files of ``shards`` and record their new manifest (one transaction)."""
     t0 = time.perf_counter()
     shards = set(shards)
@@ -228,7 +251,9 @@ def manifest_stage(
             if o is not None and o.source == source.name:
                 updates[doc_id] = DocUpdate(o, {}, None)  # keep the last good version indexed
             continue
-        entry = ManifestEntry(doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, source.name)
+        entry = ManifestEntry(
+            doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, source.name
+        )
         updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text)
     diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
     out = diff.counts()
@@ -290,7 +315,13 @@ def embed_stage(
 
 
 def record_stage(
-    ctx: StageContext, stage: str, shards: Iterable[int], started_at: datetime, stats: dict, *, full_reembed_tokens: int = 0
+    ctx: StageContext,
+    stage: str,
+    shards: Iterable[int],
+    started_at: datetime,
+    stats: dict,
+    *,
+    full_reembed_tokens: int = 0,
 ) -> None:
     """One row in ``rag.runs`` per stage run: what ``status`` and ``cost`` read."""
     price = ctx.embedder.price_per_mtok()
@@ -432,7 +463,9 @@ class Indexer:
                     bar.update(len(batch))
             current = get_generation(ctx.conn, gen.id) or gen
             if current.state == "building":
-                rep.generation_switched = finalize_generation(ctx.conn, current, self.settings.keep_generations)
+                rep.generation_switched = finalize_generation(
+                    ctx.conn, current, self.settings.keep_generations
+                )
         except Exception as e:
             if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 ctx.conn.rollback()
@@ -442,7 +475,15 @@ class Indexer:
                 bar.close()
         finish_report(ctx, rep)
         rep.seconds = time.perf_counter() - t_start
-        record_stage(ctx, "refresh", pending, started_at, rep.as_dict(), full_reembed_tokens=rep.full_reembed_tokens)
+        if pending:  # a refresh with nothing to do is not a run (as on the Dagster path)
+            record_stage(
+                ctx,
+                "refresh",
+                pending,
+                started_at,
+                rep.as_dict(),
+                full_reembed_tokens=rep.full_reembed_tokens,
+            )
         return rep
 
     def close(self) -> None:

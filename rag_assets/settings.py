@@ -99,9 +99,9 @@ class Settings:
     webhook_signature_header: str = "X-Hub-Signature-256"
     query_api_key: str | None = field(default=None, repr=False)
 
-    source_sensor_interval_s: int = 30
-    inbox_sensor_interval_s: int = 30
-    automation_interval_s: int = 30
+    source_sensor_interval_s: int = 15
+    inbox_sensor_interval_s: int = 15
+    automation_interval_s: int = 15
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -140,9 +140,9 @@ class Settings:
             webhook_max_body=_int(e, "RAG_WEBHOOK_MAX_BODY", 5 * 1024 * 1024, 1),
             webhook_signature_header=e.get("RAG_WEBHOOK_SIGNATURE_HEADER") or "X-Hub-Signature-256",
             query_api_key=e.get("RAG_QUERY_API_KEY") or None,
-            source_sensor_interval_s=_int(e, "RAG_SOURCE_SENSOR_INTERVAL_S", 30, 1),
-            inbox_sensor_interval_s=_int(e, "RAG_INBOX_SENSOR_INTERVAL_S", 30, 1),
-            automation_interval_s=_int(e, "RAG_AUTOMATION_INTERVAL_S", 30, 1),
+            source_sensor_interval_s=_int(e, "RAG_SOURCE_SENSOR_INTERVAL_S", 15, 1),
+            inbox_sensor_interval_s=_int(e, "RAG_INBOX_SENSOR_INTERVAL_S", 15, 1),
+            automation_interval_s=_int(e, "RAG_AUTOMATION_INTERVAL_S", 15, 1),
         )
         if overrides:
             s = replace(s, **overrides)

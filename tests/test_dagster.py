@@ -218,9 +218,13 @@ def test_audit_finds_and_repairs_drift(dset, defs, make_db):
         conn = connect(dset.database_url)
         gen = live_generation(conn).id
         conn.execute(f"DELETE FROM rag.g{gen}_items WHERE doc_id = 'd01.md'")  # missing rows
-        conn.execute(f"UPDATE rag.g{gen}_items SET text = 'tampered' WHERE doc_id = 'd02.md' AND seq = 0")  # stale
+        conn.execute(  # stale text
+            f"UPDATE rag.g{gen}_items SET text = 'tampered' WHERE chunk_id = "
+            f"(SELECT chunk_id FROM rag.g{gen}_pos WHERE doc_id = 'd02.md' AND seq = 0)"
+        )
+        conn.execute(f"UPDATE rag.g{gen}_pos SET seq = seq + 100 WHERE doc_id = 'd03.md' AND seq = 0")  # moved
         conn.execute(  # orphan
-            f"INSERT INTO rag.g{gen}_items SELECT 'x', 'ghost.md', shard, 0, chunk_hash, text, embedding "
+            f"INSERT INTO rag.g{gen}_items SELECT 'x', 'ghost.md', shard, chunk_hash, text, embedding "
             f"FROM rag.g{gen}_items LIMIT 1"
         )
         conn.execute(f"UPDATE rag.g{gen}_docs SET metadata = '{{}}' WHERE doc_id = 'd04.md'")
@@ -228,7 +232,7 @@ def test_audit_finds_and_repairs_drift(dset, defs, make_db):
         assert res.success
         report = res.output_for_node("audit_and_repair")
         assert report["found"]["rows_missing"] > 0 and report["found"]["rows_orphaned"] == 1
-        assert report["found"]["rows_stale"] == 1 and report["found"]["docs_drift"] == 1
+        assert report["found"]["rows_stale"] == 2 and report["found"]["docs_drift"] == 1
         assert report["repaired"]
     ref = Indexer(replace(dset, database_url=make_db()))
     ref.refresh(dset.source_path, full=True)

@@ -130,6 +130,13 @@ class Embedder(ABC):
     ) -> np.ndarray:
         """Embed ``texts``; return float32 ``(len(texts), dims)``. ``labels`` name each text in errors."""
 
+    @property
+    def commit_group_size(self) -> int:
+        """Texts per embed call whose vectors are committed together: the work a crash can lose."""
+        batch = getattr(self, "batch_size", 0) or 0
+        conc = getattr(self, "concurrency", 0) or 0
+        return max(16, batch * conc * 2) if batch and conc else 2048
+
     def price_per_mtok(self) -> float:
         """USD per million input tokens (0 for local providers)."""
         return 0.0

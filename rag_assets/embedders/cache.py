@@ -79,15 +79,20 @@ def fill_cache(
     misses: list[Miss],
     stats: EmbedStats,
     *,
-    commit_every: int = 2048,
+    commit_every: int | None = None,
     progress=None,
 ) -> None:
-    """Embed ``misses`` and commit their vectors in groups of ``commit_every`` texts."""
+    """Embed ``misses`` and commit their vectors in groups (``Embedder.commit_group_size`` texts),
+    so a crash loses at most one group of paid-for vectors."""
+    commit_every = commit_every or embedder.commit_group_size
     for i in range(0, len(misses), commit_every):
         group = misses[i : i + commit_every]
         texts = [m.text for m in group]
         t0 = time.perf_counter()
+        tokens_before = stats.tokens
         vectors = embedder.embed(texts, stats, labels=[m.label for m in group])
+        if stats.tokens == tokens_before:  # providers that report no usage: count as the chunks did
+            stats.add(tokens=sum(m.n_tokens for m in group))
         vectors = check_vectors(np.asarray(vectors), len(group), embedder.dims, f"embedder {embedder.fingerprint}")
         store_vectors(conn, embedder_id, [m.chunk_hash for m in group], vectors, [m.n_tokens for m in group])
         if progress is not None:

