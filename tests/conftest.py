@@ -11,7 +11,6 @@ import psycopg
 import pytest
 
 from rag_assets.settings import Settings
-
 from rag_assets.store.embedded import ensure_runtime_dir  # noqa: E402
 
 ensure_runtime_dir()

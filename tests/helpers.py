@@ -19,11 +19,52 @@ from rag_assets.embedders.hashing import HashingEmbedder
 from rag_assets.pipeline import Indexer
 from rag_assets.settings import Settings
 
-WORDS = (
-    "index vector shard chunk embedding postgres query cache manifest document snapshot rollback "
-    "webhook sensor backfill partition model token latency retry budget schema generation digest "
-    "the a of to and in is for with on by that this from as are be it or at"
-).split()
+WORDS = [
+    "index",
+    "vector",
+    "shard",
+    "chunk",
+    "embedding",
+    "postgres",
+    "query",
+    "cache",
+    "manifest",
+    "document",
+    "snapshot",
+    "rollback",
+    "webhook",
+    "sensor",
+    "backfill",
+    "partition",
+    "model",
+    "token",
+    "latency",
+    "retry",
+    "budget",
+    "schema",
+    "generation",
+    "digest",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "with",
+    "on",
+    "by",
+    "that",
+    "this",
+    "from",
+    "as",
+    "are",
+    "be",
+    "it",
+    "or",
+    "at",
+]
 
 
 class RecordingEmbedder(HashingEmbedder):
