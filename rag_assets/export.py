@@ -23,6 +23,11 @@ SCHEMA = pa.schema(
 )
 
 
+def _floats(v) -> list[float]:
+    """A pgvector value as a list (numpy array in text mode, ``Vector`` in binary mode)."""
+    return v.to_list() if hasattr(v, "to_list") else v.tolist()
+
+
 def _table(rows: list[tuple]) -> pa.Table:
     cols = list(zip(*rows, strict=True))
     return pa.table(
@@ -33,7 +38,7 @@ def _table(rows: list[tuple]) -> pa.Table:
             pa.array(cols[3], pa.int32()),
             pa.array(cols[4], pa.string()),
             pa.array([json.dumps(m, sort_keys=True, ensure_ascii=False) for m in cols[5]]),
-            pa.array([e.tolist() for e in cols[6]], pa.list_(pa.float32())),
+            pa.array([_floats(e) for e in cols[6]], pa.list_(pa.float32())),
         ],
         schema=SCHEMA,
     )
@@ -67,7 +72,7 @@ def export_rows(conn: psycopg.Connection, path: Path, fmt: str = "parquet", batc
                     fh.write(
                         json.dumps(
                             {"chunk_id": r[0], "doc_id": r[1], "shard": r[2], "seq": r[3], "text": r[4],
-                             "metadata": r[5], "embedding": r[6].tolist()},
+                             "metadata": r[5], "embedding": _floats(r[6])},
                             ensure_ascii=False,
                         )
                         + "\n"

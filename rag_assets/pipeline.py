@@ -163,19 +163,34 @@ def plan_scan(
     t0 = time.perf_counter()
     scan = source.scan()
     old = load_manifest(conn)
+    failed = {
+        d: (size, mtime, err)
+        for d, size, mtime, err in conn.execute(
+            "SELECT doc_id, size, mtime_ns, error FROM rag.source_errors WHERE source = %s", (source.name,)
+        )
+    }
     shard_of_doc = {}
     stale: set[int] = set()
     reread: set[str] = set()
+    known_errors: list[tuple[str, str]] = []
     for doc_id, st in scan.stats.items():
         o = old.get(doc_id)
         shard = o.shard if o is not None else shard_of(doc_id, n_shards)
         shard_of_doc[doc_id] = shard
         if rehash or o is None or o.source != source.name or o.size != st.size or o.mtime_ns != st.mtime_ns:
+            f = failed.get(doc_id)
+            if not rehash and f is not None and f[0] == st.size and f[1] == st.mtime_ns:
+                known_errors.append((doc_id, f[2]))  # still the same broken file: report, don't re-read
+                continue
             reread.add(doc_id)
             stale.add(shard)
     for doc_id, o in old.items():
         if o.source == source.name and doc_id not in scan.stats:
             stale.add(o.shard)
+    gone = [d for d in failed if d not in scan.stats]
+    if gone:
+        conn.execute("DELETE FROM rag.source_errors WHERE doc_id = ANY(%s)", (gone,))
+    scan.errors.extend(known_errors)
     return ScanPlan(scan, old, shard_of_doc, stale, reread, time.perf_counter() - t0)
 
 
@@ -255,6 +270,7 @@ def manifest_stage(ctx: StageContext, shards: Iterable[int], plan: ScanPlan, sou
             doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, source.name
         )
         updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text)
+    _record_source_errors(ctx.conn, source.name, plan, errors, [d for d, u in updates.items() if u.body is not None])
     diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
     out = diff.counts()
     changed = diff.changed
@@ -272,6 +288,28 @@ def manifest_stage(ctx: StageContext, shards: Iterable[int], plan: ScanPlan, sou
         changed=changed,
     )
     return out
+
+
+def _record_source_errors(
+    conn: psycopg.Connection, source: str, plan: ScanPlan, errors: list[dict], read_ok: list[str]
+) -> None:
+    """Remember failing files with their stat (so they are not re-read until they change)."""
+    with conn.transaction():
+        if read_ok:
+            conn.execute("DELETE FROM rag.source_errors WHERE doc_id = ANY(%s)", (read_ok,))
+        rows = [
+            (e["doc_id"], source, plan.scan.stats[e["doc_id"]].size, plan.scan.stats[e["doc_id"]].mtime_ns, e["error"])
+            for e in errors
+            if e["doc_id"] in plan.scan.stats
+        ]
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    """INSERT INTO rag.source_errors (doc_id, source, size, mtime_ns, error) VALUES (%s, %s, %s, %s, %s)
+                       ON CONFLICT (doc_id) DO UPDATE SET size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
+                           error = EXCLUDED.error, seen_at = now()""",
+                    rows,
+                )
 
 
 def chunk_stage(ctx: StageContext, shards: Iterable[int], *, force: bool = False) -> dict:

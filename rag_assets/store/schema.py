@@ -70,6 +70,15 @@ DDL = [
         PRIMARY KEY (doc_id, seq))""",
     "CREATE INDEX IF NOT EXISTS chunks_shard ON rag.chunks (shard)",
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_chunk_id ON rag.chunks (chunk_id)",
+    # Source files that failed to read, with the stat they had: not re-read (nor made stale) until
+    # they change, and reported in every run's errors until fixed or deleted.
+    """CREATE TABLE IF NOT EXISTS rag.source_errors (
+        doc_id text COLLATE "C" PRIMARY KEY,
+        source text NOT NULL,
+        size bigint NOT NULL,
+        mtime_ns bigint NOT NULL,
+        error text NOT NULL,
+        seen_at timestamptz NOT NULL DEFAULT now())""",
     # Per-shard versions: each stage records the upstream version it reflects, so a stage that
     # crashed or never ran is found by comparing versions (level-triggered, not event-triggered).
     """CREATE TABLE IF NOT EXISTS rag.shard_state (
