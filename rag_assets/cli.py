@@ -63,7 +63,15 @@ def cmd_query(args, settings: Settings) -> int:
     conn = connect(database_url(settings))
     emb = make_embedder(settings)
     try:
-        res = search(conn, emb, args.text, args.k, parse_filters(args.filter), args.min_score)
+        res = search(
+            conn,
+            emb,
+            args.text,
+            args.k,
+            parse_filters(args.filter),
+            args.min_score,
+            ef_search=settings.hnsw_ef_search,
+        )
     finally:
         emb.close()
         conn.close()
@@ -109,8 +117,11 @@ def cmd_export(args, settings: Settings) -> int:
         n = export_rows(conn, Path(args.path), args.format)
     finally:
         conn.close()
-    _print({"path": args.path, "format": args.format, "rows": n}, args.json,
-           lambda d: print(f"exported {d['rows']} rows to {d['path']} ({d['format']})"))
+    _print(
+        {"path": args.path, "format": args.format, "rows": n},
+        args.json,
+        lambda d: print(f"exported {d['rows']} rows to {d['path']} ({d['format']})"),
+    )
     return 0
 
 
@@ -128,14 +139,98 @@ def cmd_cost(args, settings: Settings) -> int:
         conn.close()
 
     def human(d: dict) -> None:
-        print(f"{'day':<11} {'model':<24} {'runs':>5} {'tokens':>12} {'cost $':>10} {'full re-embed tokens':>21} "
-              f"{'full $':>10} {'saved':>7}")
+        print(
+            f"{'day':<11} {'model':<24} {'runs':>5} {'tokens':>12} {'cost $':>10} {'full re-embed tokens':>21} "
+            f"{'full $':>10} {'saved':>7}"
+        )
         for r in d["rows"] + [{"day": "total", "model": "", **d["total"]}]:
             pct = f"{r['saved_pct']:.1f}%" if r.get("saved_pct") is not None else "-"
-            print(f"{r['day']:<11} {r['model'][:24]:<24} {r['runs']:>5} {r['tokens_embedded']:>12} "
-                  f"{r['cost_usd']:>10.4f} {r['full_reembed_tokens']:>21} {r['full_reembed_cost_usd']:>10.4f} {pct:>7}")
+            print(
+                f"{r['day']:<11} {r['model'][:24]:<24} {r['runs']:>5} {r['tokens_embedded']:>12} "
+                f"{r['cost_usd']:>10.4f} {r['full_reembed_tokens']:>21} {r['full_reembed_cost_usd']:>10.4f} {pct:>7}"
+            )
 
     _print(rep, args.json, human)
+    return 0
+
+
+def cmd_snapshot(args, settings: Settings) -> int:
+    from rag_assets import snapshots as snap
+
+    store = snap.store_for_settings(settings)
+    if args.action == "list":
+        out: dict = {"target": settings.snapshot_target, "snapshots": snap.list_snapshots(store)}
+        _print(out, args.json, lambda d: [print(json.dumps(x, default=str)) for x in d["snapshots"]] or None)
+        return 0
+    if args.action == "prune":
+        if args.keep is None:
+            raise ValueError("snapshot prune needs --keep N")
+        _print(snap.prune_snapshots(store, args.keep), args.json, _human_dict)
+        return 0
+    if args.action == "show":
+        _print(snap.show_snapshot(store, _need_id(args)), args.json, _human_dict)
+        return 0
+    from rag_assets.store.db import connect, database_url
+
+    conn = connect(database_url(settings))
+    try:
+        if args.action == "create":
+            out = snap.create_snapshot(conn, store, note=args.note)
+        else:  # restore
+            out = snap.restore_snapshot(
+                conn, store, _need_id(args), keep_generations=settings.keep_generations
+            )
+    finally:
+        conn.close()
+    _print(out, args.json, _human_dict)
+    return 0
+
+
+def _need_id(args) -> str:
+    if not args.id:
+        raise ValueError(f"snapshot {args.action} needs a snapshot ID (see `rag-assets snapshot list`)")
+    return args.id
+
+
+def _human_dict(d: dict) -> None:
+    for k, v in d.items():
+        print(f"{k:>24}: {json.dumps(v, default=str) if isinstance(v, dict | list) else v}")
+
+
+def cmd_rollback(args, settings: Settings) -> int:
+    from rag_assets.snapshots import rollback
+    from rag_assets.store.db import connect, database_url
+
+    conn = connect(database_url(settings))
+    try:
+        out = rollback(conn, settings.keep_generations)
+    finally:
+        conn.close()
+    _print(out, args.json, _human_dict)
+    return 0
+
+
+def cmd_generations(args, settings: Settings) -> int:
+    from rag_assets.snapshots import list_generations
+    from rag_assets.store.db import connect, database_url
+
+    conn = connect(database_url(settings))
+    try:
+        gens = list_generations(conn)
+    finally:
+        conn.close()
+    _print(
+        {"generations": gens},
+        args.json,
+        lambda d: [print(json.dumps(g, default=str)) for g in d["generations"]],
+    )
+    return 0
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    from rag_assets.service.server import serve
+
+    serve(settings, args.host, args.port)
     return 0
 
 
@@ -181,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="refresh the index from a folder (incremental by default)")
     s.add_argument("path")
     s.add_argument("--full", action="store_true", help="rebuild from scratch into a new generation")
-    s.add_argument("--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed")
+    s.add_argument(
+        "--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed"
+    )
     s.add_argument(
         "--core", action="store_true", help="run the stages directly instead of as Dagster materializations"
     )
@@ -209,9 +306,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cost", help="embedding spend per day and model vs. re-embedding everything")
     s.add_argument("--since", metavar="YYYY-MM-DD")
-    s.add_argument("--price-per-mtok", type=float, default=None, help="re-price every run (USD per 1M tokens)")
+    s.add_argument(
+        "--price-per-mtok", type=float, default=None, help="re-price every run (USD per 1M tokens)"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_cost)
+
+    s = sub.add_parser(
+        "snapshot", help="versioned snapshots of the index (RAG_SNAPSHOT_URI: a folder or s3://)"
+    )
+    s.add_argument("action", choices=("create", "list", "show", "restore", "prune"))
+    s.add_argument("id", nargs="?", help="snapshot id (show, restore)")
+    s.add_argument("--keep", type=int, help="prune: snapshots to keep")
+    s.add_argument("--note", help="create: a note stored in the record")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_snapshot)
+
+    s = sub.add_parser("rollback", help="switch back to the previous generation at once (no re-embedding)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_rollback)
+
+    s = sub.add_parser("generations", help="index generations (live, retired, building) and their sizes")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_generations)
+
+    s = sub.add_parser("serve", help="the HTTP service: signed webhooks in, queries out")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("dev", help="run `dagster dev` (UI, sensors, automation) on this index")
     s.add_argument("--source", help="folder to watch (default RAG_SOURCE_PATH)")

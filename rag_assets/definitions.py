@@ -6,6 +6,7 @@ from rag_assets.defs.assets import build_assets
 from rag_assets.defs.jobs import SCHEDULES, consistency_audit, full_reindex_job
 from rag_assets.defs.resources import default_resources
 from rag_assets.defs.sensors import build_sensors
+from rag_assets.defs.snapshot_assets import index_snapshot, snapshot_job, snapshot_schedule
 from rag_assets.settings import Settings
 
 
@@ -14,9 +15,9 @@ def build_defs(settings: Settings | None = None, resources: dict | None = None) 
     settings = settings or Settings.from_env()
     raw_documents, assets = build_assets(settings)
     return dg.Definitions(
-        assets=[raw_documents, *assets],
-        jobs=[full_reindex_job(assets), consistency_audit],
-        schedules=SCHEDULES,
+        assets=[raw_documents, *assets, index_snapshot],
+        jobs=[full_reindex_job(assets), consistency_audit, snapshot_job],
+        schedules=[*SCHEDULES, snapshot_schedule],
         sensors=build_sensors(settings),
         resources=resources or default_resources(),
     )

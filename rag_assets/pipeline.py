@@ -270,7 +270,9 @@ def manifest_stage(ctx: StageContext, shards: Iterable[int], plan: ScanPlan, sou
             doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, source.name
         )
         updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text)
-    _record_source_errors(ctx.conn, source.name, plan, errors, [d for d, u in updates.items() if u.body is not None])
+    _record_source_errors(
+        ctx.conn, source.name, plan, errors, [d for d, u in updates.items() if u.body is not None]
+    )
     diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
     out = diff.counts()
     changed = diff.changed
@@ -298,7 +300,13 @@ def _record_source_errors(
         if read_ok:
             conn.execute("DELETE FROM rag.source_errors WHERE doc_id = ANY(%s)", (read_ok,))
         rows = [
-            (e["doc_id"], source, plan.scan.stats[e["doc_id"]].size, plan.scan.stats[e["doc_id"]].mtime_ns, e["error"])
+            (
+                e["doc_id"],
+                source,
+                plan.scan.stats[e["doc_id"]].size,
+                plan.scan.stats[e["doc_id"]].mtime_ns,
+                e["error"],
+            )
             for e in errors
             if e["doc_id"] in plan.scan.stats
         ]
@@ -346,7 +354,13 @@ def embed_stage(
     if finalize:
         current = get_generation(ctx.conn, gen.id) or gen
         if current.state == "building":
-            out["generation_switched"] = finalize_generation(ctx.conn, current, ctx.settings.keep_generations)
+            out["generation_switched"] = finalize_generation(
+                ctx.conn,
+                current,
+                ctx.settings.keep_generations,
+                hnsw_m=ctx.settings.hnsw_m,
+                hnsw_ef_construction=ctx.settings.hnsw_ef_construction,
+            )
     price = ctx.embedder.price_per_mtok()
     out["cost_usd"] = sst.tokens_embedded * price / 1e6
     return out
@@ -502,7 +516,11 @@ class Indexer:
             current = get_generation(ctx.conn, gen.id) or gen
             if current.state == "building":
                 rep.generation_switched = finalize_generation(
-                    ctx.conn, current, self.settings.keep_generations
+                    ctx.conn,
+                    current,
+                    self.settings.keep_generations,
+                    hnsw_m=self.settings.hnsw_m,
+                    hnsw_ef_construction=self.settings.hnsw_ef_construction,
                 )
         except Exception as e:
             if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:

@@ -93,6 +93,10 @@ class Settings:
     snapshot_uri: str | None = None
     keep_generations: int = 3
 
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 100
+
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_tolerance_s: int = 300
     webhook_max_body: int = 5 * 1024 * 1024
@@ -135,6 +139,9 @@ class Settings:
             embedding_device=e.get("RAG_EMBEDDING_DEVICE") or None,
             snapshot_uri=e.get("RAG_SNAPSHOT_URI") or None,
             keep_generations=_int(e, "RAG_KEEP_GENERATIONS", 3, 1, 100),
+            hnsw_m=_int(e, "RAG_HNSW_M", 16, 2, 100),
+            hnsw_ef_construction=_int(e, "RAG_HNSW_EF_CONSTRUCTION", 64, 4, 1000),
+            hnsw_ef_search=_int(e, "RAG_HNSW_EF_SEARCH", 100, 1, 1000),
             webhook_secret=e.get("RAG_WEBHOOK_SECRET") or None,
             webhook_tolerance_s=_int(e, "RAG_WEBHOOK_TOLERANCE_S", 300, 1),
             webhook_max_body=_int(e, "RAG_WEBHOOK_MAX_BODY", 5 * 1024 * 1024, 1),

@@ -75,7 +75,8 @@ def test_definitions_load_with_metadata(defs, dset):
     dg.Definitions.validate_loadable(defs)
     g = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in g.get_all_asset_keys()}
-    assert keys == {"raw_documents", "document_manifest", "chunks", "embeddings"}
+    assert keys == {"raw_documents", "document_manifest", "chunks", "embeddings", "index_snapshot"}
+    keys.discard("index_snapshot")  # unpartitioned: one snapshot of every shard
     from rag_assets.chunking import make_chunker
     from rag_assets.embedders import make_embedder
 

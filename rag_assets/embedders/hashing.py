@@ -38,35 +38,44 @@ class HashingEmbedder(Embedder):
         b = (h >> 1) % self.dims + 1
         return -b if h & 1 else b
 
-    def embed_one(self, text: str) -> np.ndarray:
-        vocab = self._vocab
+    def _codes(self, text: str) -> list[int]:
+        """Signed bucket codes of the text's tokens (dict lookups in C; misses hashed once)."""
         tokens = _TOKEN_RE.findall(text.lower())
-        codes = []
-        for tok in tokens:
-            c = vocab.get(tok)
-            if c is None:
-                c = self._bucket(tok)
-                with self._lock:
-                    if len(vocab) >= _VOCAB_LIMIT:
-                        vocab.clear()
-                    vocab[tok] = c
-            codes.append(c)
-        vec = np.zeros(self.dims, dtype=np.float64)
-        if codes:
-            arr = np.fromiter(codes, dtype=np.int64, count=len(codes))
-            idx = np.abs(arr) - 1
-            counts = np.bincount(idx, weights=np.sign(arr).astype(np.float64), minlength=self.dims)
-            vec = np.sign(counts) * np.log1p(np.abs(counts))
-        norm = np.linalg.norm(vec)
-        if norm == 0:
-            vec[0] = 1.0  # the empty text still gets a valid unit vector
-            norm = 1.0
-        return (vec / norm).astype(np.float32)
+        vocab = self._vocab
+        codes = list(map(vocab.get, tokens))
+        if None in codes:
+            with self._lock:
+                if len(vocab) >= _VOCAB_LIMIT:
+                    vocab.clear()
+                for i, c in enumerate(codes):
+                    if c is None:
+                        c = vocab.get(tokens[i])
+                        if c is None:
+                            c = vocab[tokens[i]] = self._bucket(tokens[i])
+                        codes[i] = c
+        return codes
+
+    def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """All texts at once: one bincount over (row, bucket) pairs instead of one per text."""
+        n, d = len(texts), self.dims
+        per_text = [self._codes(t) for t in texts]
+        lengths = np.fromiter((len(c) for c in per_text), dtype=np.int64, count=n)
+        flat = np.fromiter((c for cs in per_text for c in cs), dtype=np.int64, count=int(lengths.sum()))
+        rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        counts = np.bincount(rows * d + (np.abs(flat) - 1), weights=np.sign(flat).astype(np.float64), minlength=n * d)
+        m = counts.reshape(n, d)
+        m = np.sign(m) * np.log1p(np.abs(m))
+        norms = np.linalg.norm(m, axis=1)
+        empty = norms == 0
+        m[empty, 0] = 1.0  # the empty text still gets a valid unit vector
+        norms[empty] = 1.0
+        return (m / norms[:, None]).astype(np.float32)
+
+    def embed_one(self, text: str) -> np.ndarray:
+        return self.embed_many([text])[0]
 
     def embed(self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None) -> np.ndarray:
         t0 = time.perf_counter()
-        out = np.empty((len(texts), self.dims), dtype=np.float32)
-        for i, t in enumerate(texts):
-            out[i] = self.embed_one(t)
+        out = self.embed_many(list(texts)) if texts else np.empty((0, self.dims), dtype=np.float32)
         stats.add(texts=len(texts), seconds=time.perf_counter() - t0)  # tokens: counted by the caller
         return check_vectors(out, len(texts), self.dims, "hashing embedder")

@@ -241,12 +241,22 @@ def create_generation_tables(conn: psycopg.Connection, gen: int, dims: int) -> N
     )
 
 
-def create_vector_index(conn: psycopg.Connection, gen: int) -> None:
-    """HNSW (cosine) on a generation's vectors; built once after the bulk load."""
+def create_vector_index(conn: psycopg.Connection, gen: int, m: int = 16, ef_construction: int = 64) -> None:
+    """HNSW (cosine) on a generation's vectors; built once after the bulk load.
+
+    ``m``/``ef_construction`` default to pgvector's; raise them (RAG_HNSW_M, RAG_HNSW_EF_CONSTRUCTION)
+    when recall matters more than build time. They apply to generations built afterwards.
+    """
     conn.execute(
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS {name} ON {items} USING hnsw (embedding vector_cosine_ops)"
-        ).format(name=sql.Identifier(f"g{gen}_items_hnsw"), items=items_table(gen))
+            " WITH (m = {m}, ef_construction = {efc})"
+        ).format(
+            name=sql.Identifier(f"g{gen}_items_hnsw"),
+            items=items_table(gen),
+            m=sql.Literal(int(m)),
+            efc=sql.Literal(int(ef_construction)),
+        )
     )
 
 

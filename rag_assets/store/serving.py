@@ -286,7 +286,9 @@ def generation_complete(conn: psycopg.Connection, gen: Generation) -> bool:
     return not lagging_serving_shards(conn, gen)
 
 
-def finalize_generation(conn: psycopg.Connection, gen: Generation, keep: int = 3) -> bool:
+def finalize_generation(
+    conn: psycopg.Connection, gen: Generation, keep: int = 3, *, hnsw_m: int = 16, hnsw_ef_construction: int = 64
+) -> bool:
     """If ``gen`` is a complete building generation: index it, verify it, and switch to it."""
     conn.execute("SELECT pg_advisory_lock(%s)", (FINALIZE_LOCK,))
     try:
@@ -297,9 +299,10 @@ def finalize_generation(conn: psycopg.Connection, gen: Generation, keep: int = 3
             return False
         conn.execute("SET maintenance_work_mem = '512MB'")
         with conn.transaction():
-            schema.create_vector_index(conn, gen.id)
+            schema.create_vector_index(conn, gen.id, hnsw_m, hnsw_ef_construction)
         with conn.transaction():
-            conn.execute(sql.SQL("ANALYZE {}").format(schema.items_table(gen.id)))
+            for t in (schema.items_table(gen.id), schema.pos_table(gen.id)):
+                conn.execute(sql.SQL("ANALYZE {}").format(t))
             conn.execute(sql.SQL("ANALYZE {}").format(schema.docs_table(gen.id)))
         verify_generation(conn, current)
         switch_live(conn, gen.id)
