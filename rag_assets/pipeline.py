@@ -38,6 +38,7 @@ from rag_assets.store.serving import (
     target_generation,
 )
 from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
+from rag_assets.tokens import preload as preload_tokenizer
 
 
 @dataclass
@@ -486,6 +487,7 @@ class Indexer:
         t_start = time.perf_counter()
         started_at = datetime.now(UTC)
         ctx = self.ctx
+        preload_tokenizer()
         ctx.run_id = uuid.uuid4().hex
         rep = RefreshReport()
         source = self.source(path)

@@ -23,6 +23,13 @@ def _encoding():
         return None
 
 
+def preload() -> None:
+    """Load the tokenizer in a background thread (~0.25 s) while the caller scans and reads files."""
+    import threading
+
+    threading.Thread(target=_encoding, name="tiktoken-preload", daemon=True).start()
+
+
 def tokenizer_name() -> str:
     return "cl100k_base" if _encoding() is not None else "estimate"
 

@@ -72,8 +72,11 @@ def sync_chunks(
             "SELECT shard, manifest_version, chunks_version FROM rag.shard_state WHERE shard = ANY(%s)",
             (shards,),
         ).fetchall()
-        todo = {s: chunks_version(mv, chunker.version) for s, mv, cv in state
-                if force or cv != chunks_version(mv, chunker.version)}
+        todo = {
+            s: chunks_version(mv, chunker.version)
+            for s, mv, cv in state
+            if force or cv != chunks_version(mv, chunker.version)
+        }
         if not todo:
             return st
         st.shards = len(todo)
@@ -81,7 +84,8 @@ def sync_chunks(
         manifest = {
             r[0]: (r[1], r[2])
             for r in conn.execute(
-                "SELECT doc_id, content_hash, meta_hash FROM rag.manifest WHERE shard = ANY(%s)", (todo_shards,)
+                "SELECT doc_id, content_hash, meta_hash FROM rag.manifest WHERE shard = ANY(%s)",
+                (todo_shards,),
             )
         }
         chunked = {
@@ -104,6 +108,17 @@ def sync_chunks(
 
         with conn.cursor() as cur:
             gone = rechunk + dropped
+            # Token counts of texts we already have (most chunks of an edited document are unchanged):
+            # only texts never seen are tokenized.
+            known_tokens = (
+                dict(
+                    cur.execute(
+                        "SELECT chunk_hash, n_tokens FROM rag.chunks WHERE doc_id = ANY(%s)", (rechunk,)
+                    ).fetchall()
+                )
+                if rechunk and not force
+                else {}
+            )
             if gone:
                 cur.execute("DELETE FROM rag.chunks WHERE doc_id = ANY(%s)", (gone,))
                 st.chunks_deleted = cur.rowcount
@@ -119,14 +134,22 @@ def sync_chunks(
                 if len(bodies) != len(rechunk):
                     have = {b[0] for b in bodies}
                     missing = [d for d in rechunk if d not in have][:5]
-                    raise RuntimeError(f"document bodies missing for {missing}; run `rag-assets index --full`")
+                    raise RuntimeError(
+                        f"document bodies missing for {missing}; run `rag-assets index --full`"
+                    )
                 t0 = time.perf_counter()
                 rows = [
                     (doc_id, shard, cid, c)
                     for doc_id, body, shard in bodies
                     for cid, c in zip_chunk_ids(doc_id, chunker.chunk(body))
                 ]
-                tokens = count_tokens_batch([c.text for *_, c in rows])  # exact, for cost accounting
+                unknown = sorted(
+                    {c.chunk_hash: c.text for *_, c in rows if c.chunk_hash not in known_tokens}.items()
+                )
+                known_tokens.update(
+                    zip([h for h, _ in unknown], count_tokens_batch([t for _, t in unknown]), strict=True)
+                )
+                tokens = [known_tokens[c.chunk_hash] for *_, c in rows]  # exact cl100k, for cost accounting
                 with cur.copy(
                     "COPY rag.chunks (doc_id, seq, shard, chunk_id, chunk_hash, text, char_start, char_end, n_tokens)"
                     " FROM STDIN (FORMAT BINARY)"
