@@ -91,6 +91,7 @@ class Settings:
     embedding_device: str | None = None
 
     snapshot_uri: str | None = None
+    snapshot_keep: int = 10
     keep_generations: int = 3
 
     hnsw_m: int = 16
@@ -138,6 +139,7 @@ class Settings:
             embedding_price_per_mtok=_float(e, "RAG_EMBEDDING_PRICE_PER_MTOK", None),
             embedding_device=e.get("RAG_EMBEDDING_DEVICE") or None,
             snapshot_uri=e.get("RAG_SNAPSHOT_URI") or None,
+            snapshot_keep=_int(e, "RAG_SNAPSHOT_KEEP", 10, 1, 10000),
             keep_generations=_int(e, "RAG_KEEP_GENERATIONS", 3, 1, 100),
             hnsw_m=_int(e, "RAG_HNSW_M", 16, 2, 100),
             hnsw_ef_construction=_int(e, "RAG_HNSW_EF_CONSTRUCTION", 64, 4, 1000),

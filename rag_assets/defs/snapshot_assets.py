@@ -9,7 +9,7 @@ import time
 
 import dagster as dg
 
-from rag_assets.snapshots import create_snapshot, store_for_settings
+from rag_assets.snapshots import create_snapshot, prune_snapshots, store_for_settings
 from rag_assets.store.db import connect, database_url
 
 from .assets import GROUP
@@ -30,10 +30,13 @@ def index_snapshot(context: dg.AssetExecutionContext, rag: RagResource) -> dg.Ma
     settings = rag.settings()
     t0 = time.perf_counter()
     conn = connect(database_url(settings))
+    store = store_for_settings(settings)
     try:
-        rec = create_snapshot(conn, store_for_settings(settings), note=f"dagster run {context.run.run_id}")
+        rec = create_snapshot(conn, store, note=f"dagster run {context.run.run_id}")
     finally:
         conn.close()
+    pruned = prune_snapshots(store, settings.snapshot_keep)  # retention: RAG_SNAPSHOT_KEEP newest
+    context.log.info(f"retention kept {settings.snapshot_keep} snapshots: {pruned}")
     context.log.info(f"snapshot {rec.get('id')} written to {settings.snapshot_target}")
     numeric = {k: v for k, v in rec.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return dg.MaterializeResult(
