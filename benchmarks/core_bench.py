@@ -62,8 +62,19 @@ def django_docs(cache: Path, version: str) -> Path:
                 if d.is_dir() and d.name.lower().startswith(f"django-{version}.") and (d / "docs").is_dir():
                     return d / "docs"
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", f"django=={version}.*",
-         "-d", str(cache)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"django=={version}.*",
+            "-d",
+            str(cache),
+        ],
         check=True,
     )
     tgz = sorted(cache.glob(f"[Dd]jango-{version}.*.tar.gz"))[-1]
@@ -144,13 +155,21 @@ def run_step(idx: Indexer, folder: Path, **kw) -> dict:
     d = rep.as_dict()
     return {
         "wall_s": round(wall, 3),
-        "docs_added": d["docs_added"], "docs_modified": d["docs_modified"], "docs_deleted": d["docs_deleted"],
-        "docs_metadata_only": d["docs_metadata_only"], "chunks_total": d["chunks_total"],
-        "chunks_embedded": d["chunks_embedded"], "tokens_embedded": d["tokens_embedded"],
-        "chunks_reused": d["chunks_reused"], "shards_refreshed": d["shards_refreshed"],
-        "errors": len(d["errors"]), "maxrss_mb": round(maxrss_mb(), 1),
-        "stages_s": {k: round(d[k], 3) for k in ("seconds_scan", "seconds_manifest", "seconds_chunks",
-                                                  "seconds_embed", "seconds_sync")},
+        "docs_added": d["docs_added"],
+        "docs_modified": d["docs_modified"],
+        "docs_deleted": d["docs_deleted"],
+        "docs_metadata_only": d["docs_metadata_only"],
+        "chunks_total": d["chunks_total"],
+        "chunks_embedded": d["chunks_embedded"],
+        "tokens_embedded": d["tokens_embedded"],
+        "chunks_reused": d["chunks_reused"],
+        "shards_refreshed": d["shards_refreshed"],
+        "errors": len(d["errors"]),
+        "maxrss_mb": round(maxrss_mb(), 1),
+        "stages_s": {
+            k: round(d[k], 3)
+            for k in ("seconds_scan", "seconds_manifest", "seconds_chunks", "seconds_embed", "seconds_sync")
+        },
     }
 
 
@@ -174,9 +193,17 @@ def bench_django(server_url: str, work: Path, cache: Path, chunker_name: str) ->
         step.update(files)
         step.update(upgrade_bounds(chunked[a], chunked[b]))
         steps[f"{a} → {b}"] = step
-    ref = Indexer(Settings.from_env({}, home=work / "home", database_url=fresh_db(server_url),
-                                    include=("**/*.txt",), chunker=chunker_name),
-                  embedder=HashingEmbedder(256), chunker=chunker)
+    ref = Indexer(
+        Settings.from_env(
+            {},
+            home=work / "home",
+            database_url=fresh_db(server_url),
+            include=("**/*.txt",),
+            chunker=chunker_name,
+        ),
+        embedder=HashingEmbedder(256),
+        chunker=chunker,
+    )
     t0 = time.perf_counter()
     ref.refresh(folder, full=True, progress=False)
     full_5_0_again = time.perf_counter() - t0
@@ -185,15 +212,21 @@ def bench_django(server_url: str, work: Path, cache: Path, chunker_name: str) ->
     equal = index_digest(idx.conn) == index_digest(ref.conn)
     idx.close()
     ref.close()
-    return {"chunker": chunker.version, "steps": steps, "full_rebuild_of_final_state_s": round(full_5_0_again, 3),
-            "incremental_equals_full_rebuild": equal}
+    return {
+        "chunker": chunker.version,
+        "steps": steps,
+        "full_rebuild_of_final_state_s": round(full_5_0_again, 3),
+        "incremental_equals_full_rebuild": equal,
+    }
 
 
 def synthetic_corpus(root: Path, n: int, seed: int = 7) -> None:
     rng = random.Random(seed)
-    words = ("index vector shard chunk embedding postgres query cache manifest document snapshot rollback "
-             "webhook sensor backfill partition model token latency retry budget schema generation digest "
-             "the a of to and in is for with on by that this from as are be it or at").split()
+    words = (
+        "index vector shard chunk embedding postgres query cache manifest document snapshot rollback "
+        "webhook sensor backfill partition model token latency retry budget schema generation digest "
+        "the a of to and in is for with on by that this from as are be it or at"
+    ).split()
     for i in range(n):
         size = rng.randint(1000, 5000)
         parts = [f"# Document {i}\n"]
@@ -224,7 +257,9 @@ def mutate_one_percent(root: Path, n: int, seed: int = 8) -> dict:
     for j in range(adds):
         p = root / "new" / f"added{j:05d}.md"
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(f"# Added {j}\n\nA brand new document about vector shard chunk embedding {rng.random()}.")
+        p.write_text(
+            f"# Added {j}\n\nA brand new document about vector shard chunk embedding {rng.random()}."
+        )
     return {"edited": len(edits), "deleted": len(deletes), "added": adds}
 
 
@@ -243,15 +278,21 @@ def bench_synthetic(server_url: str, work: Path, n: int) -> dict:
     steps["1% refresh"].update(changes)
     idx.close()
     full = steps["full build"]["wall_s"]
-    return {"documents": n, "generate_s": round(gen_s, 1), "steps": steps,
-            "one_percent_vs_full": round(steps["1% refresh"]["wall_s"] / full, 4) if full else None}
+    return {
+        "documents": n,
+        "generate_s": round(gen_s, 1),
+        "steps": steps,
+        "one_percent_vs_full": round(steps["1% refresh"]["wall_s"] / full, 4) if full else None,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=os.environ.get("RAG_BENCH_DIR") or tempfile.mkdtemp(prefix="ragbench-"))
     ap.add_argument("--cache", default=".benchmarks_out/corpora")
-    ap.add_argument("--database-url", default=None, help="a server URL (default: a temporary embedded server)")
+    ap.add_argument(
+        "--database-url", default=None, help="a server URL (default: a temporary embedded server)"
+    )
     ap.add_argument("--skip-django", action="store_true")
     ap.add_argument("--synthetic", type=int, default=0, help="documents in the synthetic corpus (0 = skip)")
     args = ap.parse_args()
@@ -263,7 +304,9 @@ def main() -> None:
         server = embedded_url(work / "server")
     result: dict = {"targets": TARGETS}
     if not args.skip_django:
-        result["django"] = {c: bench_django(server, work, Path(args.cache), c) for c in ("structure", "fixed")}
+        result["django"] = {
+            c: bench_django(server, work, Path(args.cache), c) for c in ("structure", "fixed")
+        }
     if args.synthetic:
         result["synthetic"] = bench_synthetic(server, work, args.synthetic)
     print_table(result)
@@ -272,20 +315,34 @@ def main() -> None:
 
 def print_table(result: dict) -> None:
     for name, r in result.get("django", {}).items():
-        print(f"\nDjango docs, chunker={r['chunker']} (incremental == full rebuild: {r['incremental_equals_full_rebuild']})")
-        print(f"{'step':<20} {'wall s':>8} {'files ~/+/-':>12} {'chunks emb':>10} {'tokens emb':>11} "
-              f"{'lower bound tok':>15} {'whole-doc tok':>13} {'shards':>6}")
+        print(
+            f"\nDjango docs, chunker={r['chunker']} (incremental == full rebuild: {r['incremental_equals_full_rebuild']})"
+        )
+        print(
+            f"{'step':<20} {'wall s':>8} {'files ~/+/-':>12} {'chunks emb':>10} {'tokens emb':>11} "
+            f"{'lower bound tok':>15} {'whole-doc tok':>13} {'shards':>6}"
+        )
         for step, s in r["steps"].items():
-            files = f"{s.get('files_changed', '')}/{s.get('files_added', '')}/{s.get('files_removed', '')}" if "files_changed" in s else ""
-            print(f"{step:<20} {s['wall_s']:>8.3f} {files:>12} {s['chunks_embedded']:>10} {s['tokens_embedded']:>11} "
-                  f"{s.get('lower_bound_tokens', ''):>15} {s.get('whole_doc_tokens', ''):>13} {s['shards_refreshed']:>6}")
+            files = (
+                f"{s.get('files_changed', '')}/{s.get('files_added', '')}/{s.get('files_removed', '')}"
+                if "files_changed" in s
+                else ""
+            )
+            print(
+                f"{step:<20} {s['wall_s']:>8.3f} {files:>12} {s['chunks_embedded']:>10} {s['tokens_embedded']:>11} "
+                f"{s.get('lower_bound_tokens', ''):>15} {s.get('whole_doc_tokens', ''):>13} {s['shards_refreshed']:>6}"
+            )
     if "synthetic" in result:
         r = result["synthetic"]
         print(f"\nSynthetic corpus: {r['documents']} documents of 1–5 KB")
-        print(f"{'step':<20} {'wall s':>8} {'chunks emb':>10} {'tokens emb':>11} {'shards':>6} {'max RSS MB':>10}")
+        print(
+            f"{'step':<20} {'wall s':>8} {'chunks emb':>10} {'tokens emb':>11} {'shards':>6} {'max RSS MB':>10}"
+        )
         for step, s in r["steps"].items():
-            print(f"{step:<20} {s['wall_s']:>8.3f} {s['chunks_embedded']:>10} {s['tokens_embedded']:>11} "
-                  f"{s['shards_refreshed']:>6} {s['maxrss_mb']:>10.1f}")
+            print(
+                f"{step:<20} {s['wall_s']:>8.3f} {s['chunks_embedded']:>10} {s['tokens_embedded']:>11} "
+                f"{s['shards_refreshed']:>6} {s['maxrss_mb']:>10.1f}"
+            )
         print(f"1% refresh / full build = {r['one_percent_vs_full']}")
     print("\nTargets:", json.dumps(result["targets"], ensure_ascii=False))
 

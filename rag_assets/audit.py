@@ -59,7 +59,9 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
         )
         for t in (items, pos)
     ]
-    out["rows_orphaned"] = {s: orphans[0].get(s, 0) + orphans[1].get(s, 0) for s in {*orphans[0], *orphans[1]}}
+    out["rows_orphaned"] = {
+        s: orphans[0].get(s, 0) + orphans[1].get(s, 0) for s in {*orphans[0], *orphans[1]}
+    }
     stale = _by_shard(
         conn,
         sql.SQL(
@@ -104,7 +106,9 @@ def audit(ctx: StageContext, *, repair: bool = True) -> dict:
     report: dict = {"found": found, "shards_affected": shards, "repaired": False}
     gen = live_generation(conn)
     if gen is not None and gen.embedder_id != ctx.embedder_id:
-        report["note"] = "the live generation was built with another embedder than the configured one; not repairing"
+        report["note"] = (
+            "the live generation was built with another embedder than the configured one; not repairing"
+        )
         repair = False
     if repair and shards and gen is not None:
         chunk_shards = sorted(drift.get("chunk_state_stale", {}))

@@ -89,7 +89,9 @@ def vectors_valid(conn: psycopg.Connection, gen: Generation, shards: Iterable[in
         ).format(items=schema.items_table(gen.id)),
         {"s": shards, "d": gen.dims},
     ).fetchone()
-    return CheckResult("vectors_valid", null + wrong, {"null_vectors": null, "wrong_dimension": wrong, "dims": gen.dims})
+    return CheckResult(
+        "vectors_valid", null + wrong, {"null_vectors": null, "wrong_dimension": wrong, "dims": gen.dims}
+    )
 
 
 def manifest_matches_source(
@@ -114,10 +116,19 @@ def manifest_matches_source(
     return CheckResult(
         "manifest_matches_source",
         len(mismatched),
-        {"checked": len(picked), "documents": len(rows), "mismatched": mismatched[:10], "unreadable_now": unreadable},
+        {
+            "checked": len(picked),
+            "documents": len(rows),
+            "mismatched": mismatched[:10],
+            "unreadable_now": unreadable,
+        },
     )
 
 
 def serving_checks(conn: psycopg.Connection, gen: Generation, shards: Iterable[int]) -> list[CheckResult]:
     shards = sorted(set(shards))
-    return [rows_match_chunks(conn, gen, shards), no_orphan_rows(conn, gen, shards), vectors_valid(conn, gen, shards)]
+    return [
+        rows_match_chunks(conn, gen, shards),
+        no_orphan_rows(conn, gen, shards),
+        vectors_valid(conn, gen, shards),
+    ]

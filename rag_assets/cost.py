@@ -15,7 +15,9 @@ import psycopg
 EMBED_STAGES = ("refresh", "embeddings")
 
 
-def cost_report(conn: psycopg.Connection, since: date | None = None, price_per_mtok: float | None = None) -> dict:
+def cost_report(
+    conn: psycopg.Connection, since: date | None = None, price_per_mtok: float | None = None
+) -> dict:
     """Spend per day and model; ``price_per_mtok`` re-prices every run (e.g. a what-if at 0.02 USD)."""
     rows = conn.execute(
         """SELECT (started_at AT TIME ZONE 'UTC')::date AS day, model, embedder, count(*) AS runs,

@@ -61,6 +61,9 @@ concurrency:
     max_concurrent_runs: 4
   pools:
     default_limit: {max(1, settings.embedding_concurrency)}
+run_retries:
+  enabled: true
+  max_retries: 2
 telemetry:
   enabled: false
 """

@@ -71,8 +71,15 @@ def export_rows(conn: psycopg.Connection, path: Path, fmt: str = "parquet", batc
                 for r in rows:
                     fh.write(
                         json.dumps(
-                            {"chunk_id": r[0], "doc_id": r[1], "shard": r[2], "seq": r[3], "text": r[4],
-                             "metadata": r[5], "embedding": _floats(r[6])},
+                            {
+                                "chunk_id": r[0],
+                                "doc_id": r[1],
+                                "shard": r[2],
+                                "seq": r[3],
+                                "text": r[4],
+                                "metadata": r[5],
+                                "embedding": _floats(r[6]),
+                            },
                             ensure_ascii=False,
                         )
                         + "\n"

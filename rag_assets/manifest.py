@@ -93,9 +93,7 @@ class ManifestDiff:
         }
 
 
-def diff_manifests(
-    old: Mapping[str, ManifestEntry], new: Mapping[str, ManifestEntry]
-) -> ManifestDiff:
+def diff_manifests(old: Mapping[str, ManifestEntry], new: Mapping[str, ManifestEntry]) -> ManifestDiff:
     """Classify every document of ``old`` ∪ ``new``; stale shards are those with any change."""
     d = ManifestDiff()
     for doc_id, n in new.items():

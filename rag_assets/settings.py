@@ -166,7 +166,9 @@ class Settings:
         if self.embedder not in ("hashing", "openai", "local"):
             raise SettingsError(f"RAG_EMBEDDER={self.embedder!r}: use 'hashing', 'openai' or 'local'")
         if self.embedding_long_text not in ("error", "split"):
-            raise SettingsError(f"RAG_EMBEDDING_LONG_TEXT={self.embedding_long_text!r}: use 'error' or 'split'")
+            raise SettingsError(
+                f"RAG_EMBEDDING_LONG_TEXT={self.embedding_long_text!r}: use 'error' or 'split'"
+            )
 
     @property
     def snapshot_target(self) -> str:

@@ -31,7 +31,8 @@ _FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\n(.*?\n)?(?:---|\.\.\.)[ \t]*(?:\n|\
 _MD_HEADING_RE = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
 _RST_ADORNMENT = r"""[=\-`:'"~^_*+#<>.!$%&(),/;?@\[\]\\{|}]"""
 _RST_TITLE_RE = re.compile(
-    rf"^(?:({_RST_ADORNMENT})\1{{2,}}[ \t]*\n)?[ \t]*(\S[^\n]*?)[ \t]*\n({_RST_ADORNMENT})\3{{2,}}[ \t]*$", re.M
+    rf"^(?:({_RST_ADORNMENT})\1{{2,}}[ \t]*\n)?[ \t]*(\S[^\n]*?)[ \t]*\n({_RST_ADORNMENT})\3{{2,}}[ \t]*$",
+    re.M,
 )
 _SETEXT_RE = re.compile(r"^(\S[^\n]*?)[ \t]*\n(=+|-+)[ \t]*$", re.M)
 
@@ -276,7 +277,8 @@ class FolderSource:
                 raise DocumentGone(doc_id)
             if st.st_size > self.max_doc_bytes:
                 raise DocumentError(
-                    doc_id, f"document too large ({st.st_size} bytes > RAG_MAX_DOC_BYTES={self.max_doc_bytes})"
+                    doc_id,
+                    f"document too large ({st.st_size} bytes > RAG_MAX_DOC_BYTES={self.max_doc_bytes})",
                 )
             with open(path, "rb") as f:
                 data = f.read(self.max_doc_bytes + 1)

@@ -17,7 +17,9 @@ def index_status(conn: psycopg.Connection, *, digest: bool = True) -> dict:
     embedder = None
     if live is not None:
         rows = conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
-        embedder = conn.execute("SELECT fingerprint FROM rag.embedders WHERE id = %s", (live.embedder_id,)).fetchone()[0]
+        embedder = conn.execute(
+            "SELECT fingerprint FROM rag.embedders WHERE id = %s", (live.embedder_id,)
+        ).fetchone()[0]
     gens = [
         {"id": g, "state": s, "created_at": c, "live_since": ls}
         for g, s, c, ls in conn.execute(
@@ -34,8 +36,19 @@ def index_status(conn: psycopg.Connection, *, digest: bool = True) -> dict:
             "kind": last[0],
             "started_at": last[1],
             "finished_at": last[2],
-            **{k: s.get(k) for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted",
-                                     "chunks_embedded", "tokens_embedded", "shards_refreshed", "seconds")},
+            **{
+                k: s.get(k)
+                for k in (
+                    "docs_added",
+                    "docs_modified",
+                    "docs_metadata_only",
+                    "docs_deleted",
+                    "chunks_embedded",
+                    "tokens_embedded",
+                    "shards_refreshed",
+                    "seconds",
+                )
+            },
         }
     lagging = conn.execute(
         "SELECT count(*) FROM rag.shard_state s LEFT JOIN rag.generation_shards g "

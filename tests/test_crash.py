@@ -45,7 +45,10 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
 def _start_index(settings: Settings, env: dict[str, str], *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rag_assets.cli", "index", str(settings.source_path), "--json", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -68,7 +71,9 @@ def _reference(settings: Settings, db: str, embedder=None) -> dict[int, str]:
     return d
 
 
-def _assert_each_shard_old_or_new(conn, old: dict[int, str], new: dict[int, str], shards: int) -> tuple[int, int]:
+def _assert_each_shard_old_or_new(
+    conn, old: dict[int, str], new: dict[int, str], shards: int
+) -> tuple[int, int]:
     now = shard_digests(conn)
     n_old = n_new = 0
     for s in range(shards):
@@ -83,19 +88,37 @@ def _assert_each_shard_old_or_new(conn, old: dict[int, str], new: dict[int, str]
 
 def _settings(db_url, tmp_path, **kw) -> Settings:
     return Settings.from_env(
-        {}, home=tmp_path / "home", database_url=db_url, shards=8, source_path=tmp_path / "docs",
-        embedding_dimensions=32, **kw,
+        {},
+        home=tmp_path / "home",
+        database_url=db_url,
+        shards=8,
+        source_path=tmp_path / "docs",
+        embedding_dimensions=32,
+        **kw,
     )
 
 
 def test_sigkill_during_embedding_then_converge(db_url, make_db, tmp_path):
     with FakeOpenAI(dims=32, latency_s=0.25) as srv:
         settings = _settings(
-            db_url, tmp_path, embedder="openai", embedding_base_url=srv.url, embedding_api_key="sk-test",
-            embedding_model="fake-model", embedding_batch_size=8, embedding_concurrency=1,
+            db_url,
+            tmp_path,
+            embedder="openai",
+            embedding_base_url=srv.url,
+            embedding_api_key="sk-test",
+            embedding_model="fake-model",
+            embedding_batch_size=8,
+            embedding_concurrency=1,
         )
-        env = _env(settings, RAG_EMBEDDER="openai", RAG_EMBEDDING_BASE_URL=srv.url, RAG_EMBEDDING_API_KEY="sk-test",
-                   RAG_EMBEDDING_MODEL="fake-model", RAG_EMBEDDING_BATCH_SIZE="8", RAG_EMBEDDING_CONCURRENCY="1")
+        env = _env(
+            settings,
+            RAG_EMBEDDER="openai",
+            RAG_EMBEDDING_BASE_URL=srv.url,
+            RAG_EMBEDDING_API_KEY="sk-test",
+            RAG_EMBEDDING_MODEL="fake-model",
+            RAG_EMBEDDING_BATCH_SIZE="8",
+            RAG_EMBEDDING_CONCURRENCY="1",
+        )
         _corpus(settings.source_path, 40, seed=1)
         p = _start_index(settings, env)
         out, err = p.communicate(timeout=300)

@@ -48,7 +48,10 @@ def defs(dset):
 
 def _assets(defs):
     g = defs.resolve_asset_graph()
-    return [defs.resolve_assets_def(k) for k in (dg.AssetKey("document_manifest"), dg.AssetKey("chunks"), dg.AssetKey("embeddings"))], g
+    return [
+        defs.resolve_assets_def(k)
+        for k in (dg.AssetKey("document_manifest"), dg.AssetKey("chunks"), dg.AssetKey("embeddings"))
+    ], g
 
 
 def _materialize_all(dset, instance, **kw):
@@ -103,14 +106,27 @@ def test_range_run_builds_the_index_with_checks_and_metadata(dset, make_db):
         assert res.success
         evals = res.get_asset_check_evaluations()
         assert {e.check_name for e in evals} == {
-            "manifest_matches_source", "rows_match_chunks", "no_orphan_rows", "vectors_valid"
+            "manifest_matches_source",
+            "rows_match_chunks",
+            "no_orphan_rows",
+            "vectors_valid",
         }
         assert all(e.passed for e in evals)
         mats = [e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("embeddings")]
         assert len(mats) == N  # one materialization per shard, all in one run
         meta = mats[0].materialization.metadata
-        for key in ("docs_added", "chunks_embedded", "chunks_reused", "tokens_embedded", "cache_hit_rate",
-                    "embed_seconds", "rows_written", "rows_deleted", "seconds", "chunks_total"):
+        for key in (
+            "docs_added",
+            "chunks_embedded",
+            "chunks_reused",
+            "tokens_embedded",
+            "cache_hit_rate",
+            "embed_seconds",
+            "rows_written",
+            "rows_deleted",
+            "seconds",
+            "chunks_total",
+        ):
             assert key in meta, key
         assert meta["docs_added"].value == 24
     conn = connect(dset.database_url)
@@ -179,7 +195,14 @@ def test_a_b_a_edits_are_indexed_each_time(dset):
         for i, body in enumerate(["# A\n\nalpha text", "# B\n\nbeta text", "# A\n\nalpha text"]):
             write(f, body, mtime_ns=4 * 10**18 + i)
             assert _materialize_all(dset, instance).success
-            texts.append([t for (t,) in conn.execute("SELECT text FROM rag.items WHERE doc_id = 'd03.md' ORDER BY seq")])
+            texts.append(
+                [
+                    t
+                    for (t,) in conn.execute(
+                        "SELECT text FROM rag.items WHERE doc_id = 'd03.md' ORDER BY seq"
+                    )
+                ]
+            )
         assert texts[0] == texts[2] != texts[1]
 
 
@@ -223,13 +246,17 @@ def test_audit_finds_and_repairs_drift(dset, defs, make_db):
             f"UPDATE rag.g{gen}_items SET text = 'tampered' WHERE chunk_id = "
             f"(SELECT chunk_id FROM rag.g{gen}_pos WHERE doc_id = 'd02.md' AND seq = 0)"
         )
-        conn.execute(f"UPDATE rag.g{gen}_pos SET seq = seq + 100 WHERE doc_id = 'd03.md' AND seq = 0")  # moved
+        conn.execute(
+            f"UPDATE rag.g{gen}_pos SET seq = seq + 100 WHERE doc_id = 'd03.md' AND seq = 0"
+        )  # moved
         conn.execute(  # orphan
             f"INSERT INTO rag.g{gen}_items SELECT 'x', 'ghost.md', shard, chunk_hash, text, embedding "
             f"FROM rag.g{gen}_items LIMIT 1"
         )
         conn.execute(f"UPDATE rag.g{gen}_docs SET metadata = '{{}}' WHERE doc_id = 'd04.md'")
-        res = defs.resolve_job_def("consistency_audit").execute_in_process(instance=instance, resources=resources_for(dset))
+        res = defs.resolve_job_def("consistency_audit").execute_in_process(
+            instance=instance, resources=resources_for(dset)
+        )
         assert res.success
         report = res.output_for_node("audit_and_repair")
         assert report["found"]["rows_missing"] > 0 and report["found"]["rows_orphaned"] == 1

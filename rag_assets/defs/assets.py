@@ -76,7 +76,9 @@ def _fresh_token(
     """A rebuild of every shard goes to a new generation, shared by all runs of one backfill."""
     if not _rebuild(context, config) or len(shards) < n_shards:
         return None
-    return context.run.tags.get("dagster/backfill") or context.run.tags.get("rag/rebuild") or context.run.run_id
+    return (
+        context.run.tags.get("dagster/backfill") or context.run.tags.get("rag/rebuild") or context.run.run_id
+    )
 
 
 def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefinition]]:
@@ -122,7 +124,9 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ctx = stage_context(context, rag, None)
         try:
             source = ctx.source()
-            plan = plan_scan(ctx.conn, source, ctx.settings.shards, rehash=config.rehash or _rebuild(context, config))
+            plan = plan_scan(
+                ctx.conn, source, ctx.settings.shards, rehash=config.rehash or _rebuild(context, config)
+            )
             out = manifest_stage(ctx, shards, plan, source)
             out["seconds_scan"] = plan.seconds
             out["seconds"] = time.perf_counter() - t0
@@ -262,7 +266,9 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             out["seconds"] = time.perf_counter() - t0
             out["generation"] = gen.id
             record_stage(ctx, "embeddings", shards, started, out, full_reembed_tokens=full_tokens)
-            out.update(_docs_counts(ctx, context.run.run_id))  # for the plots only; recorded by the manifest step
+            out.update(
+                _docs_counts(ctx, context.run.run_id)
+            )  # for the plots only; recorded by the manifest step
             emb = out["embedding"]
         finally:
             ctx.conn.close()
@@ -331,5 +337,3 @@ def _docs_counts(ctx: StageContext, run_id: str) -> dict:
     return {
         k: row[0].get(k, 0) for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted")
     }
-
-

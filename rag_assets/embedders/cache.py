@@ -93,7 +93,9 @@ def fill_cache(
         vectors = embedder.embed(texts, stats, labels=[m.label for m in group])
         if stats.tokens == tokens_before:  # providers that report no usage: count as the chunks did
             stats.add(tokens=sum(m.n_tokens for m in group))
-        vectors = check_vectors(np.asarray(vectors), len(group), embedder.dims, f"embedder {embedder.fingerprint}")
+        vectors = check_vectors(
+            np.asarray(vectors), len(group), embedder.dims, f"embedder {embedder.fingerprint}"
+        )
         store_vectors(conn, embedder_id, [m.chunk_hash for m in group], vectors, [m.n_tokens for m in group])
         if progress is not None:
             progress(len(group), time.perf_counter() - t0)

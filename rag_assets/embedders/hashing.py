@@ -34,7 +34,9 @@ class HashingEmbedder(Embedder):
         self._lock = threading.Lock()
 
     def _bucket(self, token: str) -> int:
-        h = int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        h = int.from_bytes(
+            hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big"
+        )
         b = (h >> 1) % self.dims + 1
         return -b if h & 1 else b
 
@@ -62,7 +64,9 @@ class HashingEmbedder(Embedder):
         lengths = np.fromiter((len(c) for c in per_text), dtype=np.int64, count=n)
         flat = np.fromiter((c for cs in per_text for c in cs), dtype=np.int64, count=int(lengths.sum()))
         rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        counts = np.bincount(rows * d + (np.abs(flat) - 1), weights=np.sign(flat).astype(np.float64), minlength=n * d)
+        counts = np.bincount(
+            rows * d + (np.abs(flat) - 1), weights=np.sign(flat).astype(np.float64), minlength=n * d
+        )
         m = counts.reshape(n, d)
         m = np.sign(m) * np.log1p(np.abs(m))
         norms = np.linalg.norm(m, axis=1)
@@ -74,7 +78,9 @@ class HashingEmbedder(Embedder):
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed_many([text])[0]
 
-    def embed(self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None) -> np.ndarray:
+    def embed(
+        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+    ) -> np.ndarray:
         t0 = time.perf_counter()
         out = self.embed_many(list(texts)) if texts else np.empty((0, self.dims), dtype=np.float32)
         stats.add(texts=len(texts), seconds=time.perf_counter() - t0)  # tokens: counted by the caller

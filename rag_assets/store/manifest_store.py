@@ -23,9 +23,7 @@ class DocUpdate:
     source_time: datetime | None = None  # when the source changed it (webhooks: newest wins)
 
 
-def load_manifest(
-    conn: psycopg.Connection, shards: Iterable[int] | None = None
-) -> dict[str, ManifestEntry]:
+def load_manifest(conn: psycopg.Connection, shards: Iterable[int] | None = None) -> dict[str, ManifestEntry]:
     """Manifest entries (all, or those of ``shards``)."""
     q = "SELECT doc_id, shard, content_hash, meta_hash, size, mtime_ns, source FROM rag.manifest"
     params: tuple = ()
@@ -99,9 +97,7 @@ def _write(conn: psycopg.Connection, diff: ManifestDiff, updates: Mapping[str, D
             cur.execute("DELETE FROM rag.document_bodies WHERE doc_id = ANY(%s)", (diff.deleted,))
         upserts = diff.added + diff.modified + diff.metadata_only
         if upserts:
-            cur.execute(
-                "CREATE TEMP TABLE manifest_in (LIKE rag.manifest INCLUDING DEFAULTS) ON COMMIT DROP"
-            )
+            cur.execute("CREATE TEMP TABLE manifest_in (LIKE rag.manifest INCLUDING DEFAULTS) ON COMMIT DROP")
             with cur.copy(
                 "COPY manifest_in (doc_id, shard, source, content_hash, meta_hash, size, mtime_ns, metadata,"
                 " source_time)"
@@ -112,8 +108,17 @@ def _write(conn: psycopg.Connection, diff: ManifestDiff, updates: Mapping[str, D
                     u = updates[d]
                     e = u.entry
                     cp.write_row(
-                        (e.doc_id, e.shard, e.source, e.content_hash, e.meta_hash, e.size, e.mtime_ns,
-                         Jsonb(u.metadata), u.source_time)
+                        (
+                            e.doc_id,
+                            e.shard,
+                            e.source,
+                            e.content_hash,
+                            e.meta_hash,
+                            e.size,
+                            e.mtime_ns,
+                            Jsonb(u.metadata),
+                            u.source_time,
+                        )
                     )
             cur.execute(
                 """INSERT INTO rag.manifest (doc_id, shard, source, content_hash, meta_hash, size,

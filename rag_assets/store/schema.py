@@ -14,6 +14,8 @@ document, a chunk that moved updates one narrow row, and neither touches the vec
 
 from __future__ import annotations
 
+import hashlib
+
 import psycopg
 from psycopg import sql
 
@@ -163,8 +165,35 @@ DDL = [
 ]
 
 
+DDL_DIGEST = hashlib.sha256("\n".join(DDL).encode()).hexdigest()
+
+
+def _schema_is_current(conn: psycopg.Connection) -> bool:
+    """True when the database already has exactly this DDL: a new process then runs no DDL at all.
+
+    Running ``CREATE INDEX IF NOT EXISTS`` in every new run process takes locks that deadlocked with
+    another run's writes when four range runs started together (tests/test_production.py).
+    """
+    try:
+        rows = dict(
+            conn.execute(
+                "SELECT key, value FROM rag.settings WHERE key IN ('schema_version', 'schema_ddl')"
+            ).fetchall()
+        )
+    except psycopg.errors.UndefinedTable:
+        return False
+    if rows.get("schema_version") is not None and int(rows["schema_version"]) > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {rows['schema_version']} is newer than this rag_assets ({SCHEMA_VERSION}); "
+            "upgrade rag_assets"
+        )
+    return rows.get("schema_ddl") == DDL_DIGEST
+
+
 def migrate(conn: psycopg.Connection) -> None:
     """Create or upgrade the schema. Safe to call from many processes at once (advisory lock)."""
+    if _schema_is_current(conn):
+        return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
         for stmt in DDL:
@@ -173,6 +202,11 @@ def migrate(conn: psycopg.Connection) -> None:
             "INSERT INTO rag.settings (key, value) VALUES ('schema_version', %s::jsonb) "
             "ON CONFLICT (key) DO NOTHING",
             (str(SCHEMA_VERSION),),
+        )
+        conn.execute(
+            "INSERT INTO rag.settings (key, value) VALUES ('schema_ddl', to_jsonb(%s::text)) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (DDL_DIGEST,),
         )
         row = conn.execute("SELECT value FROM rag.settings WHERE key = 'schema_version'").fetchone()
         if row and int(row[0]) > SCHEMA_VERSION:
@@ -232,7 +266,9 @@ def create_generation_tables(conn: psycopg.Connection, gen: int, dims: int) -> N
     )
     for table, name in ((items_table(gen), "items"), (pos_table(gen), "pos"), (docs_table(gen), "docs")):
         conn.execute(
-            sql.SQL("CREATE INDEX {name} ON {t} (shard)").format(name=sql.Identifier(f"g{gen}_{name}_shard"), t=table)
+            sql.SQL("CREATE INDEX {name} ON {t} (shard)").format(
+                name=sql.Identifier(f"g{gen}_{name}_shard"), t=table
+            )
         )
     conn.execute(
         sql.SQL("CREATE INDEX {name} ON {docs} USING gin (metadata jsonb_path_ops)").format(

@@ -125,7 +125,9 @@ def target_generation(
         return Generation(gid, embedder_id, chunker_version, dims, "building")
 
 
-def lagging_serving_shards(conn: psycopg.Connection, gen: Generation, shards: Iterable[int] | None = None) -> set[int]:
+def lagging_serving_shards(
+    conn: psycopg.Connection, gen: Generation, shards: Iterable[int] | None = None
+) -> set[int]:
     """Shards whose rows in ``gen`` do not reflect the current chunks."""
     q = """SELECT s.shard FROM rag.shard_state s
            LEFT JOIN rag.generation_shards g ON g.generation = %s AND g.shard = s.shard
@@ -169,7 +171,9 @@ def sync_serving(
             _sync_rows(conn, todo, gen, embedder_id, embedded_now, out)
         except _CacheRace:
             continue  # chunks changed under us and need vectors: embed those, then retry
-        analyze_if_changed(conn, schema.items_table(gen.id).as_string(conn), out.rows_written + out.rows_deleted)
+        analyze_if_changed(
+            conn, schema.items_table(gen.id).as_string(conn), out.rows_written + out.rows_deleted
+        )
         out.seconds_sync += time.perf_counter() - t0
         return out
     raise ConsistencyError(f"shards {todo}: chunks kept changing during the sync; retry the run")
@@ -287,7 +291,12 @@ def generation_complete(conn: psycopg.Connection, gen: Generation) -> bool:
 
 
 def finalize_generation(
-    conn: psycopg.Connection, gen: Generation, keep: int = 3, *, hnsw_m: int = 16, hnsw_ef_construction: int = 64
+    conn: psycopg.Connection,
+    gen: Generation,
+    keep: int = 3,
+    *,
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
 ) -> bool:
     """If ``gen`` is a complete building generation: index it, verify it, and switch to it."""
     conn.execute("SELECT pg_advisory_lock(%s)", (FINALIZE_LOCK,))

@@ -50,7 +50,11 @@ def apply_inbox(conn: psycopg.Connection, shards: Iterable[int], *, limit: int =
                 "SELECT doc_id, source, source_time FROM rag.manifest WHERE doc_id = ANY(%s)", (doc_ids,)
             )
         }
-        tombs = dict(conn.execute("SELECT doc_id, source_time FROM rag.tombstones WHERE doc_id = ANY(%s)", (doc_ids,)).fetchall())
+        tombs = dict(
+            conn.execute(
+                "SELECT doc_id, source_time FROM rag.tombstones WHERE doc_id = ANY(%s)", (doc_ids,)
+            ).fetchall()
+        )
         updates: dict[str, DocUpdate] = {}
         deletes: list[str] = []
         outcome: dict[int, str] = {ev[0]: "superseded" for ev in events}
@@ -82,14 +86,18 @@ def apply_inbox(conn: psycopg.Connection, shards: Iterable[int], *, limit: int =
                 outcome[seq] = f"rejected: {e.reason}"
                 out["errors"].append({"doc_id": doc_id, "error": e.reason})
                 continue
-            entry = ManifestEntry(doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, SOURCE)
+            entry = ManifestEntry(
+                doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, SOURCE
+            )
             updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text, when)
             conn.execute("DELETE FROM rag.tombstones WHERE doc_id = %s", (doc_id,))
             outcome[seq] = "applied"
         out["events_applied"] = sum(1 for v in outcome.values() if v == "applied")
         out["events_rejected"] = sum(1 for v in outcome.values() if v.startswith("rejected"))
         if updates or deletes:
-            diff, _ = apply_manifest(conn, shards, updates, source=SOURCE, full_snapshot=False, deletes=deletes)
+            diff, _ = apply_manifest(
+                conn, shards, updates, source=SOURCE, full_snapshot=False, deletes=deletes
+            )
             out.update(diff.counts())
         with conn.cursor() as cur:
             cur.executemany(
