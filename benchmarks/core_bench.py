@@ -314,7 +314,7 @@ def main() -> None:
 
 
 def print_table(result: dict) -> None:
-    for name, r in result.get("django", {}).items():
+    for r in result.get("django", {}).values():
         print(
             f"\nDjango docs, chunker={r['chunker']} (incremental == full rebuild: {r['incremental_equals_full_rebuild']})"
         )
