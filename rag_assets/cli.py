@@ -240,9 +240,11 @@ def cmd_dev(args, settings: Settings) -> int:
     import shutil
 
     from rag_assets.dagster_instance import dagster_home
+    from rag_assets.defs.runner import DAGSTER_EVENT_BATCH_SIZE
 
     home = dagster_home(settings)
     env = dict(os.environ, DAGSTER_HOME=str(home))
+    env.setdefault("DAGSTER_EVENT_BATCH_SIZE", DAGSTER_EVENT_BATCH_SIZE)  # batched asset events
     if args.source:
         env["RAG_SOURCE_PATH"] = str(Path(args.source).resolve())
     exe = shutil.which("dagster") or "dagster"

@@ -360,7 +360,7 @@ def test_helm_values_use_only_chart_schema_keys():
     # with concurrency.enabled, run limits belong under concurrency.runs (a config error elsewhere)
     assert "maxConcurrentRuns" not in coord["config"]["queuedRunCoordinator"]
     assert values["concurrency"]["enabled"] and values["concurrency"]["pools"]["defaultLimit"] >= 1
-    known = _settings_env_names()
+    known = _settings_env_names() | {"DAGSTER_EVENT_BATCH_SIZE"}  # Dagster's own, read by the run pods
     assert set(env) <= known, set(env) - known
 
 
