@@ -39,53 +39,8 @@ import time
 import uuid
 from pathlib import Path
 
-import dagster as dg
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def install_migrate_fix() -> None:
-    """The fix proposed for rag_assets.store.schema.migrate (see docs/scaling.md): skip the DDL when the
-    database already has this exact schema, so a new step process takes no DDL locks. Without it every
-    step process re-runs all CREATE … IF NOT EXISTS statements in one transaction, and concurrent range
-    runs deadlock (a CREATE INDEX's ShareLock against another run's row writes)."""
-    import hashlib
-
-    import psycopg
-
-    from rag_assets.store import db, schema
-
-    if getattr(schema.migrate, "_fixed", False):
-        return
-    digest = hashlib.sha256("\n".join(schema.DDL).encode()).hexdigest()
-    original = schema.migrate
-
-    def migrate(conn: psycopg.Connection) -> None:
-        try:
-            row = conn.execute("SELECT value FROM rag.settings WHERE key = 'schema_ddl'").fetchone()
-        except psycopg.errors.UndefinedTable:
-            row = None
-        if row is not None and row[0] == digest:
-            return
-        original(conn)
-        conn.execute(
-            "INSERT INTO rag.settings (key, value) VALUES ('schema_ddl', to_jsonb(%s::text)) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (digest,),
-        )
-
-    migrate._fixed = True
-    schema.migrate = db.migrate = migrate
-
-
-@dg.definitions
-def defs_with_migrate_fix() -> dg.Definitions:
-    """The project's code location with :func:`install_migrate_fix` applied (``--migrate-fix``)."""
-    install_migrate_fix()
-    from rag_assets.definitions import build_defs
-
-    return build_defs()
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -199,7 +154,7 @@ def orchestration_breakdown(env: dict, home: Path, run_ids: list[str], t_launch:
 
 
 def run_level(
-    c: int, docs: Path, server_url: str, shards: int, timeout: float, root: Path, migrate_fix: bool = False
+    c: int, docs: Path, server_url: str, shards: int, timeout: float, root: Path, event_batch: int = 100
 ) -> dict:
     import psycopg
 
@@ -238,15 +193,15 @@ def run_level(
         RAG_INBOX_SENSOR_INTERVAL_S="3600",
         RAG_AUTOMATION_INTERVAL_S="3600",
         XDG_RUNTIME_DIR=os.environ.get("XDG_RUNTIME_DIR", "/tmp"),
+        DAGSTER_EVENT_BATCH_SIZE=str(event_batch),  # as deploy/env.example and the Helm values set it
         **pg_env(dagster_db),
     )
     procs = ProcessSet(root / f"c{c}" / "logs")
     res: dict = {"concurrency": c, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         t_up = time.monotonic()
-        target = ("-f", str(Path(__file__).resolve()), "-a", "defs_with_migrate_fix") if migrate_fix else None
-        api = start_production(procs, env, grpc_port, port, **({"target": target} if target else {}))
-        res["migrate_fix"] = migrate_fix
+        api = start_production(procs, env, grpc_port, port)
+        res["event_batch_size"] = event_batch
         # create the embedder pool's slots before four runs race to (Dagster's lazy init can then raise
         # UniqueViolation on concurrency_limits); deployments run `dagster instance concurrency set`
         subprocess.run(
@@ -295,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_path")
     p.add_argument("--keep", action="store_true")
     p.add_argument(
-        "--migrate-fix",
-        action="store_true",
-        help="run the code location with the proposed schema.migrate fix (concurrent runs deadlock without it)",
+        "--event-batch",
+        type=int,
+        default=100,
+        help="DAGSTER_EVENT_BATCH_SIZE for the production processes (0: Dagster's one-by-one default)",
     )
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
@@ -325,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for c in [int(x) for x in args.concurrency.split(",")]:
             print(f"== c={c}", file=sys.stderr, flush=True)
-            r = run_level(c, docs, srv.get_uri(), args.shards, args.timeout, root, args.migrate_fix)
+            r = run_level(c, docs, srv.get_uri(), args.shards, args.timeout, root, args.event_batch)
             print(f"   {r}", file=sys.stderr, flush=True)
             results.append(r)
     finally:
