@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import WORDS
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ASSETS = ("document_manifest", "chunks", "embeddings")
@@ -289,30 +291,7 @@ def write_corpus(
 ) -> list[str]:
     """Deterministic markdown documents; returns their relative paths (the doc ids)."""
     words = [
-        "index",
-        "vector",
-        "shard",
-        "chunk",
-        "embedding",
-        "postgres",
-        "query",
-        "cache",
-        "manifest",
-        "document",
-        "snapshot",
-        "rollback",
-        "webhook",
-        "sensor",
-        "backfill",
-        "partition",
-        "model",
-        "token",
-        "latency",
-        "retry",
-        "budget",
-        "schema",
-        "generation",
-        "digest",
+        *WORDS,
         "orchestration",
         "daemon",
         "launcher",
@@ -322,26 +301,6 @@ def write_corpus(
         "pool",
         "throughput",
         "freshness",
-        "the",
-        "a",
-        "of",
-        "to",
-        "and",
-        "in",
-        "is",
-        "for",
-        "with",
-        "on",
-        "by",
-        "that",
-        "this",
-        "from",
-        "as",
-        "are",
-        "be",
-        "it",
-        "or",
-        "at",
     ]
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
