@@ -38,6 +38,15 @@ def test_from_settings() -> None:
         LocalEmbedder(long_text="truncate")
 
 
+def test_long_text_policy_defaults_per_provider() -> None:
+    """The local model reads 256 word pieces, less than the default chunk bound: it splits by default."""
+    assert Settings.from_env({"RAG_EMBEDDER": "local"}).embedding_long_text == "split"
+    assert Settings.from_env({"RAG_EMBEDDER": "openai"}).embedding_long_text == "error"
+    assert Settings.from_env({}).embedding_long_text == "error"
+    s = Settings.from_env({"RAG_EMBEDDER": "local", "RAG_EMBEDDING_LONG_TEXT": "error"})
+    assert LocalEmbedder.from_settings(s).long_text == "error"
+
+
 @pytest.fixture(scope="module")
 def model() -> LocalEmbedder:
     pytest.importorskip(
