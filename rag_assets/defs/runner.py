@@ -7,6 +7,8 @@ range, recorded in the same Dagster instance ``dagster dev`` uses, so CLI refres
 UI as materializations with their metadata.
 """
 
+import contextlib
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -81,15 +83,12 @@ def index_via_dagster(
 
 
 def _materialize(settings: Settings, shards: list[int], *, full: bool, rehash: bool) -> list[str]:
-    import os
-
     import dagster as dg
 
     from rag_assets.defs.assets import build_assets
     from rag_assets.defs.resources import resources_for
     from rag_assets.manifest import shard_key
 
-    os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", DAGSTER_EVENT_BATCH_SIZE)
     instance = dagster_instance(settings)
     raw_documents, assets = build_assets(settings)
     resources = resources_for(settings)
@@ -109,15 +108,16 @@ def _materialize(settings: Settings, shards: list[int], *, full: bool, rehash: b
             kw["partition_key"] = shard_key(lo)
         else:
             tags.update({PARTITION_RANGE_START: shard_key(lo), PARTITION_RANGE_END: shard_key(hi)})
-        result = dg.materialize(
-            assets,
-            instance=instance,
-            resources=resources,
-            run_config=run_config,
-            tags=tags,
-            raise_on_error=False,
-            **kw,
-        )
+        with _event_batching():
+            result = dg.materialize(
+                assets,
+                instance=instance,
+                resources=resources,
+                run_config=run_config,
+                tags=tags,
+                raise_on_error=False,
+                **kw,
+            )
         run_ids.append(result.run_id)
         if not result.success:
             msgs = [
@@ -128,3 +128,20 @@ def _materialize(settings: Settings, shards: list[int], *, full: bool, rehash: b
                 f"refresh of shards {shard_key(lo)}..{shard_key(hi)} failed: {'; '.join(msgs)}"
             )
     return run_ids
+
+
+@contextlib.contextmanager
+def _event_batching():
+    """Batched asset-event writes for one in-process run, unless the environment already decides.
+
+    Dagster reads DAGSTER_EVENT_BATCH_SIZE at each event; setting it only around our own runs keeps
+    the rest of the process (tests, an embedding application) on whatever it chose.
+    """
+    if "DAGSTER_EVENT_BATCH_SIZE" in os.environ:
+        yield
+        return
+    os.environ["DAGSTER_EVENT_BATCH_SIZE"] = DAGSTER_EVENT_BATCH_SIZE
+    try:
+        yield
+    finally:
+        os.environ.pop("DAGSTER_EVENT_BATCH_SIZE", None)
