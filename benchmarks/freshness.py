@@ -24,7 +24,12 @@ Settings:
                   reporting runless events for the automation sensor (one daemon hop instead of two);
                   not in the default list: --settings fast-direct
 
+With ``--source webhook`` each edit is instead a signed ``document.created`` event POSTed to a real
+`rag-assets serve` process on the same database, timed from its 2xx acknowledgement; ``sensor`` is then
+acknowledgement → the inbox sensor's report (``RAG_INBOX_SENSOR_INTERVAL_S``).
+
 Usage:
+  python benchmarks/freshness.py --source webhook --settings defaults,fast-inprocess
   python benchmarks/freshness.py                      # 5 edits per setting, all three settings
   python benchmarks/freshness.py --repeats 3 --settings fast,fast-inprocess --json out.json
 """
@@ -196,7 +201,25 @@ def _breakdown(instance, shard: str, t_edit: float, t_visible: float, known_runs
     return out
 
 
-def run_setting(name: str, repeats: int, n_docs: int, shards: int, timeout: float, keep: bool) -> dict:
+def _post_event(service, secret: str, doc_id: str, token: str) -> tuple[float, str]:
+    """POST one signed `document.created` event; returns (time of the 2xx acknowledgement, query text)."""
+    import httpx
+
+    from tests.service_utils import event_body, signed_headers
+
+    sentence = f"The freshness marker {token} names this event"
+    body = event_body(doc_id, "document.created", f"# Event {token}\n\n{sentence}.\n")
+    r = httpx.post(
+        service.url + "/webhooks/documents", content=body, headers=signed_headers(secret, f"fz-{token}", body)
+    )
+    if r.status_code not in (200, 202):
+        raise RuntimeError(f"webhook not accepted: {r.status_code} {r.text}")
+    return time.time(), sentence
+
+
+def run_setting(
+    name: str, repeats: int, n_docs: int, shards: int, timeout: float, keep: bool, source: str = "folder"
+) -> dict:
     from rag_assets.dagster_instance import dagster_home
     from rag_assets.manifest import shard_key, shard_of
     from rag_assets.settings import Settings
@@ -252,10 +275,12 @@ def run_setting(name: str, repeats: int, n_docs: int, shards: int, timeout: floa
             "source_sensor_interval_s": defaults.source_sensor_interval_s,
             "automation_interval_s": defaults.automation_interval_s,
         },
+        "source": source,
         "edits": [],
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     instance = None
+    service = None
     try:
         ws = _workspace(root, name)
         procs.start(
@@ -291,6 +316,14 @@ def run_setting(name: str, repeats: int, n_docs: int, shards: int, timeout: floa
             check=procs.check_alive,
         )
         instance = dg.DagsterInstance.from_config(str(home))
+        if source == "webhook":
+            from tests.service_utils import ProcessServer, new_secret
+
+            secret = new_secret()
+            service = ProcessServer(
+                {**env, "RAG_WEBHOOK_SECRET": secret}, log_path=root / "logs" / "serve.log"
+            )
+            service.start()
         rng = random.Random(5)
         order = rng.sample(ids, min(repeats, len(ids)))
         for i in range(repeats):
@@ -300,8 +333,13 @@ def run_setting(name: str, repeats: int, n_docs: int, shards: int, timeout: floa
             time.sleep(rng.uniform(0, max(settings.source_sensor_interval_s, 5)))
             known = {r.dagster_run.run_id for r in instance.get_run_records(limit=200)}
             token = "fz" + uuid.uuid4().hex[:12]
-            t_edit = time.time()
-            query = edit_marker(docs / doc_id, token)
+            if source == "webhook":
+                doc_id = f"hooks/probe{i:03d}.md"
+                shard = shard_key(shard_of(doc_id, shards))
+                t_edit, query = _post_event(service, secret, doc_id, token)  # t_edit = acknowledgement
+            else:
+                t_edit = time.time()
+                query = edit_marker(docs / doc_id, token)
             secs = wait_queryable(settings, query, doc_id, token, timeout=timeout, check=procs.check_alive)
             api.wait_quiet(quiet_s=2, timeout=timeout, check=procs.check_alive)
             row = _breakdown(instance, shard, t_edit, t_edit + secs, known)
@@ -309,6 +347,8 @@ def run_setting(name: str, repeats: int, n_docs: int, shards: int, timeout: floa
             result["edits"].append(row)
             print(f"  [{name}] edit {i + 1}/{repeats}: {secs:5.1f} s  {row}", file=sys.stderr, flush=True)
     finally:
+        if service is not None:
+            service.stop()
         if instance is not None:
             instance.dispose()
         notes = procs.stop_all()
@@ -342,16 +382,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=240.0)
     p.add_argument("--json", dest="json_path", default=None, help="also write the JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temp folders (logs) for inspection")
+    p.add_argument(
+        "--source",
+        choices=("folder", "webhook"),
+        default="folder",
+        help="folder: edit a file (source sensor); webhook: POST a signed event to `rag-assets serve` (inbox "
+        "sensor), timed from its acknowledgement",
+    )
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` on SIGTERM too
     sys.path.insert(0, str(REPO))
     results = []
     for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
         print(f"== {name}", file=sys.stderr, flush=True)
-        results.append(run_setting(name, args.repeats, args.docs, args.shards, args.timeout, args.keep))
+        results.append(
+            run_setting(name, args.repeats, args.docs, args.shards, args.timeout, args.keep, args.source)
+        )
     cols = ("sensor", "automation", "launch", "spawn", "compute", "other")
     print(
-        f"\nfreshness: edit → queryable, median of {args.repeats} edits ({args.docs} docs, {args.shards} shards, "
+        f"\nfreshness ({args.source}): {'acknowledged event' if args.source == 'webhook' else 'edit'} → queryable, median of {args.repeats} edits ({args.docs} docs, {args.shards} shards, "
         f"loadavg at start {results[0]['loadavg_start'] if results else '-'})"
     )
     head = (
@@ -378,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = {
         "benchmark": "freshness",
+        "source": args.source,
         "repeats": args.repeats,
         "docs": args.docs,
         "shards": args.shards,
