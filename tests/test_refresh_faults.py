@@ -78,6 +78,7 @@ def test_refresh_survives_recoverable_faults_and_embeds_each_chunk_once(settings
             t[:30]: served[t] for t in texts if served[t] != 1
         }
         assert not srv.faults  # every injected fault was met
+        assert srv.max_in_flight <= 3  # the configured concurrency, retries included
         assert rep.embedding["retries"] >= 1
         if faults[0].status == 429:
             assert rep.embedding["throttled_429"] == 1 and rep.embedding["rate_limit_wait_s"] >= 0.3
