@@ -361,6 +361,7 @@ def embed_stage(
                 ctx.settings.keep_generations,
                 hnsw_m=ctx.settings.hnsw_m,
                 hnsw_ef_construction=ctx.settings.hnsw_ef_construction,
+                hnsw_memory_cap_mb=ctx.settings.hnsw_build_memory_mb,
             )
     price = ctx.embedder.price_per_mtok()
     out["cost_usd"] = sst.tokens_embedded * price / 1e6
@@ -523,6 +524,7 @@ class Indexer:
                     self.settings.keep_generations,
                     hnsw_m=self.settings.hnsw_m,
                     hnsw_ef_construction=self.settings.hnsw_ef_construction,
+                    hnsw_memory_cap_mb=self.settings.hnsw_build_memory_mb,
                 )
         except Exception as e:
             if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:

@@ -97,6 +97,7 @@ class Settings:
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 100
+    hnsw_build_memory_mb: int = 2048  # cap on maintenance_work_mem for an HNSW build (sized to the graph)
 
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_tolerance_s: int = 300
@@ -147,6 +148,7 @@ class Settings:
             hnsw_m=_int(e, "RAG_HNSW_M", 16, 2, 100),
             hnsw_ef_construction=_int(e, "RAG_HNSW_EF_CONSTRUCTION", 64, 4, 1000),
             hnsw_ef_search=_int(e, "RAG_HNSW_EF_SEARCH", 100, 1, 1000),
+            hnsw_build_memory_mb=_int(e, "RAG_HNSW_BUILD_MEMORY_MB", 2048, 64, 1024 * 1024),
             webhook_secret=e.get("RAG_WEBHOOK_SECRET") or None,
             webhook_tolerance_s=_int(e, "RAG_WEBHOOK_TOLERANCE_S", 300, 1),
             webhook_max_body=_int(e, "RAG_WEBHOOK_MAX_BODY", 5 * 1024 * 1024, 1),

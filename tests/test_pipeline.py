@@ -379,3 +379,14 @@ def test_concurrent_refreshes_do_not_corrupt(settings, docs_dir, db_url):
     dup = idx.conn.execute("SELECT count(*) - count(DISTINCT (doc_id, seq)) FROM rag.items").fetchone()[0]
     assert dup == 0
     assert idx.conn.execute("SELECT count(DISTINCT doc_id) FROM rag.items").fetchone()[0] == 40
+
+
+def test_hnsw_build_memory_is_sized_to_the_graph():
+    from rag_assets.store.schema import hnsw_build_memory_mb
+
+    assert hnsw_build_memory_mb(7_000, 256) == 64 + 15  # small: next to nothing
+    big = hnsw_build_memory_mb(456_000, 256)
+    assert 900 < big < 1200  # the 100k-document backfill's generation: more than the old fixed 512 MB
+    assert hnsw_build_memory_mb(456_000, 256, m=32) > big
+    assert hnsw_build_memory_mb(50_000_000, 1536) == 2048  # capped (RAG_HNSW_BUILD_MEMORY_MB)
+    assert hnsw_build_memory_mb(50_000_000, 1536, cap_mb=8192) == 8192

@@ -297,6 +297,7 @@ def finalize_generation(
     *,
     hnsw_m: int = 16,
     hnsw_ef_construction: int = 64,
+    hnsw_memory_cap_mb: int = 2048,
 ) -> bool:
     """If ``gen`` is a complete building generation: index it, verify it, and switch to it."""
     conn.execute("SELECT pg_advisory_lock(%s)", (FINALIZE_LOCK,))
@@ -306,9 +307,8 @@ def finalize_generation(
         current = get_generation(conn, gen.id)
         if current is None or current.state != "building" or not generation_complete(conn, current):
             return False
-        conn.execute("SET maintenance_work_mem = '512MB'")
         with conn.transaction():
-            schema.create_vector_index(conn, gen.id, hnsw_m, hnsw_ef_construction)
+            schema.create_vector_index(conn, gen.id, hnsw_m, hnsw_ef_construction, hnsw_memory_cap_mb)
         with conn.transaction():
             for t in (schema.items_table(gen.id), schema.pos_table(gen.id)):
                 conn.execute(sql.SQL("ANALYZE {}").format(t))
