@@ -20,6 +20,8 @@ Settings:
   fast            sensor and automation intervals of 1 s
   fast-inprocess  1 s, and the code location with `in_process_executor` (the steps run in the run
                   worker, no subprocess per step): what definitions.py would give with that executor
+  service-apply   (--source webhook only) Dagster on its defaults, and `rag-assets serve` with
+                  RAG_SERVICE_APPLY_INTERVAL_S=1: the service applies the events it acknowledged itself
   fast-direct     fast-inprocess, and a source sensor that requests the runs itself instead of
                   reporting runless events for the automation sensor (one daemon hop instead of two);
                   not in the default list: --settings fast-direct
@@ -237,7 +239,7 @@ def run_setting(
 
     ensure_runtime_dir()
     defaults = Settings()
-    if name == "defaults":
+    if name in ("defaults", "service-apply"):
         intervals = {}
     else:
         intervals = {
@@ -267,7 +269,7 @@ def run_setting(
         "setting": name,
         "source_sensor_interval_s": settings.source_sensor_interval_s,
         "automation_interval_s": settings.automation_interval_s,
-        "executor": "in_process" if name in VARIANT_ATTRIBUTE else "multiprocess (default)",
+        "executor": "in_process (the project default)",
         "trigger": "source sensor → run request"
         if name == "fast-direct"
         else "source sensor → automation sensor",
@@ -342,7 +344,12 @@ def run_setting(
                 query = edit_marker(docs / doc_id, token)
             secs = wait_queryable(settings, query, doc_id, token, timeout=timeout, check=procs.check_alive)
             api.wait_quiet(quiet_s=2, timeout=timeout, check=procs.check_alive)
-            row = _breakdown(instance, shard, t_edit, t_edit + secs, known)
+            if (
+                name == "service-apply"
+            ):  # applied by the service itself: Dagster's records are not on the path
+                row = {"visible": round(secs, 2)}
+            else:
+                row = _breakdown(instance, shard, t_edit, t_edit + secs, known)
             row.update(doc=doc_id, shard=shard)
             result["edits"].append(row)
             print(f"  [{name}] edit {i + 1}/{repeats}: {secs:5.1f} s  {row}", file=sys.stderr, flush=True)
@@ -370,7 +377,7 @@ def run_setting(
     return result
 
 
-TARGETS = {"defaults": 45.0, "fast": 10.0, "fast-inprocess": 10.0, "fast-direct": 10.0}
+TARGETS = {"defaults": 45.0, "fast": 10.0, "fast-inprocess": 10.0, "fast-direct": 10.0, "service-apply": 10.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     results = []
     for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
+        if name == "service-apply" and args.source != "webhook":
+            p.error("--settings service-apply needs --source webhook")
         print(f"== {name}", file=sys.stderr, flush=True)
         results.append(
             run_setting(name, args.repeats, args.docs, args.shards, args.timeout, args.keep, args.source)

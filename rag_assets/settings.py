@@ -108,6 +108,7 @@ class Settings:
     source_sensor_interval_s: int = 15
     inbox_sensor_interval_s: int = 15
     automation_interval_s: int = 15
+    service_apply_interval_s: float = 0.0  # > 0: `rag-assets serve` applies acknowledged events itself
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -157,6 +158,7 @@ class Settings:
             source_sensor_interval_s=_int(e, "RAG_SOURCE_SENSOR_INTERVAL_S", 15, 1),
             inbox_sensor_interval_s=_int(e, "RAG_INBOX_SENSOR_INTERVAL_S", 15, 1),
             automation_interval_s=_int(e, "RAG_AUTOMATION_INTERVAL_S", 15, 1),
+            service_apply_interval_s=_float(e, "RAG_SERVICE_APPLY_INTERVAL_S", 0.0) or 0.0,
         )
         if overrides:
             s = replace(s, **overrides)

@@ -674,3 +674,38 @@ def test_e2e_created_then_deleted_then_late_update(client, secret, svc_settings,
     assert metric(client, "rag_inbox_pending") == 0 and metric(client, "rag_inbox_lag_seconds") == 0
     with psycopg.connect(svc_settings.database_url) as c:
         assert c.execute("SELECT count(*) FROM rag.inbox WHERE applied_at IS NULL").fetchone()[0] == 0
+
+
+def test_service_applies_acknowledged_events_itself_when_configured(svc_settings, secret, docs_dir):
+    """RAG_SERVICE_APPLY_INTERVAL_S > 0: an acknowledged event is queryable within seconds, without Dagster."""
+    write(docs_dir / "base.md", "# Base\n\nan existing document about gardening")
+    s = replace(svc_settings, source_path=docs_dir, service_apply_interval_s=0.2)
+    with ThreadServer(create_app(s, pool_timeout=2.0)) as srv, httpx.Client(base_url=srv.url) as c:
+        t0 = time.monotonic()
+        body = event_body(
+            "hook/fresh.md", "document.created", "# Fresh\n\nmarmot ibex chamois arrive by webhook"
+        )
+        assert post_signed(c, body, secret, "apply-1").status_code == 202
+        deadline = time.monotonic() + 30
+        while True:
+            hits = c.post("/query", json={"text": "marmot ibex chamois", "k": 3}).json().get("results") or []
+            if any(h["doc_id"] == "hook/fresh.md" for h in hits):
+                break
+            assert time.monotonic() < deadline, "the event was not applied by the service"
+            time.sleep(0.1)
+        assert time.monotonic() - t0 < 20
+        assert {
+            h["doc_id"] for h in c.post("/query", json={"text": "gardening", "k": 5}).json()["results"]
+        } >= {"base.md"}  # the folder was indexed by the same refresh
+        deleted = event_body(
+            "hook/fresh.md", "document.deleted", None, ts=datetime.now(UTC) + timedelta(seconds=5)
+        )
+        assert post_signed(c, deleted, secret, "apply-2").status_code == 202
+        deadline = time.monotonic() + 30
+        while any(
+            h["doc_id"] == "hook/fresh.md"
+            for h in c.post("/query", json={"text": "marmot ibex chamois", "k": 3}).json()["results"]
+        ):
+            assert time.monotonic() < deadline, "the delete was not applied by the service"
+            time.sleep(0.1)
+        assert metric(c, "rag_inbox_pending") == 0

@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag_assets.embedders import Embedder, EmbeddingError, TextTooLongError, make_embedder
 from rag_assets.query import QueryError, search
+from rag_assets.service.applier import InboxApplier
 from rag_assets.service.events import (
     EventError,
     WebhookEvent,
@@ -208,6 +209,7 @@ class ServiceState:
         self.pool_max_size = pool_max_size
         self.pool_timeout = pool_timeout
         self.n_shards: int | None = None
+        self.applier: InboxApplier | None = None  # RAG_SERVICE_APPLY_INTERVAL_S > 0
         api_key = settings.query_api_key
         self.query_auth = f"Bearer {api_key}".encode() if api_key else None
 
@@ -272,10 +274,15 @@ def create_app(
         )
         await run_in_threadpool(lambda: pool.open(wait=True, timeout=30.0))
         state.pool = pool
+        if settings.service_apply_interval_s > 0:
+            state.applier = InboxApplier(settings, state.embedder, settings.service_apply_interval_s).start()
         log.info("rag-assets service ready (database pool %d-%d)", pool_min_size, pool_max_size)
         try:
             yield
         finally:
+            if state.applier is not None:
+                await run_in_threadpool(state.applier.stop)
+                state.applier = None
             state.pool = None
             await run_in_threadpool(pool.close)
 
@@ -336,6 +343,8 @@ def create_app(
             m.reject("duplicate")
             return JSONResponse({"status": "duplicate", "seq": seq}, status_code=200)
         m.events_accepted.labels(event.type).inc()
+        if state.applier is not None:
+            state.applier.notify()
         return JSONResponse({"status": "accepted", "seq": seq}, status_code=202)
 
     def _search(conn: psycopg.Connection, q: dict[str, Any]) -> dict:
