@@ -11,7 +11,8 @@ several ``ef_search`` values and exactly; recall@10 counts ties at the 10th dist
 Embedding N texts with the local model on 2 CPU cores takes minutes (short texts: ~50–100/s), so the
 vectors are computed once and kept in ``.benchmarks_out/minilm/`` (keyed by a hash of the texts); the
 indexing run then takes them from there through an embedder with the local model's fingerprint, and
-computes any text it does not find there with the model itself.
+computes any text it does not find there with the model itself (splitting texts over 256 word pieces,
+as `RAG_EMBEDDER=local` does by default).
 
     python benchmarks/recall_real.py --n 20000              # the Django 5.x docs alone hold ~48k texts
     python benchmarks/recall_real.py --n 100000 --docs D1 D2 ...
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(
             {}, home=work / "home", database_url=fresh_db(server_url), embedder="local", source_path=folder
         )
-        emb = PrecomputedLocal(dict(zip(indexed, vecs[: a.n], strict=True)))
+        emb = PrecomputedLocal(dict(zip(indexed, vecs[: a.n], strict=True)), long_text="split")
         idx = Indexer(settings, embedder=emb)
         t0 = time.perf_counter()
         rep = idx.refresh(folder, progress=False)
