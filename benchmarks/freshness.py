@@ -322,9 +322,10 @@ def run_setting(
             from tests.service_utils import ProcessServer, new_secret
 
             secret = new_secret()
-            service = ProcessServer(
-                {**env, "RAG_WEBHOOK_SECRET": secret}, log_path=root / "logs" / "serve.log"
-            )
+            svc_env = {**env, "RAG_WEBHOOK_SECRET": secret}
+            if name == "service-apply":
+                svc_env["RAG_SERVICE_APPLY_INTERVAL_S"] = "1"
+            service = ProcessServer(svc_env, log_path=root / "logs" / "serve.log")
             service.start()
         rng = random.Random(5)
         order = rng.sample(ids, min(repeats, len(ids)))
