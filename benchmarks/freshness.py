@@ -227,10 +227,10 @@ def run_setting(
     from rag_assets.settings import Settings
     from rag_assets.store.embedded import ensure_runtime_dir, stop_embedded
     from tests.e2e_utils import (
-        BIN,
         Dagster,
         ProcessSet,
         base_env,
+        dagster_dev_argv,
         edit_marker,
         free_port,
         wait_queryable,
@@ -287,7 +287,7 @@ def run_setting(
         ws = _workspace(root, name)
         procs.start(
             "dagster-dev",
-            [str(BIN / "dagster"), "dev", "-w", str(ws), "-h", "127.0.0.1", "-p", str(port)],
+            dagster_dev_argv(port, ws),
             env,
         )
         api = Dagster(port)

@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(
             {}, home=work / "home", database_url=fresh_db(server_url), embedder="local", source_path=folder
         )
-        emb = PrecomputedLocal(dict(zip(indexed, vecs[: a.n], strict=True)), long_text="split")
+        emb = PrecomputedLocal(
+            dict(zip(indexed, vecs[: a.n], strict=True)), long_text=settings.embedding_long_text
+        )
         idx = Indexer(settings, embedder=emb)
         t0 = time.perf_counter()
         rep = idx.refresh(folder, progress=False)
@@ -224,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         "curve": curve,
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "docs_errors": len(rep.errors),
-        "run": uuid.uuid4().hex[:8],
     }
     print(
         f"{chunks} chunks of real text, {out['model']}, HNSW m={settings.hnsw_m} "

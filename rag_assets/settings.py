@@ -137,10 +137,7 @@ class Settings:
             embedding_timeout_s=_float(e, "RAG_EMBEDDING_TIMEOUT_S", 60.0) or 60.0,
             embedding_max_retry_s=_float(e, "RAG_EMBEDDING_MAX_RETRY_S", 300.0) or 300.0,
             embedding_max_input_tokens=_int(e, "RAG_EMBEDDING_MAX_INPUT_TOKENS", 8191, 1),
-            # all-MiniLM-L6-v2 reads only 256 word pieces, fewer than the default chunk bound: the local
-            # model splits and averages by default, hosted models (8191 tokens) refuse by default
-            embedding_long_text=e.get("RAG_EMBEDDING_LONG_TEXT")
-            or ("split" if (e.get("RAG_EMBEDDER") or "hashing") == "local" else "error"),
+            embedding_long_text=e.get("RAG_EMBEDDING_LONG_TEXT") or "error",
             embedding_price_per_mtok=_float(e, "RAG_EMBEDDING_PRICE_PER_MTOK", None),
             embedding_device=e.get("RAG_EMBEDDING_DEVICE") or None,
             snapshot_uri=e.get("RAG_SNAPSHOT_URI") or None,
@@ -162,6 +159,14 @@ class Settings:
         )
         if overrides:
             s = replace(s, **overrides)
+        if (
+            s.embedder == "local"
+            and not e.get("RAG_EMBEDDING_LONG_TEXT")
+            and "embedding_long_text" not in overrides
+        ):
+            # all-MiniLM-L6-v2 reads only 256 word pieces, fewer than the default chunk bound: the local
+            # model splits and averages by default; hosted models (8191 tokens) refuse by default
+            s = replace(s, embedding_long_text="split")
         s.validate()
         return s
 

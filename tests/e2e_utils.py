@@ -286,6 +286,12 @@ def start_production(
     return api
 
 
+def dagster_dev_argv(port: int, workspace: Path | None = None) -> list[str]:
+    """`dagster dev` on 127.0.0.1:``port`` for ``workspace`` (the project's workspace.yaml by default)."""
+    ws = workspace or REPO / "workspace.yaml"
+    return [str(BIN / "dagster"), "dev", "-w", str(ws), "-h", "127.0.0.1", "-p", str(port)]
+
+
 def write_corpus(
     folder: Path, n_docs: int, seed: int = 7, min_bytes: int = 300, max_bytes: int = 1200, subdirs: int = 0
 ) -> list[str]:

@@ -21,11 +21,10 @@ from rag_assets.manifest import shard_key, shard_of
 from rag_assets.settings import Settings
 from rag_assets.store.embedded import ensure_runtime_dir, stop_embedded
 from tests.e2e_utils import (
-    BIN,
-    REPO,
     Dagster,
     ProcessSet,
     base_env,
+    dagster_dev_argv,
     edit_marker,
     free_port,
     query_hits,
@@ -64,16 +63,7 @@ def dev(tmp_path):
     try:
         proc = procs.start(
             "dagster-dev",
-            [
-                str(BIN / "dagster"),
-                "dev",
-                "-w",
-                str(REPO / "workspace.yaml"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
+            dagster_dev_argv(port),
             env,
         )
         yield {

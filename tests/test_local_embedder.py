@@ -43,6 +43,7 @@ def test_long_text_policy_defaults_per_provider() -> None:
     assert Settings.from_env({"RAG_EMBEDDER": "local"}).embedding_long_text == "split"
     assert Settings.from_env({"RAG_EMBEDDER": "openai"}).embedding_long_text == "error"
     assert Settings.from_env({}).embedding_long_text == "error"
+    assert Settings.from_env({}, embedder="local").embedding_long_text == "split"  # an override counts too
     s = Settings.from_env({"RAG_EMBEDDER": "local", "RAG_EMBEDDING_LONG_TEXT": "error"})
     assert LocalEmbedder.from_settings(s).long_text == "error"
 

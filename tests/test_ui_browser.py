@@ -29,11 +29,11 @@ from rag_assets.manifest import shard_key
 from rag_assets.settings import Settings
 from rag_assets.store.embedded import ensure_runtime_dir, stop_embedded
 from tests.e2e_utils import (
-    BIN,
     REPO,
     Dagster,
     ProcessSet,
     base_env,
+    dagster_dev_argv,
     free_port,
     session_pids,
     wait_backfills,
@@ -216,16 +216,7 @@ def dev(tmp_path):
     try:
         procs.start(
             "dagster-dev",
-            [
-                str(BIN / "dagster"),
-                "dev",
-                "-w",
-                str(REPO / "workspace.yaml"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
+            dagster_dev_argv(port),
             env,
         )
         yield Dagster(port), procs

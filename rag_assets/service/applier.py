@@ -29,9 +29,6 @@ class InboxApplier:
         self.settings = settings
         self.embedder = embedder
         self.interval_s = max(0.05, float(interval_s))
-        self.refreshes = 0
-        self.failures = 0
-        self.last_error: str | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,7 +69,6 @@ class InboxApplier:
                     continue
                 last = time.monotonic()
                 rep = idx.refresh(self.settings.source_path, progress=False)
-                self.refreshes += 1
                 log.info(
                     "applied pending webhook events: %d shard(s), %d chunk(s) embedded in %.2f s",
                     rep.shards_refreshed,
@@ -80,8 +76,6 @@ class InboxApplier:
                     rep.seconds,
                 )
             except Exception as e:  # noqa: BLE001 - keep serving; the events stay in the inbox for Dagster
-                self.failures += 1
-                self.last_error = str(e)
                 log.warning("could not apply pending webhook events (they stay in the inbox): %s", e)
                 if idx is not None:
                     idx.conn.close()
