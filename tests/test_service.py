@@ -709,3 +709,40 @@ def test_service_applies_acknowledged_events_itself_when_configured(svc_settings
             assert time.monotonic() < deadline, "the delete was not applied by the service"
             time.sleep(0.1)
         assert metric(c, "rag_inbox_pending") == 0
+
+
+def test_service_applier_keeps_events_when_a_refresh_fails_and_retries(svc_settings, secret, docs_dir):
+    """A refresh that fails in the service's applier leaves the events in the inbox; the next one applies them."""
+    from rag_assets.embedders import make_embedder
+    from rag_assets.embedders.hashing import HashingEmbedder
+
+    class FailsOnce(HashingEmbedder):
+        failed = False
+
+        def embed(self, texts, stats, labels=None):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("provider down for a moment")
+            return super().embed(texts, stats, labels)
+
+    write(docs_dir / "base.md", "# Base\n\nan existing document about gardening")
+    s = replace(svc_settings, source_path=docs_dir, service_apply_interval_s=0.2)
+    emb = FailsOnce(make_embedder(s).dims)
+    with (
+        ThreadServer(create_app(s, embedder=emb, pool_timeout=2.0)) as srv,
+        httpx.Client(base_url=srv.url) as c,
+    ):
+        body = event_body(
+            "hook/retry.md", "document.created", "# Retry\n\nnarwhal beluga walrus after a failure"
+        )
+        assert post_signed(c, body, secret, "retry-1").status_code == 202
+        deadline = time.monotonic() + 30
+        while not any(
+            h["doc_id"] == "hook/retry.md"
+            for h in (
+                c.post("/query", json={"text": "narwhal beluga walrus", "k": 3}).json().get("results") or []
+            )
+        ):
+            assert time.monotonic() < deadline, "the event was not applied after the failed refresh"
+            time.sleep(0.1)
+        assert FailsOnce.failed and metric(c, "rag_inbox_pending") == 0

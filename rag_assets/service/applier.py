@@ -54,6 +54,10 @@ class InboxApplier:
 
         idx: Indexer | None = None
         last = 0.0
+        # After a failed refresh, retry until one succeeds even with no event pending: the failed one may
+        # have consumed the events into the manifest before a later stage failed (the stages commit one by
+        # one and are level-triggered, so the next refresh completes what is behind).
+        retry = False
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)
             self._wake.clear()
@@ -65,18 +69,22 @@ class InboxApplier:
             try:
                 if idx is None:
                     idx = Indexer(self.settings, embedder=self.embedder)
-                if pending_count(idx.conn) == 0:
+                if not retry and pending_count(idx.conn) == 0:
                     continue
                 last = time.monotonic()
                 rep = idx.refresh(self.settings.source_path, progress=False)
+                retry = False
                 log.info(
                     "applied pending webhook events: %d shard(s), %d chunk(s) embedded in %.2f s",
                     rep.shards_refreshed,
                     rep.chunks_embedded,
                     rep.seconds,
                 )
-            except Exception as e:  # noqa: BLE001 - keep serving; the events stay in the inbox for Dagster
-                log.warning("could not apply pending webhook events (they stay in the inbox): %s", e)
+            except Exception as e:  # noqa: BLE001 - keep serving; retried after the interval
+                retry = True
+                log.warning(
+                    "could not apply pending webhook events (retrying in %.1f s): %s", self.interval_s, e
+                )
                 if idx is not None:
                     idx.conn.close()
                     idx = None
