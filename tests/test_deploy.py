@@ -465,3 +465,14 @@ def test_env_example_covers_the_configs():
         assert env.get(k), k
     assert env["RAG_SNAPSHOT_URI"].startswith("s3://")
     assert urlsplit(env["RAG_DATABASE_URL"]).scheme == "postgresql"
+
+
+def test_ci_runs_exactly_the_readme_second_command():
+    """`.ci/run` and the README's second command are one command: CI proves what the README promises."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    second = blocks[1].strip()
+    ci = [ln for ln in (root / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    assert ci == [second]
+    assert "local" not in second, "the README's test command must not pull PyTorch (the 'local' extra)"

@@ -10,6 +10,7 @@ from pgvector.psycopg import register_vector
 from rag_assets.settings import Settings
 from rag_assets.store.embedded import embedded_url
 from rag_assets.store.schema import LOCK_NAMESPACE, migrate
+from rag_assets.store.server_check import ensure_checked
 
 _migrated: set[str] = set()
 
@@ -29,6 +30,13 @@ def connect(url: str, *, autocommit: bool = True, ensure_schema: bool = True) ->
         conn = psycopg.connect(url, autocommit=True)
     except psycopg.OperationalError as e:
         raise ConnectionError(f"cannot connect to PostgreSQL ({_redact(url)}): {e}".strip()) from None
+    if url not in _migrated:
+        # Once per server process: pgvector present, recent, and computing on this CPU.
+        try:
+            ensure_checked(url)
+        except BaseException:
+            conn.close()
+            raise
     if ensure_schema and url not in _migrated:
         migrate(conn)
         _migrated.add(url)
