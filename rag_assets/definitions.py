@@ -3,7 +3,7 @@
 import dagster as dg
 
 from rag_assets.defs.assets import build_assets
-from rag_assets.defs.jobs import SCHEDULES, consistency_audit, full_reindex_job
+from rag_assets.defs.jobs import SCHEDULES, consistency_audit, finish_generation, full_reindex_job
 from rag_assets.defs.resources import default_resources
 from rag_assets.defs.sensors import build_sensors
 from rag_assets.defs.snapshot_assets import index_snapshot, snapshot_job, snapshot_schedule
@@ -16,7 +16,7 @@ def build_defs(settings: Settings | None = None, resources: dict | None = None) 
     raw_documents, assets = build_assets(settings)
     return dg.Definitions(
         assets=[raw_documents, *assets, index_snapshot],
-        jobs=[full_reindex_job(assets), consistency_audit, snapshot_job],
+        jobs=[full_reindex_job(assets), consistency_audit, finish_generation, snapshot_job],
         schedules=[*SCHEDULES, snapshot_schedule],
         sensors=build_sensors(settings),
         resources=resources or default_resources(),

@@ -353,19 +353,34 @@ def embed_stage(
     out["embedding"] = estats.as_dict()
     out["generation_switched"] = False
     if finalize:
-        current = get_generation(ctx.conn, gen.id) or gen
-        if current.state == "building":
-            out["generation_switched"] = finalize_generation(
-                ctx.conn,
-                current,
-                ctx.settings.keep_generations,
-                hnsw_m=ctx.settings.hnsw_m,
-                hnsw_ef_construction=ctx.settings.hnsw_ef_construction,
-                hnsw_memory_cap_mb=ctx.settings.hnsw_build_memory_mb,
-            )
+        out["generation_switched"] = finish_generation(ctx, gen)
     price = ctx.embedder.price_per_mtok()
     out["cost_usd"] = sst.tokens_embedded * price / 1e6
     return out
+
+
+def finish_generation(ctx: StageContext, gen: Generation | None = None) -> bool:
+    """Index, verify and switch to ``gen`` (default: this configuration's target) if it is a
+    *building* generation whose every shard is synced. Returns True when it switched.
+
+    Every path calls this at its end (core refresh, each Dagster embeddings run, the CLI's Dagster
+    path even when no shard was stale, the ``finish_generation`` job the source sensor requests):
+    a run killed between the last shard sync and the switch (during the HNSW build, say) leaves a
+    complete building generation that no shard run would ever touch again.
+    """
+    gen = gen or ctx.target()
+    current = get_generation(ctx.conn, gen.id) or gen
+    if current.state != "building":
+        return False
+    s = ctx.settings
+    return finalize_generation(
+        ctx.conn,
+        current,
+        s.keep_generations,
+        hnsw_m=s.hnsw_m,
+        hnsw_ef_construction=s.hnsw_ef_construction,
+        hnsw_memory_cap_mb=s.hnsw_build_memory_mb,
+    )
 
 
 def record_stage(
@@ -516,16 +531,7 @@ class Indexer:
                     rep.shards_refreshed += len(batch)
                 if bar is not None:
                     bar.update(len(batch))
-            current = get_generation(ctx.conn, gen.id) or gen
-            if current.state == "building":
-                rep.generation_switched = finalize_generation(
-                    ctx.conn,
-                    current,
-                    self.settings.keep_generations,
-                    hnsw_m=self.settings.hnsw_m,
-                    hnsw_ef_construction=self.settings.hnsw_ef_construction,
-                    hnsw_memory_cap_mb=self.settings.hnsw_build_memory_mb,
-                )
+            rep.generation_switched = finish_generation(ctx, gen)
         except Exception as e:
             if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 ctx.conn.rollback()

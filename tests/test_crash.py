@@ -206,3 +206,49 @@ def _write_state(settings: Settings, name: str, seeds: dict, sizes: dict) -> Non
     for f in settings.source_path.glob("d*.md"):
         if int(f.stem[1:]) >= sizes[name]:
             f.unlink()
+
+
+@pytest.mark.parametrize("scenario", ["first-index", "full-rebuild"])
+def test_sigkill_during_hnsw_build_is_finished_by_the_default_path(db_url, make_db, tmp_path, scenario):
+    """Killed between the last shard sync and the switch (during the new generation's HNSW build),
+    the next plain `rag-assets index` (the Dagster path) finishes the generation: it serves, and
+    equals a full rebuild. Before, it exited 0 with generation null (first index) or left the
+    rebuild building forever."""
+    settings = _settings(db_url, tmp_path, hnsw_ef_construction=1000)  # a slower build to catch
+    env = _env(settings, RAG_HNSW_EF_CONSTRUCTION="1000")
+    _corpus(settings.source_path, 1500, seed=5)
+    ref = _reference(settings, make_db())
+    args: tuple[str, ...] = ()
+    if scenario == "full-rebuild":
+        p = _start_index(settings, env, "--core")
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        args = ("--full",)
+    watcher = psycopg.connect(settings.database_url, autocommit=True)
+    p = _start_index(settings, env, *args)
+    killed = False
+    deadline = time.time() + 240
+    while p.poll() is None and time.time() < deadline:
+        if watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%USING hnsw (embedding%' "
+            "AND pid <> pg_backend_pid()"
+        ).fetchone():
+            _kill(p)
+            killed = True
+            break
+    assert killed, "the HNSW build finished before it could be killed"
+    time.sleep(0.5)
+    conn = connect(settings.database_url)
+    building = conn.execute("SELECT count(*) FROM rag.generations WHERE state = 'building'").fetchone()[0]
+    assert building == 1
+    p = _start_index(settings, env)  # the default path, no --core, no --full
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    import json
+
+    rep = json.loads(out)
+    assert rep["generation"] is not None and rep["generation_switched"] is True
+    assert shard_digests(conn) == ref
+    assert conn.execute("SELECT count(*) FROM rag.generations WHERE state = 'building'").fetchone()[0] == 0
+    hits = conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
+    assert hits > 0

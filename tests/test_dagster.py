@@ -89,7 +89,7 @@ def test_definitions_load_with_metadata(defs, dset):
         assert node.group_name == "rag" and node.description and node.kinds
     assert g.get(dg.AssetKey("chunks")).code_version == make_chunker(dset.chunker).version
     assert g.get(dg.AssetKey("embeddings")).code_version == make_embedder(dset).fingerprint
-    assert {s.name for s in defs.sensors} == {"source_sensor", "inbox_sensor", "rag_automation"}
+    assert {s.name for s in defs.sensors} == {"source_sensor", "inbox_sensor", "generation_sensor", "rag_automation"}
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in defs.sensors)
     assert defs.resolve_job_def("full_reindex") and defs.resolve_job_def("consistency_audit")
 
@@ -307,3 +307,34 @@ def test_settings_env_controls_shards_and_intervals(monkeypatch):
     raw, _ = build_assets(s)
     assert len(raw.partitions_def.get_partition_keys()) == 16
     assert os.environ["RAG_SHARDS"] == "16"
+
+
+def test_generation_sensor_finishes_a_generation_left_building(dset, defs, make_db):
+    """Under `dagster dev` nothing else would ever switch a generation whose shards all synced but
+    whose run died before the switch: the generation sensor requests finish_generation, which does."""
+    from rag_assets.pipeline import StageContext, chunk_stage, embed_stage, manifest_stage, plan_scan
+
+    ctx = StageContext.create(dset)
+    source = ctx.source()
+    plan = plan_scan(ctx.conn, source, N)
+    shards = list(range(N))
+    manifest_stage(ctx, shards, plan, source)
+    chunk_stage(ctx, shards)
+    embed_stage(ctx, shards, finalize=False)  # the run "died" here: synced, not switched
+    assert live_generation(ctx.conn) is None
+    sensor = next(s for s in build_sensors(dset) if s.name == "generation_sensor")
+    with dg.instance_for_test() as instance:
+        req = sensor(dg.build_sensor_context(instance=instance, resources=resources_for(dset)))
+        assert isinstance(req, dg.RunRequest), req
+        result = defs.resolve_job_def("finish_generation").execute_in_process(instance=instance, tags=req.tags)
+        assert result.success
+        assert live_generation(ctx.conn) is not None
+        again = sensor(dg.build_sensor_context(instance=instance, resources=resources_for(dset)))
+        assert isinstance(again, dg.SkipReason)
+    ref = Indexer(replace(dset, database_url=make_db()))
+    try:
+        ref.refresh(dset.source_path)
+        assert index_digest(ctx.conn) == index_digest(ref.conn)
+    finally:
+        ref.close()
+        ctx.conn.close()

@@ -53,6 +53,30 @@ def consistency_audit():
     audit_and_repair()
 
 
+@dg.op(description="Index, verify and switch to a building generation whose every shard is synced.")
+def finish_building_generation(context: dg.OpExecutionContext, rag: RagResource) -> bool:
+    from rag_assets.pipeline import finish_generation
+
+    ctx = stage_context(context, rag, None)
+    try:
+        switched = finish_generation(ctx)
+    finally:
+        ctx.conn.close()
+    context.add_output_metadata({"switched": switched})
+    context.log.info("switched to the finished generation" if switched else "no complete building generation")
+    return switched
+
+
+@dg.job(
+    description=(
+        "Finishes a complete building generation that no shard run will touch again (a run killed during its "
+        "HNSW build, or between its last shard sync and the switch). Requested by generation_sensor."
+    )
+)
+def finish_generation():
+    finish_building_generation()
+
+
 audit_schedule = dg.ScheduleDefinition(
     name="consistency_audit_daily",
     job=consistency_audit,

@@ -20,6 +20,7 @@ from rag_assets.pipeline import (
     RefreshReport,
     StageContext,
     _merge_embedding,
+    finish_generation,
     finish_report,
     plan_scan,
 )
@@ -75,6 +76,9 @@ def index_via_dagster(
             if stage == "embeddings":
                 rep.embedding = _merge_embedding(rep.embedding, stats.get("embedding") or {})
         rep.shards_refreshed = len(pending)
+        # A building generation whose shards are all synced (a run killed during its HNSW build, or
+        # between its last sync and the switch) gets no shard run: finish it here.
+        rep.generation_switched = finish_generation(ctx) or rep.generation_switched
         finish_report(ctx, rep)
         rep.seconds = time.perf_counter() - t0
         return rep

@@ -36,6 +36,20 @@ def shard_stat_versions(source: FolderSource, n_shards: int) -> tuple[dict[int, 
     return {s: h.hexdigest()[:24] for s, h in hashes.items()}, counts
 
 
+def complete_building_generation(conn) -> int | None:
+    """The newest building generation whose every shard reflects the current chunks, if any."""
+    from rag_assets.store.serving import _GEN_COLS, Generation, lagging_serving_shards
+
+    rows = conn.execute(
+        f"SELECT {_GEN_COLS} FROM rag.generations WHERE state = 'building' ORDER BY id DESC"
+    ).fetchall()
+    for row in rows:
+        gen = Generation(*row)
+        if not lagging_serving_shards(conn, gen):
+            return gen.id
+    return None
+
+
 def pending_inbox(conn) -> list[tuple[int, int, float]]:
     """(shard, newest pending seq, age in seconds of the oldest pending event) for unapplied events."""
     return conn.execute(
@@ -119,6 +133,38 @@ def build_sensors(settings: Settings) -> list:
             asset_events=events, cursor=json.dumps({"hw": hw, "at": at}, separators=(",", ":"))
         )
 
+    from .jobs import finish_generation
+
+    @dg.sensor(
+        name="generation_sensor",
+        job=finish_generation,
+        minimum_interval_seconds=settings.source_sensor_interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Requests finish_generation when a building generation has every shard synced but was never switched.",
+    )
+    def generation_sensor(
+        context: dg.SensorEvaluationContext, rag: RagResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        conn = connect(database_url(rag.settings()))
+        try:
+            gen = complete_building_generation(conn)
+        finally:
+            conn.close()
+        if gen is None:
+            return dg.SkipReason("no complete building generation")
+        active = context.instance.get_runs(
+            dg.RunsFilter(
+                job_name="finish_generation",
+                statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
+            ),
+            limit=1,
+        )
+        if active:
+            return dg.SkipReason(f"finish_generation already running for generation {gen}")
+        # The run key repeats every 10 minutes while the generation stays unfinished (a failed or
+        # killed finish is retried), never within that window (no duplicate requests per tick).
+        return dg.RunRequest(run_key=f"finish-{gen}-{int(time.time() // 600)}", tags={"rag/generation": str(gen)})
+
     automation_sensor = dg.AutomationConditionSensorDefinition(
         "rag_automation",
         target=dg.AssetSelection.groups(GROUP),
@@ -127,4 +173,4 @@ def build_sensors(settings: Settings) -> list:
         description="Materializes only the stale shards (new source data or a new chunker/embedder version), in range runs.",
     )
 
-    return [source_sensor, inbox_sensor, automation_sensor]
+    return [source_sensor, inbox_sensor, generation_sensor, automation_sensor]

@@ -91,19 +91,24 @@ def target_generation(
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (GEN_LOCK,))
         if fresh_token is None:
-            live = live_generation(conn)
-            if (
-                live is not None
-                and live.embedder_id == embedder_id
-                and live.chunker_version == chunker_version
-                and live.dims == dims
-            ):
-                return live
+            # A building generation of this configuration comes first, even when the live one has the
+            # same configuration: it is a rebuild (``--full``, a full-reindex backfill) that was
+            # interrupted, possibly between its last shard sync and the switch. Writing into it and
+            # finishing it is the only way it ever completes; left alone it would stay "building".
             row = conn.execute(
                 f"""SELECT {_GEN_COLS} FROM rag.generations WHERE state = 'building' AND embedder_id = %s
                     AND chunker_version = %s AND dims = %s ORDER BY id DESC LIMIT 1""",
                 (embedder_id, chunker_version, dims),
             ).fetchone()
+            live = live_generation(conn)
+            if (
+                row is None
+                and live is not None
+                and live.embedder_id == embedder_id
+                and live.chunker_version == chunker_version
+                and live.dims == dims
+            ):
+                return live
         else:
             row = conn.execute(
                 f"SELECT {_GEN_COLS} FROM rag.generations WHERE origin = %s AND embedder_id = %s"
