@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from rag_assets.settings import Settings, SettingsError
+from rag_assets.settings import Settings
 
 
 def _print(obj: dict, as_json: bool, human) -> None:
@@ -31,13 +31,26 @@ def cmd_index(args, settings: Settings) -> int:
 
         idx = Indexer(settings)
         try:
-            rep = idx.refresh(path, full=args.full, rehash=args.rehash)
+            rep = idx.refresh(
+                path,
+                full=args.full,
+                rehash=args.rehash,
+                allow_deletes=args.allow_deletes,
+                change_source=args.change_source,
+            )
         finally:
             idx.close()
     else:
         from rag_assets.defs.runner import index_via_dagster
 
-        rep = index_via_dagster(settings, path, full=args.full, rehash=args.rehash)
+        rep = index_via_dagster(
+            settings,
+            path,
+            full=args.full,
+            rehash=args.rehash,
+            allow_deletes=args.allow_deletes,
+            change_source=args.change_source,
+        )
     d = rep.as_dict()
 
     def human(d: dict) -> None:
@@ -246,7 +259,20 @@ def cmd_dev(args, settings: Settings) -> int:
     env = dict(os.environ, DAGSTER_HOME=str(home))
     env.setdefault("DAGSTER_EVENT_BATCH_SIZE", DAGSTER_EVENT_BATCH_SIZE)  # batched asset events
     if args.source:
-        env["RAG_SOURCE_PATH"] = str(Path(args.source).resolve())
+        # Recorded now, like `index PATH`: the sensors then read the index's binding, whatever the
+        # working directory or RAG_SOURCE_PATH of the Dagster processes.
+        from rag_assets.store.db import connect, database_url
+        from rag_assets.store.source_binding import SourceSpec, bind_source
+
+        src = Path(args.source)
+        if not src.is_dir():
+            raise FileNotFoundError(f"source folder does not exist or is not a directory: {src}")
+        conn = connect(database_url(settings))
+        try:
+            bind_source(conn, SourceSpec.of(src, settings.include, settings.exclude), change=args.change_source)
+        finally:
+            conn.close()
+        env["RAG_SOURCE_PATH"] = str(src.resolve())
     exe = shutil.which("dagster") or "dagster"
     cmd = [exe, "dev", "-m", "rag_assets.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={home} {' '.join(cmd)}", file=sys.stderr)
@@ -283,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--core", action="store_true", help="run the stages directly instead of as Dagster materializations"
+    )
+    s.add_argument(
+        "--allow-deletes",
+        action="store_true",
+        help="let a refresh delete more than RAG_MAX_DELETE_FRACTION of the documents",
+    )
+    s.add_argument(
+        "--change-source",
+        action="store_true",
+        help="point this index at another folder or other RAG_INCLUDE/RAG_EXCLUDE globs (on purpose)",
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_index)
@@ -338,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("dev", help="run `dagster dev` (UI, sensors, automation) on this index")
-    s.add_argument("--source", help="folder to watch (default RAG_SOURCE_PATH)")
+    s.add_argument("--source", help="folder to watch (default: the folder this index was built from)")
+    s.add_argument("--change-source", action="store_true", help="--source may differ from the recorded folder")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
     s.set_defaults(fn=cmd_dev)
@@ -350,13 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure ends with one line naming its cause; the exit code its kind
+    (``rag_assets/failures.py``: 2 settings, 3 source, 4 database, 5 embedding, 6 indexing, 1 bug)."""
+    import os
+
+    from rag_assets.failures import EXIT_CODES, classify, one_line
+
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
         return args.fn(args, settings)
-    except (SettingsError, ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
-        print(f"rag-assets {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"rag-assets {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        kind = classify(e)
+        if os.environ.get("RAG_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        if kind == "unexpected":
+            msg = f"unexpected {type(e).__name__}: {e} (set RAG_DEBUG=1 for the traceback)"
+        else:
+            msg = str(e)
+        print(f"rag-assets {args.cmd}: error: {one_line(msg)}", file=sys.stderr)
+        return EXIT_CODES[kind]
 
 
 if __name__ == "__main__":

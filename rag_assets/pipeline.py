@@ -26,8 +26,8 @@ from rag_assets.manifest import ManifestDiff, ManifestEntry, shard_of
 from rag_assets.settings import Settings, SettingsError
 from rag_assets.sources import DocumentError, DocumentGone, FolderSource, ScanResult
 from rag_assets.store.chunk_stage import lagging_chunk_shards, sync_chunks
-from rag_assets.store.db import connect, database_url
-from rag_assets.store.manifest_store import DocUpdate, apply_manifest, load_manifest
+from rag_assets.store.db import connect, database_url, lock_shards
+from rag_assets.store.manifest_store import DocUpdate, apply_manifest, load_manifest, manifest_versions
 from rag_assets.store.serving import (
     Generation,
     finalize_generation,
@@ -37,6 +37,7 @@ from rag_assets.store.serving import (
     sync_serving,
     target_generation,
 )
+from rag_assets.store.source_binding import SourceSpec, bind_source, bound_folder
 from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
 from rag_assets.tokens import preload as preload_tokenizer
 
@@ -155,13 +156,25 @@ class ScanPlan:
     stale: set[int]
     reread: set[str]
     seconds: float = 0.0
+    deleted: list[str] = field(default_factory=list)  # documents of the source absent from the scan
+
+    @property
+    def source_docs(self) -> int:
+        """How many documents of the scanned source the manifest holds now."""
+        return sum(1 for o in self.old.values() if o.source == "folder")
 
 
 def plan_scan(
-    conn: psycopg.Connection, source: FolderSource, n_shards: int, *, rehash: bool = False
+    conn: psycopg.Connection, source: FolderSource | None, n_shards: int, *, rehash: bool = False
 ) -> ScanPlan:
-    """Stat the folder and compare with the manifest: only changed files will be read."""
+    """Stat the folder and compare with the manifest: only changed files will be read.
+
+    ``source=None`` (an index with no recorded folder: webhook documents only) plans no folder
+    work at all, and in particular deletes no folder document.
+    """
     t0 = time.perf_counter()
+    if source is None:
+        return ScanPlan(ScanResult({}, []), load_manifest(conn), {}, set(), set(), time.perf_counter() - t0)
     scan = source.scan()
     old = load_manifest(conn)
     failed = {
@@ -185,14 +198,44 @@ def plan_scan(
                 continue
             reread.add(doc_id)
             stale.add(shard)
+    deleted = []
     for doc_id, o in old.items():
         if o.source == source.name and doc_id not in scan.stats:
             stale.add(o.shard)
+            deleted.append(doc_id)
     gone = [d for d in failed if d not in scan.stats]
     if gone:
         conn.execute("DELETE FROM rag.source_errors WHERE doc_id = ANY(%s)", (gone,))
     scan.errors.extend(known_errors)
-    return ScanPlan(scan, old, shard_of_doc, stale, reread, time.perf_counter() - t0)
+    return ScanPlan(scan, old, shard_of_doc, stale, reread, time.perf_counter() - t0, sorted(deleted))
+
+
+# A refresh may delete at most this many documents without a check, whatever the share.
+MASS_DELETE_FLOOR = 5
+
+
+class MassDeleteRefused(IndexingError):
+    """A refresh would delete most of the index; nothing was changed."""
+
+
+def check_deletes(plan: ScanPlan, source: FolderSource | None, max_fraction: float, *, allow: bool) -> None:
+    """Refuse a refresh that would delete more than ``max_fraction`` of the source's documents.
+
+    A mistyped path, an empty mount, ``RAG_INCLUDE=',,,'``: each looks like "every file was deleted",
+    and an incremental run writes into the live generation, so rollback could not bring the
+    documents back. ``allow`` (``--allow-deletes``) lets a real mass deletion through.
+    """
+    n, total = len(plan.deleted), plan.source_docs
+    if allow or n <= MASS_DELETE_FLOOR or n <= max_fraction * total:
+        return
+    where = source.root if source is not None else "the source"
+    sample = ", ".join(plan.deleted[:3])
+    raise MassDeleteRefused(
+        f"refusing to delete {n} of the {total} documents of this index ({n / total:.0%} > "
+        f"RAG_MAX_DELETE_FRACTION={max_fraction:g}): they are missing from {where} (e.g. {sample}). "
+        "If the folder or globs are wrong, fix them; if the documents really were deleted, run again "
+        "with --allow-deletes"
+    )
 
 
 @dataclass
@@ -225,9 +268,24 @@ class StageContext:
         check_shard_count(conn, settings.shards)
         return cls(settings, conn, embedder, chunker, eid, run_id or uuid.uuid4().hex, kind)
 
-    def source(self, path: Path | str | None = None) -> FolderSource:
+    def source(self, path: Path | str | None = None, *, change_source: bool = False) -> FolderSource | None:
+        """The folder this index reads, from its recorded binding (``store/source_binding.py``).
+
+        An explicit ``path`` (the CLI's ``index PATH``) is checked against the binding, recorded
+        when none exists yet, and replaces it only with ``change_source``. Without one every path
+        (sensors, service, assets, audit) uses the binding; an index with no binding and no folder
+        documents binds ``RAG_SOURCE_PATH`` if it exists (the first build from ``dagster dev``);
+        otherwise there is no folder (webhook documents only): None.
+        """
         s = self.settings
-        return FolderSource(path or s.source_path, s.include, s.exclude, s.max_doc_bytes)
+        if path is not None:
+            spec = SourceSpec.of(path, s.include, s.exclude)
+            bind_source(self.conn, spec, change=change_source)
+            return FolderSource(spec.root, spec.include, spec.exclude, s.max_doc_bytes)
+        bound = bound_folder(self.conn, s)
+        if bound is None:
+            return None
+        return FolderSource(bound.root, bound.include, bound.exclude, s.max_doc_bytes)
 
     def target(self, fresh_token: str | None = None) -> Generation:
         return target_generation(
@@ -244,18 +302,67 @@ class StageContext:
         )
 
 
-def manifest_stage(ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource) -> dict:
-    """Read the changed files of ``shards`` and record their new manifest (one transaction)."""
+def manifest_stage(
+    ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource | None
+) -> dict:
+    """Read the changed files of ``shards`` and record their new manifest (one transaction).
+
+    The plan was made without the shard lock; another writer may have changed these shards since.
+    So the decisions are taken again under the lock, against the manifest as it is now: a document
+    whose entry changed since the plan is re-read (never written back from the stale plan, which
+    once produced ``metadata={}`` rows and "content changed but no body" failures), and a document
+    another writer added after our scan is kept (our scan merely did not see it).
+    """
     t0 = time.perf_counter()
     shards = set(shards)
     errors: list[dict] = []
+    if source is None:  # no folder recorded for this index: only webhook documents change
+        diff, versions = ManifestDiff(), {}
+    else:
+        with ctx.conn.transaction():
+            lock_shards(ctx.conn, shards)
+            current = load_manifest(ctx.conn, shards)
+            updates = _folder_updates(plan, source, shards, current, errors)
+            _record_source_errors(
+                ctx.conn, source.name, plan, errors, [d for d, u in updates.items() if u.body is not None]
+            )
+            diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
+    out = diff.counts()
+    changed = diff.changed
+    hooks = apply_inbox(ctx.conn, shards)  # documents pushed by webhooks into these shards
+    for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted"):
+        out[k] += hooks.get(k, 0)
+        changed = changed or bool(hooks.get(k))
+    errors.extend(hooks["errors"])
+    if not versions:
+        versions = {s: v for s, v in manifest_versions(ctx.conn).items() if s in shards}
+    out.update(
+        errors=errors,
+        events_applied=hooks["events_applied"],
+        events_stale=hooks["events_stale"],
+        seconds_manifest=time.perf_counter() - t0,
+        versions=versions,
+        changed=changed,
+    )
+    return out
+
+
+def _folder_updates(
+    plan: ScanPlan,
+    source: FolderSource,
+    shards: set[int],
+    current: dict[str, ManifestEntry],
+    errors: list[dict],
+) -> dict[str, DocUpdate]:
+    """The new state of the folder's documents in ``shards``, decided against ``current`` (locked)."""
     updates: dict[str, DocUpdate] = {}
     for doc_id in sorted(plan.scan.stats):
         shard = plan.shard_of_doc[doc_id]
         if shard not in shards:
             continue
-        o = plan.old.get(doc_id)
-        if doc_id not in plan.reread and o is not None:
+        o = current.get(doc_id)
+        unchanged_since_plan = o is not None and o == plan.old.get(doc_id)
+        if doc_id not in plan.reread and unchanged_since_plan:
             updates[doc_id] = DocUpdate(o, {}, None)
             continue
         try:
@@ -271,26 +378,10 @@ def manifest_stage(ctx: StageContext, shards: Iterable[int], plan: ScanPlan, sou
             doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, source.name
         )
         updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text)
-    _record_source_errors(
-        ctx.conn, source.name, plan, errors, [d for d, u in updates.items() if u.body is not None]
-    )
-    diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
-    out = diff.counts()
-    changed = diff.changed
-    hooks = apply_inbox(ctx.conn, shards)  # documents pushed by webhooks into these shards
-    for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted"):
-        out[k] += hooks.get(k, 0)
-        changed = changed or bool(hooks.get(k))
-    errors.extend(hooks["errors"])
-    out.update(
-        errors=errors,
-        events_applied=hooks["events_applied"],
-        events_stale=hooks["events_stale"],
-        seconds_manifest=time.perf_counter() - t0,
-        versions=versions,
-        changed=changed,
-    )
-    return out
+    for doc_id, o in current.items():
+        if o.source == source.name and doc_id not in plan.scan.stats and doc_id not in plan.old:
+            updates[doc_id] = DocUpdate(o, {}, None)  # added by another writer after our scan
+    return updates
 
 
 def _record_source_errors(
@@ -487,8 +578,8 @@ class Indexer:
     def embedder(self) -> Embedder:
         return self.ctx.embedder
 
-    def source(self, path=None) -> FolderSource:
-        return self.ctx.source(path)
+    def source(self, path=None, *, change_source: bool = False) -> FolderSource | None:
+        return self.ctx.source(path, change_source=change_source)
 
     def refresh(
         self,
@@ -498,16 +589,20 @@ class Indexer:
         rehash: bool = False,
         progress: bool | None = None,
         shard_batch_docs: int = 8000,
+        allow_deletes: bool = False,
+        change_source: bool = False,
     ) -> RefreshReport:
-        """Incremental refresh (or ``full`` rebuild into a new generation) of the folder at ``path``."""
+        """Incremental refresh (or ``full`` rebuild into a new generation) of the folder at ``path``
+        (default: the folder the index is bound to; see :meth:`StageContext.source`)."""
         t_start = time.perf_counter()
         started_at = datetime.now(UTC)
         ctx = self.ctx
         preload_tokenizer()
         ctx.run_id = uuid.uuid4().hex
         rep = RefreshReport()
-        source = self.source(path)
+        source = self.source(path, change_source=change_source)
         plan = plan_scan(ctx.conn, source, self.settings.shards, rehash=rehash or full)
+        check_deletes(plan, source, self.settings.max_delete_fraction, allow=allow_deletes)
         rep.seconds_scan = plan.seconds
         rep.errors.extend({"doc_id": p, "error": r} for p, r in plan.scan.errors)
         gen = ctx.target(fresh_token=ctx.run_id if full else None)

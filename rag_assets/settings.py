@@ -47,6 +47,13 @@ def _float(env: dict[str, str], name: str, default: float | None) -> float | Non
         raise SettingsError(f"{name}={raw!r} is not a number") from None
 
 
+def _fraction(env: dict[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value is None or not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{name}={env.get(name)!r} must be a number between 0 and 1")
+    return value
+
+
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -69,6 +76,7 @@ class Settings:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     max_doc_bytes: int = 10 * 1024 * 1024
+    max_delete_fraction: float = 0.5  # a refresh deleting more of the documents is refused unless allowed
 
     chunker: str = "structure"  # or "fixed" (the naive 512-word window, for comparison)
     chunk_max_tokens: int = 512
@@ -122,6 +130,7 @@ class Settings:
             include=_split(e["RAG_INCLUDE"]) if e.get("RAG_INCLUDE") else DEFAULT_INCLUDE,
             exclude=_split(e.get("RAG_EXCLUDE", "")),
             max_doc_bytes=_int(e, "RAG_MAX_DOC_BYTES", 10 * 1024 * 1024, 1),
+            max_delete_fraction=_fraction(e, "RAG_MAX_DELETE_FRACTION", 0.5),
             chunker=e.get("RAG_CHUNKER") or "structure",
             chunk_max_tokens=_int(e, "RAG_CHUNK_MAX_TOKENS", 512, 32, 8192),
             embedder=e.get("RAG_EMBEDDER") or "hashing",
@@ -157,6 +166,8 @@ class Settings:
             automation_interval_s=_int(e, "RAG_AUTOMATION_INTERVAL_S", 15, 1),
             service_apply_interval_s=_float(e, "RAG_SERVICE_APPLY_INTERVAL_S", 0.0) or 0.0,
         )
+        if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
+            raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
         if overrides:
             s = replace(s, **overrides)
         if (

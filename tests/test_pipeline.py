@@ -169,7 +169,7 @@ def test_file_deleted_while_the_run_reads_the_folder(settings, docs_dir):
             return super().read(doc_id)
 
     idx = _indexer(settings)
-    idx.source = lambda path=None: Vanishing(docs_dir, settings.include)
+    idx.source = lambda path=None, change_source=False: Vanishing(docs_dir, settings.include)
     r = idx.refresh(docs_dir)
     assert r.errors == []
     indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM rag.items")}

@@ -20,6 +20,7 @@ from rag_assets.embedders import make_embedder
 from rag_assets.manifest import shard_key
 from rag_assets.pipeline import (
     StageContext,
+    check_deletes,
     chunk_stage,
     embed_stage,
     manifest_stage,
@@ -48,6 +49,8 @@ class RefreshConfig(dg.Config):
 
     rehash: bool = False
     rebuild: bool = False
+    # Let through a refresh that deletes more than RAG_MAX_DELETE_FRACTION of the documents.
+    allow_deletes: bool = False
 
 
 def _shards(context: dg.AssetExecutionContext) -> list[int]:
@@ -127,6 +130,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             plan = plan_scan(
                 ctx.conn, source, ctx.settings.shards, rehash=config.rehash or _rebuild(context, config)
             )
+            check_deletes(plan, source, ctx.settings.max_delete_fraction, allow=config.allow_deletes)
             out = manifest_stage(ctx, shards, plan, source)
             out["seconds_scan"] = plan.seconds
             out["seconds"] = time.perf_counter() - t0

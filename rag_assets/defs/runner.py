@@ -20,6 +20,7 @@ from rag_assets.pipeline import (
     RefreshReport,
     StageContext,
     _merge_embedding,
+    check_deletes,
     finish_generation,
     finish_report,
     plan_scan,
@@ -55,20 +56,27 @@ def contiguous_ranges(shards: list[int], max_runs: int = 3) -> list[tuple[int, i
 
 
 def index_via_dagster(
-    settings: Settings, path: Path, *, full: bool = False, rehash: bool = False
+    settings: Settings,
+    path: Path,
+    *,
+    full: bool = False,
+    rehash: bool = False,
+    allow_deletes: bool = False,
+    change_source: bool = False,
 ) -> RefreshReport:
     t0 = time.perf_counter()
     settings = replace(settings, source_path=Path(path).resolve())
     ctx = StageContext.create(settings, kind="cli")
     try:
-        source = ctx.source()
+        source = ctx.source(path, change_source=change_source)
         plan = plan_scan(ctx.conn, source, settings.shards, rehash=rehash or full)
+        check_deletes(plan, source, settings.max_delete_fraction, allow=allow_deletes)
         pending = set(range(settings.shards)) if full else ctx.pending_shards(plan, ctx.target())
         rep = RefreshReport(seconds_scan=plan.seconds)
         rep.errors.extend({"doc_id": p, "error": r} for p, r in plan.scan.errors)
         run_ids: list[str] = []
         if pending:
-            run_ids = _materialize(settings, sorted(pending), full=full, rehash=rehash)
+            run_ids = _materialize(settings, sorted(pending), full=full, rehash=rehash, allow_deletes=allow_deletes)
         for stage, stats in ctx.conn.execute(
             "SELECT stage, stats FROM rag.runs WHERE run_id = ANY(%s) ORDER BY id", (run_ids,)
         ).fetchall():
@@ -86,7 +94,9 @@ def index_via_dagster(
         ctx.conn.close()
 
 
-def _materialize(settings: Settings, shards: list[int], *, full: bool, rehash: bool) -> list[str]:
+def _materialize(
+    settings: Settings, shards: list[int], *, full: bool, rehash: bool, allow_deletes: bool = False
+) -> list[str]:
     import dagster as dg
 
     from rag_assets.defs.assets import build_assets
@@ -96,7 +106,8 @@ def _materialize(settings: Settings, shards: list[int], *, full: bool, rehash: b
     instance = dagster_instance(settings)
     raw_documents, assets = build_assets(settings)
     resources = resources_for(settings)
-    run_config = {"ops": {a.key.path[-1]: {"config": {"rebuild": full, "rehash": rehash}} for a in assets}}
+    conf = {"rebuild": full, "rehash": rehash, "allow_deletes": allow_deletes}
+    run_config = {"ops": {a.key.path[-1]: {"config": conf} for a in assets}}
     token = uuid.uuid4().hex
     run_ids = []
     for lo, hi in contiguous_ranges(shards):
@@ -124,14 +135,35 @@ def _materialize(settings: Settings, shards: list[int], *, full: bool, rehash: b
             )
         run_ids.append(result.run_id)
         if not result.success:
-            msgs = [
-                e.step_failure_data.error.message.strip() if e.step_failure_data.error else str(e.message)
-                for e in result.get_step_failure_events()
-            ]
-            raise IndexingError(
-                f"refresh of shards {shard_key(lo)}..{shard_key(hi)} failed: {'; '.join(msgs)}"
-            )
+            raise _run_failure(result, f"refresh of shards {shard_key(lo)}..{shard_key(hi)} failed")
     return run_ids
+
+
+def _run_failure(result, what: str) -> IndexingError:
+    """One error naming the root cause of a failed in-process run, not Dagster's wrapper.
+
+    Dagster wraps the asset's exception ("Error occurred while executing op ...") and keeps ours as
+    its cause: the message is the innermost cause's, and the failure kind (exit code) follows the
+    class names along the chain (``rag_assets/failures.py``).
+    """
+    from rag_assets.failures import kind_of_class_names
+
+    parts, kinds = [], []
+    for ev in result.get_step_failure_events():
+        err = ev.step_failure_data.error if ev.step_failure_data else None
+        if err is None:
+            parts.append(str(ev.message))
+            continue
+        chain = []
+        while err is not None:
+            chain.append(err)
+            err = err.cause or err.context
+        root = chain[-1]
+        kinds.append(kind_of_class_names([c.cls_name for c in reversed(chain) if c.cls_name]))
+        parts.append(f"in {ev.step_key}: {root.message.strip()}")
+    exc = IndexingError(f"{what} {'; '.join(parts)}")
+    exc.kind = next((k for k in kinds if k), "indexing")  # type: ignore[attr-defined]
+    return exc
 
 
 @contextlib.contextmanager

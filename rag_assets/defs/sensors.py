@@ -16,6 +16,7 @@ from rag_assets.manifest import shard_key, shard_of
 from rag_assets.settings import Settings
 from rag_assets.sources import FolderSource
 from rag_assets.store.db import connect, database_url
+from rag_assets.store.source_binding import bound_folder
 
 from .assets import GROUP
 from .resources import RagResource
@@ -71,9 +72,14 @@ def build_sensors(settings: Settings) -> list:
         context: dg.SensorEvaluationContext, rag: RagResource
     ) -> dg.SensorResult | dg.SkipReason:
         settings = rag.settings()
-        source = FolderSource(
-            settings.source_path, settings.include, settings.exclude, settings.max_doc_bytes
-        )
+        conn = connect(database_url(settings))
+        try:
+            bound = bound_folder(conn, settings)  # the index's own folder, never a default path
+        finally:
+            conn.close()
+        if bound is None:
+            return dg.SkipReason("this index has no folder source (webhook documents only)")
+        source = FolderSource(bound.root, bound.include, bound.exclude, settings.max_doc_bytes)
         versions, counts = shard_stat_versions(source, settings.shards)
         last = json.loads(context.cursor) if context.cursor else {}
         changed = [s for s in range(settings.shards) if last.get(shard_key(s)) != versions[s]]

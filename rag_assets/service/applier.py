@@ -72,7 +72,7 @@ class InboxApplier:
                 if not retry and pending_count(idx.conn) == 0:
                     continue
                 last = time.monotonic()
-                rep = idx.refresh(self.settings.source_path, progress=False)
+                rep = idx.refresh(progress=False)  # the folder the index is bound to, never RAG_SOURCE_PATH
                 retry = False
                 log.info(
                     "applied pending webhook events: %d shard(s), %d chunk(s) embedded in %.2f s",
