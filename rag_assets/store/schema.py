@@ -174,14 +174,16 @@ def _schema_is_current(conn: psycopg.Connection) -> bool:
     Running ``CREATE INDEX IF NOT EXISTS`` in every new run process takes locks that deadlocked with
     another run's writes when four range runs started together (tests/test_production.py).
     """
-    try:
-        rows = dict(
-            conn.execute(
-                "SELECT key, value FROM rag.settings WHERE key IN ('schema_version', 'schema_ddl')"
-            ).fetchall()
-        )
-    except psycopg.errors.UndefinedTable:
-        return False
+    if not conn.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'rag' AND c.relname = 'settings'"
+    ).fetchone():
+        return False  # (checked, not caught: inside migrate's transaction an error would abort it)
+    rows = dict(
+        conn.execute(
+            "SELECT key, value FROM rag.settings WHERE key IN ('schema_version', 'schema_ddl')"
+        ).fetchall()
+    )
     if rows.get("schema_version") is not None and int(rows["schema_version"]) > SCHEMA_VERSION:
         raise RuntimeError(
             f"database schema version {rows['schema_version']} is newer than this rag_assets ({SCHEMA_VERSION}); "
@@ -196,6 +198,11 @@ def migrate(conn: psycopg.Connection) -> None:
         return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+        # Check again under the lock: a process that waited here while another migrated must not
+        # run the DDL again (its CREATE INDEX IF NOT EXISTS still takes locks that queue behind,
+        # and deadlock with, the first process's writes).
+        if _schema_is_current(conn):
+            return
         for stmt in DDL:
             conn.execute(stmt)
         conn.execute(
