@@ -178,6 +178,11 @@ def cmd_snapshot(args, settings: Settings) -> int:
     if args.action == "prune":
         if args.keep is None:
             raise ValueError("snapshot prune needs --keep N")
+        if args.keep < 1 and not args.yes:
+            raise ValueError(
+                f"snapshot prune --keep {args.keep} would delete every snapshot (no restore would remain "
+                "possible): pass --yes to confirm"
+            )
         _print(snap.prune_snapshots(store, args.keep), args.json, _human_dict)
         return 0
     if args.action == "show":
@@ -191,7 +196,13 @@ def cmd_snapshot(args, settings: Settings) -> int:
             out = snap.create_snapshot(conn, store, note=args.note)
         else:  # restore
             out = snap.restore_snapshot(
-                conn, store, _need_id(args), keep_generations=settings.keep_generations
+                conn,
+                store,
+                _need_id(args),
+                keep_generations=settings.keep_generations,
+                hnsw_m=settings.hnsw_m,
+                hnsw_ef_construction=settings.hnsw_ef_construction,
+                hnsw_memory_cap_mb=settings.hnsw_build_memory_mb,
             )
     finally:
         conn.close()
@@ -356,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=("create", "list", "show", "restore", "prune"))
     s.add_argument("id", nargs="?", help="snapshot id (show, restore)")
     s.add_argument("--keep", type=int, help="prune: snapshots to keep")
+    s.add_argument("--yes", action="store_true", help="prune: confirm --keep 0 (delete every snapshot)")
     s.add_argument("--note", help="create: a note stored in the record")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_snapshot)

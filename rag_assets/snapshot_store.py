@@ -173,7 +173,7 @@ class FolderStore(SnapshotStore):
         self._dirty: set[Path] = set()
         self._lock = threading.Lock()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise SnapshotError(
                 f"snapshot folder {self.root}: cannot create it ({e.strerror or e})"
@@ -191,10 +191,11 @@ class FolderStore(SnapshotStore):
         path = self._path(key)
         if path.exists():
             return False
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # Owner-only: a snapshot holds every document's text and metadata (ACLs included).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
                 while view:

@@ -1251,8 +1251,14 @@ def restore_snapshot(
     keep_generations: int = 3,
     progress: Callable[[str], None] | None = None,
     spool_dir: str | Path | None = None,
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
+    hnsw_memory_cap_mb: int = 2048,
 ) -> dict:
     """Restore ``snapshot_id`` into a new generation and switch to it (see the module docstring).
+
+    The restored generation's HNSW index is built with the index's own parameters (``hnsw_*``,
+    from RAG_HNSW_M / RAG_HNSW_EF_CONSTRUCTION / RAG_HNSW_BUILD_MEMORY_MB), like any other.
 
     Every object is verified before the database is touched; then one transaction loads,
     indexes, checks the digest and switches. Any failure leaves the live index as it was.
@@ -1276,7 +1282,8 @@ def restore_snapshot(
     with tempfile.TemporaryDirectory(prefix="rag-restore-", dir=spool_dir) as tmp:
         per_shard, nbytes = _fetch_and_verify(store, rec, Path(tmp), progress)
         t_verified = time.perf_counter()
-        result = _restore_in_transaction(conn, store, rec, per_shard, keep_generations, progress)
+        hnsw = (hnsw_m, hnsw_ef_construction, hnsw_memory_cap_mb)
+        result = _restore_in_transaction(conn, store, rec, per_shard, keep_generations, progress, hnsw)
     t_end = time.perf_counter()
     rows = result["docs"] + result["chunks"]
     result.update(
@@ -1290,7 +1297,7 @@ def restore_snapshot(
     return result
 
 
-def _restore_in_transaction(conn, store, rec, per_shard, keep, progress) -> dict:
+def _restore_in_transaction(conn, store, rec, per_shard, keep, progress, hnsw=(16, 64, 2048)) -> dict:
     snapshot_id = rec["id"]
     dims = rec["embedder"]["dims"]
     n_shards = rec["shard_count"]
@@ -1382,7 +1389,7 @@ def _restore_in_transaction(conn, store, rec, per_shard, keep, progress) -> dict
         if progress:
             progress("index")
         t_index = time.perf_counter()
-        schema.create_vector_index(conn, gen_id)
+        schema.create_vector_index(conn, gen_id, *hnsw)
         for plan in plans[len(_BOOKKEEPING) :]:  # the generation's tables
             conn.execute(sql.SQL("ANALYZE {}").format(plan.table))
         t_check = time.perf_counter()

@@ -843,3 +843,44 @@ def test_rollback_after_full_rebuild_and_model_change(settings, docs_dir):
     gens = {g["id"]: g for g in S.list_generations(idx.conn)}
     assert gens[out["to_generation"]]["live"] and gens[r3.generation]["rollback_target"]
     assert gens[r3.generation]["tables"] and gens[r3.generation]["dims"] == 48
+
+
+def test_restore_builds_hnsw_with_the_index_parameters_and_files_are_private(
+    settings, docs_dir, folder_store, make_db
+):
+    """Before: restore built its HNSW index with pgvector's defaults (m=16, ef_construction=64)
+    whatever RAG_HNSW_* said, and snapshot objects were world-readable (0644)."""
+    _corpus(docs_dir, 12)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    snap = S.create_snapshot(idx.conn, folder_store)
+    idx.close()
+    modes = {p.stat().st_mode & 0o777 for p in Path(folder_store.uri).rglob("*") if p.is_file()}
+    assert modes == {0o600}, modes
+    conn = connect(make_db())
+    res = S.restore_snapshot(conn, folder_store, snap["id"], hnsw_m=8, hnsw_ef_construction=40)
+    opts = conn.execute(
+        "SELECT reloptions FROM pg_class WHERE relname = %s", (f"g{res['generation']}_items_hnsw",)
+    ).fetchone()[0]
+    assert set(opts) == {"m=8", "ef_construction=40"}, opts
+    assert index_digest(conn) == snap["index_digest"]
+
+
+def test_cli_prune_keep_zero_asks_for_confirmation(settings, docs_dir, tmp_path):
+    _corpus(docs_dir, 4)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    idx.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "DAGSTER_"))}
+    env.update(RAG_HOME=str(settings.home), RAG_DATABASE_URL=settings.database_url, RAG_SHARDS=str(settings.shards))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "rag_assets.cli", "snapshot", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("create").returncode == 0
+    p = cli("prune", "--keep", "0")
+    assert p.returncode == 2 and "--yes" in p.stderr
+    assert len(json.loads(cli("list", "--json").stdout)["snapshots"]) == 1
+    assert cli("prune", "--keep", "0", "--yes").returncode == 0
+    assert json.loads(cli("list", "--json").stdout)["snapshots"] == []
