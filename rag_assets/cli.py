@@ -61,8 +61,10 @@ def cmd_index(args, settings: Settings) -> int:
             f"({d['tokens_embedded']} tokens), reused {d['chunks_reused']}; {d['shards_refreshed']} shards "
             f"refreshed in {d['seconds']:.2f}s; generation {d['generation']}"
         )
-        for e in d["errors"]:
-            print(f"  skipped {e['doc_id']}: {e['error']}", file=sys.stderr)
+        from rag_assets.failures import one_line
+
+        for e in d["errors"]:  # file names may hold control characters: never raw to a terminal
+            print(f"  skipped {one_line(e['doc_id'])}: {one_line(e['error'])}", file=sys.stderr)
 
     _print(d, args.json, human)
     return 0
@@ -90,10 +92,13 @@ def cmd_query(args, settings: Settings) -> int:
         conn.close()
 
     def human(d: dict) -> None:
+        from rag_assets.failures import one_line
+
         for i, h in enumerate(d["results"], 1):
             snippet = " ".join(h["text"].split())[:200]
-            print(f"{i:2d}. {h['score']:.3f}  {h['doc_id']}#{h['seq']}  {h['metadata'].get('title', '')}")
-            print(f"      {snippet}")
+            title = h["metadata"].get("title", "")
+            print(f"{i:2d}. {h['score']:.3f}  {one_line(h['doc_id'])}#{h['seq']}  {one_line(str(title))}")
+            print(f"      {one_line(snippet)}")
         if not d["results"]:
             print("no results")
 

@@ -366,7 +366,7 @@ def _folder_updates(
             updates[doc_id] = DocUpdate(o, {}, None)
             continue
         try:
-            doc = source.read(doc_id)
+            doc = source.read(doc_id, plan.scan.stats[doc_id])
         except DocumentGone:
             continue  # deleted while we ran: it is simply gone
         except DocumentError as e:

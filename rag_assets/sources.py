@@ -46,6 +46,10 @@ class DocumentError(Exception):
         self.reason = reason
 
 
+class DocumentChanging(DocumentError):
+    """The file changed between the scan and the read, or during it: a writer is busy with it."""
+
+
 class DocumentGone(Exception):
     """The document disappeared between the scan and the read (treated as deleted, not an error)."""
 
@@ -268,27 +272,38 @@ class FolderSource:
                 stats[rel] = FileStat(st.st_size, st.st_mtime_ns)
         return subdirs, stats, errors
 
-    def read(self, doc_id: str) -> Document:
-        """Read and normalise one document. ``DocumentGone`` if it vanished since the scan."""
-        path = self.root / doc_id
+    def read(self, doc_id: str, expected: FileStat | None = None) -> Document:
+        """Read and normalise one document. ``DocumentGone`` if it vanished since the scan.
+
+        No symbolic link is followed in any component (``safe_open.read_under``). ``expected`` is
+        the stat the scan saw: a file whose size or mtime moved since then, or during the read, is
+        being written; reading it now would index half a file, so it raises
+        :class:`DocumentChanging` (the last good version stays; the next run reads it).
+        """
+        from rag_assets.safe_open import NotRegular, UnsafePath, read_under
+
         try:
-            st = os.stat(path, follow_symlinks=False)
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise DocumentGone(doc_id)
-            if st.st_size > self.max_doc_bytes:
-                raise DocumentError(
-                    doc_id,
-                    f"document too large ({st.st_size} bytes > RAG_MAX_DOC_BYTES={self.max_doc_bytes})",
-                )
-            with open(path, "rb") as f:
-                data = f.read(self.max_doc_bytes + 1)
-        except FileNotFoundError:
+            r = read_under(self.root, doc_id, self.max_doc_bytes)
+        except (FileNotFoundError, NotRegular):
             raise DocumentGone(doc_id) from None
-        except IsADirectoryError:
-            raise DocumentGone(doc_id) from None
+        except UnsafePath as e:
+            raise DocumentError(doc_id, f"not read: {e} (links are never followed)") from None
         except PermissionError as e:
             raise DocumentError(doc_id, f"cannot read: {e.strerror}") from None
-        return make_document(doc_id, data, st.st_mtime_ns, self.max_doc_bytes)
+        except OSError as e:
+            raise DocumentError(doc_id, f"cannot read: {e.strerror or e}") from None
+        if r.size > self.max_doc_bytes:
+            raise DocumentError(
+                doc_id, f"document too large ({r.size} bytes > RAG_MAX_DOC_BYTES={self.max_doc_bytes})"
+            )
+        moved = (r.size, r.mtime_ns) != (r.size_after, r.mtime_ns_after) or len(r.data) != r.size
+        if expected is not None and (expected.size, expected.mtime_ns) != (r.size, r.mtime_ns):
+            moved = True
+        if moved:
+            raise DocumentChanging(
+                doc_id, f"being written during the scan or read ({r.size} → {r.size_after} bytes); read on the next run"
+            )
+        return make_document(doc_id, r.data, r.mtime_ns, self.max_doc_bytes)
 
 
 def make_webhook_document(doc_id: str, content: str, metadata: dict, source_time: dt.datetime) -> Document:

@@ -164,9 +164,9 @@ def test_file_deleted_while_the_run_reads_the_folder(settings, docs_dir):
         write(docs_dir / n, f"# {n}\n\ntext of {n}")
 
     class Vanishing(FolderSource):
-        def read(self, doc_id):
+        def read(self, doc_id, expected=None):
             (docs_dir / "c.md").unlink(missing_ok=True)  # another process deletes c.md mid-run
-            return super().read(doc_id)
+            return super().read(doc_id, expected)
 
     idx = _indexer(settings)
     idx.source = lambda path=None, change_source=False: Vanishing(docs_dir, settings.include)
