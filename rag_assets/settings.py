@@ -204,6 +204,10 @@ class Settings:
         for f in fields(self):
             if f.name in ("embedding_api_key", "webhook_secret", "query_api_key"):
                 out[f.name] = "***" if getattr(self, f.name) else None
+            elif f.name == "database_url":
+                from rag_assets.redact import redact_url
+
+                out[f.name] = redact_url(self.database_url)
             else:
                 v = getattr(self, f.name)
                 out[f.name] = str(v) if isinstance(v, Path) else v

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import psycopg
 from pgvector.psycopg import register_vector
 
+from rag_assets.redact import redact_url, scrub
 from rag_assets.settings import Settings
 from rag_assets.store.embedded import embedded_url
 from rag_assets.store.schema import LOCK_NAMESPACE, migrate
@@ -29,7 +30,11 @@ def connect(url: str, *, autocommit: bool = True, ensure_schema: bool = True) ->
     try:
         conn = psycopg.connect(url, autocommit=True)
     except psycopg.OperationalError as e:
-        raise ConnectionError(f"cannot connect to PostgreSQL ({_redact(url)}): {e}".strip()) from None
+        raise ConnectionError(f"cannot connect to PostgreSQL ({_redact(url)}): {scrub(str(e), url)}".strip()) from None
+    except psycopg.ProgrammingError:  # a malformed URL: libpq's message quotes it, password and all
+        raise ConnectionError(
+            f"RAG_DATABASE_URL is not a valid PostgreSQL URL or key=value string ({_redact(url)})"
+        ) from None
     if url not in _migrated:
         # Once per server process: pgvector present, recent, and computing on this CPU.
         try:
@@ -47,13 +52,7 @@ def connect(url: str, *, autocommit: bool = True, ensure_schema: bool = True) ->
 
 def _redact(url: str) -> str:
     """A URL without its password, for error messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
+    return redact_url(url) or ""
 
 
 def lock_shards(conn: psycopg.Connection, shards: Iterable[int]) -> None:

@@ -196,7 +196,9 @@ def check_server(url: str, *, _before_step=None) -> ServerInfo:
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=30)
     except psycopg.OperationalError as e:
-        raise ServerCheckError(f"cannot connect to PostgreSQL at {server}: {e}".strip()) from None
+        from rag_assets.redact import scrub
+
+        raise ServerCheckError(f"cannot connect to PostgreSQL at {server}: {scrub(str(e), url)}".strip()) from None
     pg_version, version, step = info.server_version, info.pgvector_version, "connecting"
     try:
         version = _ensure_extension(conn, server)
