@@ -10,7 +10,6 @@ one instance, so CLI refreshes show up in the UI.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -28,10 +27,16 @@ def _embedded_dagster_url(settings: Settings) -> str:
     url = embedded_url(settings.home)
     with psycopg.connect(url, autocommit=True) as c:
         if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DAGSTER_DB,)).fetchone():
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                c.execute(f"CREATE DATABASE {DAGSTER_DB}")
-            # Run history, not index data: losing the last few ms of events on a power cut is fine.
-            c.execute(f"ALTER DATABASE {DAGSTER_DB} SET synchronous_commit = off")
+            # Concurrent first runs race here (pg_database's and pg_db_role_setting's unique indexes):
+            # one creates and configures the database, the others wait and find it done.
+            c.execute("SELECT pg_advisory_lock(hashtext('rag.dagster_database'))")
+            try:
+                if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DAGSTER_DB,)).fetchone():
+                    c.execute(f"CREATE DATABASE {DAGSTER_DB}")
+                    # Run history, not index data: losing the last few ms of events on a power cut is fine.
+                    c.execute(f"ALTER DATABASE {DAGSTER_DB} SET synchronous_commit = off")
+            finally:
+                c.execute("SELECT pg_advisory_unlock(hashtext('rag.dagster_database'))")
     host = parse_qs(urlsplit(url).query).get("host", [""])[0]
     return f"postgresql+psycopg2://postgres@/{DAGSTER_DB}?host={host}"
 

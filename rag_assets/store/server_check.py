@@ -140,11 +140,16 @@ def _ensure_extension(conn: psycopg.Connection, server: str) -> str:
         )
     default_version, installed = row
     try:
-        if installed is None:
-            conn.execute(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}")
-        elif parse_version(installed) < parse_version(default_version):
-            # The server has newer binaries than the catalog says (an upgrade): bring it up to date.
-            conn.execute(f"ALTER EXTENSION {EXTENSION} UPDATE")
+        if installed is None or parse_version(installed) < parse_version(default_version):
+            # Serialised: concurrent first runs would otherwise race on pg_extension's name index
+            # (CREATE EXTENSION IF NOT EXISTS is not atomic against itself).
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('rag.extension'))")
+                if installed is None:
+                    conn.execute(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}")
+                else:
+                    # The server has newer binaries than the catalog says (an upgrade): catch up.
+                    conn.execute(f"ALTER EXTENSION {EXTENSION} UPDATE")
     except psycopg.errors.InsufficientPrivilege:
         if installed is None:
             raise ServerCheckError(
