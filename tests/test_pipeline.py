@@ -16,6 +16,7 @@ from rag_assets.query import search
 from rag_assets.sources import FolderSource
 from rag_assets.store.db import connect
 from rag_assets.store.serving import index_digest, shard_digests
+from rag_assets.store.source_binding import SourceMismatch
 from tests.helpers import RecordingEmbedder, WrongDimEmbedder, full_rebuild, markdown_doc, paragraph, write
 
 
@@ -240,7 +241,9 @@ def test_shard_count_change_is_refused(settings, docs_dir):
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["add", "edit", "delete", "rename", "meta", "noop", "append_para"]),
+        st.sampled_from(
+            ["add", "edit", "delete", "rename", "meta", "noop", "append_para", "wrong_root", "background"]
+        ),
         st.integers(0, 7),
         st.integers(0, 10**6),
     ),
@@ -294,8 +297,17 @@ def test_property_incremental_equals_full_rebuild(settings, tmp_path_factory, ma
             body = (root / name).read_text().split("---\n", 2)[2]
             live[name] += 1
             put(name, body, live[name])
+        elif op == "wrong_root":  # a mistyped path: refused, nothing changes, the index keeps its root
+            other = tmp_path_factory.mktemp("other")
+            write(other / "x.md", markdown_doc(random.Random(r)))
+            d0 = index_digest(idx.conn)
+            with pytest.raises(SourceMismatch):
+                idx.refresh(other)
+            assert index_digest(idx.conn) == d0
         before = len(idx.embedder.texts)
-        rep = idx.refresh(root)
+        # "background": the path sensors and the service take (no folder given; RAG_SOURCE_PATH is
+        # another folder): the index's own root is read
+        rep = idx.refresh(None if op == "background" else root)
         assert len(idx.embedder.texts) - before == rep.chunks_embedded
         if op == "meta":
             assert rep.chunks_embedded == 0
