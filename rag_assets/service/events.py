@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from rag_assets.sources import DocumentError, validate_doc_id
+from rag_assets.store.inbox import doc_id_problem, source_time_problem
 
 EVENT_TYPES = ("document.created", "document.updated", "document.deleted")
 MAX_EVENT_ID_LEN = 256
@@ -36,7 +38,8 @@ _MAX_TIME = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 class EventError(ValueError):
-    """The request cannot become an event. ``reason`` is the metric label (``bad_json``/``bad_event``)."""
+    """The request cannot become an event. ``reason`` is the metric label (``bad_json``, ``bad_event``
+    or ``bad_timestamp``)."""
 
     def __init__(self, message: str, reason: str = "bad_event"):
         super().__init__(message)
@@ -114,23 +117,47 @@ def check_json_value(value: object, what: str, depth: int = 0) -> None:
 
 def parse_timestamp(value: object, what: str = "timestamp") -> datetime:
     """RFC 3339 date-time with a timezone → aware datetime."""
+    bad = "bad_timestamp"
     if not isinstance(value, str):
-        raise EventError(f"{what} must be an RFC 3339 string")
+        raise EventError(f"{what} must be an RFC 3339 string", bad)
     if not _RFC3339_RE.match(value):
-        raise EventError(f"{what} must be RFC 3339 with a timezone, e.g. 2026-01-02T03:04:05Z")
+        raise EventError(f"{what} must be RFC 3339 with a timezone, e.g. 2026-01-02T03:04:05Z", bad)
     try:
         dt = datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
     except ValueError as e:
-        raise EventError(f"{what} is not a valid date-time: {e}") from None
+        raise EventError(f"{what} is not a valid date-time: {e}", bad) from None
     if dt.tzinfo is None or dt.utcoffset() is None:  # pragma: no cover - the regex requires one
-        raise EventError(f"{what} needs a timezone")
+        raise EventError(f"{what} needs a timezone", bad)
     try:
         utc = dt.astimezone(UTC)
     except (OverflowError, ValueError):  # e.g. 0001-01-01T00:00+05:00 is before year 1 in UTC
-        raise EventError(f"{what} is out of range") from None
+        raise EventError(f"{what} is out of range", bad) from None
     if not _MIN_TIME <= utc <= _MAX_TIME:  # a day's margin: any session time zone can read it back
-        raise EventError(f"{what} is out of range")
+        raise EventError(f"{what} is out of range", bad)
     return dt
+
+
+def check_source_time(
+    dt: datetime, max_future_s: float | None = None, now: float | None = None, what: str = "timestamp"
+) -> None:
+    """A source time the index can use, and (with ``max_future_s``) not ahead of our clock.
+
+    Every later stage must be able to store it (``rag_assets.store.inbox.source_time_problem``: 1970 to
+    2262). An event dated ahead of the receiver's clock by more than the tolerance would win over
+    every real update and delete until that date ("newest source time wins"), so it is refused.
+    """
+    problem = source_time_problem(dt)
+    if problem:
+        raise EventError(f"{what}: {problem}", "bad_timestamp")
+    if max_future_s is not None:
+        now = time.time() if now is None else now
+        if dt.timestamp() > now + max_future_s:
+            raise EventError(
+                f"{what} {dt.isoformat()} is more than {max_future_s:g} s in the future "
+                "(RAG_WEBHOOK_TOLERANCE_S): a source time ahead of the receiver's clock would win over "
+                "every later update and delete",
+                "bad_timestamp",
+            )
 
 
 def validate_event_id(value: object) -> str:
@@ -151,13 +178,35 @@ def body_timestamp(obj: dict) -> datetime:
     return parse_timestamp(obj.get("timestamp"))
 
 
-def parse_event(obj: dict, event_id: object) -> WebhookEvent:
-    """Validate a parsed payload. Raises ``EventError`` naming the first problem."""
+def _shown(doc_id: str) -> str:
+    return repr(doc_id if len(doc_id) <= 100 else doc_id[:100] + "…")
+
+
+def check_doc_id(doc_id: str, what: str = "data.doc_id") -> None:
+    """A canonical relative path (``a/b.md``), as the folder source produces: see ``doc_id_problem``."""
+    problem = doc_id_problem(doc_id)
+    if problem is None:
+        return
+    segments = doc_id.split("/")
+    canonical = "/".join(s for s in segments if s not in ("", "."))
+    hint = f"; send {_shown(canonical)}" if canonical and ".." not in segments else ""
+    raise EventError(f"{what} {_shown(doc_id)} is not canonical: it {problem}{hint}")
+
+
+def parse_event(
+    obj: dict, event_id: object, *, max_future_s: float | None = None, now: float | None = None
+) -> WebhookEvent:
+    """Validate a parsed payload. Raises ``EventError`` naming the first problem.
+
+    ``max_future_s`` (the service passes RAG_WEBHOOK_TOLERANCE_S) refuses a source timestamp
+    further ahead of ``now`` (default: the clock) than that; see :func:`check_source_time`.
+    """
     eid = validate_event_id(event_id)
     etype = obj.get("type")
     if etype not in EVENT_TYPES:
         raise EventError(f"type must be one of {', '.join(EVENT_TYPES)}")
     source_time = parse_timestamp(obj.get("timestamp"))
+    check_source_time(source_time, max_future_s, now)
     data = obj.get("data")
     if not isinstance(data, dict):
         raise EventError("data must be an object")
@@ -170,6 +219,7 @@ def parse_event(obj: dict, event_id: object) -> WebhookEvent:
         raise EventError(f"data.doc_id: {e.reason}") from None
     if _has_control(doc_id):
         raise EventError("data.doc_id contains a control character")
+    check_doc_id(doc_id)
     content = data.get("content")
     if etype == "document.deleted":
         if content is not None and not isinstance(content, str):

@@ -4,7 +4,8 @@ Names::
 
     rag_webhook_events_accepted_total{type}        events committed to the inbox (new ids)
     rag_webhook_events_rejected_total{reason}      not stored: bad_signature, stale_timestamp, too_large,
-                                                   bad_json, bad_event, duplicate, unavailable
+                                                   bad_json, bad_event, bad_timestamp (the event's source
+                                                   time), slow_body, duplicate, unavailable
     rag_inbox_pending                              unapplied inbox events (read at scrape time)
     rag_inbox_lag_seconds                          age of the oldest unapplied event (0 when none)
     rag_database_up                                1 if the scrape could read the database
@@ -24,6 +25,8 @@ REJECT_REASONS = (
     "too_large",
     "bad_json",
     "bad_event",
+    "bad_timestamp",
+    "slow_body",
     "duplicate",
     "unavailable",
 )

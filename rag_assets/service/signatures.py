@@ -7,8 +7,9 @@ Secrets
     ``RAG_WEBHOOK_SECRET`` holds one or more secrets separated by commas, so keys can rotate: a
     request passes if it is signed by any of them. A secret that starts with ``whsec_`` is the
     Standard Webhooks form: the HMAC key is the base64 decoding of the rest. Any other secret is
-    used as its raw UTF-8 bytes. The same key is used for both header styles, so one configured
-    secret serves a sender of either style. (The ``standardwebhooks`` client libraries base64-decode
+    used as its raw UTF-8 bytes. Every configured key must hold at least ``MIN_SECRET_BYTES`` (16)
+    bytes: a short HMAC key can be brute-forced offline from one captured signed request. The same
+    key is used for both header styles, so one configured secret serves a sender of either style. (The ``standardwebhooks`` client libraries base64-decode
     every secret, prefixed or not: give those senders ``whsec_`` secrets.)
 
 Standard Webhooks (https://www.standardwebhooks.com)
@@ -41,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 SECRET_PREFIX = "whsec_"
+MIN_SECRET_BYTES = 16  # Standard Webhooks secrets are 24-64 random bytes; 16 is the floor we accept
 MAX_SIGNATURES = 16  # entries in one webhook-signature header we look at (bounds the work per request)
 _TIMESTAMP_RE = re.compile(r"^[0-9]{1,15}$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -85,13 +87,33 @@ def decode_secret(secret: str) -> bytes:
 
 
 def parse_secrets(value: str | None) -> tuple[bytes, ...]:
-    """``RAG_WEBHOOK_SECRET`` (comma-separated) → HMAC keys. Raises SecretError when there are none."""
+    """``RAG_WEBHOOK_SECRET`` (comma-separated) → HMAC keys.
+
+    Raises SecretError when there are none, or when one is unusable or shorter than
+    ``MIN_SECRET_BYTES`` (the message says which one, by position, never its value).
+    """
     if value is None or not value.strip():
         raise SecretError("no webhook secret configured")
     parts = [p for p in (s.strip() for s in value.split(",")) if p]
     if not parts:
         raise SecretError("no webhook secret configured")
-    return tuple(decode_secret(p) for p in parts)
+    keys = []
+    for i, part in enumerate(parts, 1):
+        which = f"secret {i} of {len(parts)}" if len(parts) > 1 else "the secret"
+        try:
+            key = decode_secret(part)
+        except SecretError as e:
+            raise SecretError(f"{which}: {e}") from None
+        if len(key) < MIN_SECRET_BYTES:
+            form = (
+                "after base64 decoding of the whsec_ form" if part.startswith(SECRET_PREFIX) else "of UTF-8"
+            )
+            raise SecretError(
+                f"{which} must hold at least {MIN_SECRET_BYTES} bytes, it has {len(key)} byte(s) {form} "
+                "(generate one: whsec_ + base64 of 24 random bytes)"
+            )
+        keys.append(key)
+    return tuple(keys)
 
 
 def _mac(key: bytes, data: bytes) -> bytes:
