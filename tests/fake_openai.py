@@ -12,6 +12,14 @@ from ``srv.faults`` (a queue, in arrival order); when the queue is empty, ``srv.
 ``(request_no, inputs) -> Fault | None``) are asked, which programs faults per request. ``latency_s``
 delays every answer. The server records each request (:class:`Recorded`: arrival time, inputs,
 headers, status, fault) and counts the maximum number of requests in flight at once.
+
+Two server limits, checked before any queued fault is consumed, model real servers:
+``max_batch_size`` refuses a request with more inputs, as HuggingFace TEI does over its
+``--max-client-batch-size`` (HTTP 413, ``{"message": "batch size 64 > maximum allowed batch size 32",
+"code": 413, "type": "validation"}``; ``batch_limit_status`` and ``batch_limit_message`` give other
+servers' variants, e.g. 422 or 400); ``slow_above``/``slow_s`` make a request with more inputs than
+``slow_above`` take ``slow_s`` seconds (set it beyond the client timeout: a small CPU model server
+that cannot answer a large batch in time), after which the connection is dropped unanswered.
 """
 
 from __future__ import annotations
@@ -179,14 +187,26 @@ class FakeOpenAI:
         report_usage: bool = True,
         seed: int = 0,
         constant_vectors: bool = False,
+        max_batch_size: int | None = None,
+        batch_limit_status: int = 413,
+        batch_limit_message: str | None = None,
+        slow_above: int | None = None,
+        slow_s: float = 5.0,
     ):
         """``constant_vectors``: answer every text with the same pre-rendered vector (for benchmarks:
-        the server then costs next to nothing, so the numbers measure the client)."""
+        the server then costs next to nothing, so the numbers measure the client). ``max_batch_size``,
+        ``batch_limit_status``, ``batch_limit_message`` (``{n}`` and ``{max}`` are filled in),
+        ``slow_above`` and ``slow_s``: see the module docstring."""
         self.dims = dims
         self.latency_s = latency_s
         self.api_key = api_key  # when set, other bearer tokens get a 401
         self.report_usage = report_usage
         self.constant_vectors = constant_vectors
+        self.max_batch_size = max_batch_size
+        self.batch_limit_status = batch_limit_status
+        self.batch_limit_message = batch_limit_message
+        self.slow_above = slow_above
+        self.slow_s = slow_s
         self._constant_json: dict[tuple[int, bool], str] = {}
         self.faults: deque[Fault] = deque()
         self.rules: list[Callable[[int, list[str]], Fault | None]] = []
@@ -209,6 +229,11 @@ class FakeOpenAI:
             target=self._server.serve_forever, args=(0.05,), name="fake-openai", daemon=True
         )
         self._thread.start()
+        # A new server is a new endpoint, even on a port an earlier one used: the client must not
+        # start from a batch size limit it learned from that one.
+        from rag_assets.embedders.openai_compat import forget_batch_size_limits
+
+        forget_batch_size_limits(self.url)
         return self
 
     def close(self) -> None:
@@ -250,6 +275,11 @@ class FakeOpenAI:
     def max_in_flight(self) -> int:
         with self._state.lock:
             return self._state.max_in_flight
+
+    def batch_sizes(self) -> list[int]:
+        """The number of inputs of each request, in arrival order."""
+        with self._state.lock:
+            return [len(r.inputs) for r in self._state.requests]
 
     def served_counts(self) -> Counter:
         """How many times each input text was answered with a correct (fault-free) embedding."""
@@ -324,6 +354,11 @@ class _QuietServer(ThreadingHTTPServer):
 
 def _error_body(message: str, type_: str = "invalid_request_error", code: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+def _tei_error_body(message: str, status: int) -> bytes:
+    """TEI's OpenAI-compatible error body (``OpenAICompatErrorResponse``): no ``error`` object."""
+    return json.dumps({"message": message, "code": status, "type": "validation"}).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -403,6 +438,24 @@ class _Handler(BaseHTTPRequestHandler):
                     400, _error_body("'$.input' is invalid: inputs must be non-empty strings")
                 ),
             )
+
+        n = len(rec.inputs)
+        if fake.max_batch_size is not None and n > fake.max_batch_size:
+            template = fake.batch_limit_message or "batch size {n} > maximum allowed batch size {max}"
+            msg = template.format(n=n, max=fake.max_batch_size)
+            status = fake.batch_limit_status
+            return (
+                status,
+                Fault("batch_too_large", status, message=msg),
+                False,
+                lambda: self._send(status, _tei_error_body(msg, status)),
+            )
+        if fake.slow_above is not None and n > fake.slow_above:
+            # Still computing when the client gives up; the answer never arrives.
+            rec.fault = "slow"  # visible while it sleeps
+            fake._sleep(fake.slow_s)
+            self.close_connection = True
+            return 0, Fault("slow", seconds=fake.slow_s), False, None
 
         fault = fake._next_fault(rec.no, rec.inputs)
         fake._sleep(fake.latency_s)

@@ -21,10 +21,13 @@ from hypothesis import strategies as st
 
 from rag_assets.embedders.base import EmbeddingDimensionError, EmbeddingError, EmbedStats, TextTooLongError
 from rag_assets.embedders.openai_compat import (
+    BatchSizeLimit,
     OpenAICompatEmbedder,
     RateLimiter,
+    batch_too_large,
     combine_pieces,
     parse_retry_after,
+    shared_batch_limit,
     shared_limiter,
     split_text,
 )
@@ -171,7 +174,6 @@ RECOVERABLE = [
     pytest.param(Fault.server_error(503), id="503"),
     pytest.param(Fault.server_error(504), id="504"),
     pytest.param(Fault.server_error(529), id="529"),
-    pytest.param(Fault.hang(3.0), id="hung-response-timeout"),
     pytest.param(Fault.drop(), id="connection-dropped"),
     pytest.param(Fault.malformed(), id="malformed-json"),
     pytest.param(Fault.truncated(), id="truncated-body"),
@@ -632,3 +634,188 @@ def test_every_text_once_with_many_faults(srv: FakeOpenAI) -> None:
     assert_complete(srv, texts, out)
     assert stats.retries == 6 and stats.requests == 26
     assert Counter(r.fault for r in srv.requests if r.fault)["shuffled"] == 1
+
+
+# -- batches the server cannot take: split, learn the size, reuse it ---------------------------------
+
+
+def test_hung_batch_is_split_and_the_size_is_remembered(srv: FakeOpenAI) -> None:
+    """A read timeout on a batch of 4 is not retried unchanged: its halves are sent at once."""
+    srv.faults.append(Fault.hang(3.0))
+    emb = make(srv, batch_size=4, concurrency=2, timeout_s=0.5)
+    texts = texts_(10)
+    stats = EmbedStats()
+    t0 = time.monotonic()
+    out = emb.embed(texts, stats)
+    assert time.monotonic() - t0 < 2.0  # one timeout, no backoff
+    assert_complete(srv, texts, out)
+    assert sorted(srv.batch_sizes()) == [2, 2, 2, 4, 4]  # batches 4, 4, 2; the hung 4 sent again as 2 + 2
+    assert stats.batch_splits == 1 and stats.retries == 1 and stats.requests == 5
+    assert stats.batch_size_limit == 2 and emb.effective_batch_size == 2
+    assert stats.as_dict()["batch_splits"] == 1 and stats.as_dict()["batch_size_limit"] == 2
+
+
+def test_hung_single_text_is_retried_unsplit(srv: FakeOpenAI) -> None:
+    srv.faults.append(Fault.hang(3.0))
+    emb = make(srv, batch_size=1, concurrency=2, timeout_s=0.5)
+    texts = texts_(3)
+    stats = EmbedStats()
+    out = emb.embed(texts, stats)
+    assert_complete(srv, texts, out)
+    assert srv.batch_sizes() == [1, 1, 1, 1]
+    assert stats.retries == 1 and stats.batch_splits == 0 and stats.batch_size_limit is None
+
+
+TOO_LARGE = [
+    pytest.param(413, None, 3, id="tei-413"),
+    pytest.param(422, None, 3, id="tei-style-422"),
+    pytest.param(
+        400,
+        "Invalid 'input': array too long. Expected an array with maximum length {max}, "
+        "but got an array with length {n} instead.",
+        3,
+        id="openai-style-400",
+    ),
+    pytest.param(413, "Failed to buffer the request body: length limit exceeded", 2, id="413-no-size-halves"),
+    pytest.param(422, "too many inputs in one request", 2, id="422-no-size-halves"),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "learned"), TOO_LARGE)
+def test_batch_too_large_is_split_and_the_size_is_reused(status, message, learned) -> None:
+    """The server takes at most 3 inputs. The limit it names is adopted at once (else halving finds
+    one that works); later batches, in this call and in a new embedder, start there."""
+    with FakeOpenAI(dims=8, max_batch_size=3, batch_limit_status=status, batch_limit_message=message) as srv:
+        emb = make(srv, batch_size=8, concurrency=1)
+        texts = texts_(20)
+        stats = EmbedStats()
+        out = emb.embed(texts, stats)
+        assert_complete(srv, texts, out)
+        refused = [r for r in srv.requests if r.status == status]
+        assert refused and all(len(r.inputs) > 3 for r in refused)
+        assert stats.batch_splits == len(refused) and stats.retries == len(refused)
+        assert stats.batch_size_limit == learned
+        # Once learned, no batch above it is sent: only the first batch of 8 (and, when halving,
+        # its first half of 4) was refused.
+        assert len(refused) == (1 if learned == 3 else 2)
+        assert all(len(r.inputs) <= learned for r in srv.requests if r.status == 200)
+
+        srv.reset_counters()
+        again = make(srv, batch_size=8, concurrency=2, timeout_s=9)  # a new instance, same endpoint
+        more = texts_(13, "more")
+        stats2 = EmbedStats()
+        out2 = again.embed(more, stats2)
+        assert_complete(srv, more, out2)
+        assert sorted(srv.batch_sizes()) == sorted(
+            [learned] * (13 // learned) + [13 % learned] * (13 % learned > 0)
+        )
+        assert stats2.batch_splits == 0 and stats2.batch_size_limit == learned
+
+
+def test_single_text_too_large_fails_at_once_naming_it(srv: FakeOpenAI) -> None:
+    srv.max_batch_size = 0
+    emb = make(srv, batch_size=4)
+    with pytest.raises(EmbeddingError) as info:
+        emb.embed(["one", "two"], EmbedStats(), labels=["guide.md#0", "guide.md#1"])
+    message = str(info.value)
+    assert "HTTP 413: batch size 1 > maximum allowed batch size 0" in message
+    assert f"{srv.url}/embeddings" in message and "guide.md#0" in message
+    assert info.value.status == 413 and info.value.label == "guide.md#0"
+    assert srv.batch_sizes() == [2, 1]
+
+
+def test_client_errors_about_other_things_are_not_split(srv: FakeOpenAI) -> None:
+    srv.faults.append(Fault.error(400, "This model's maximum context length is 8192 tokens"))
+    emb = make(srv, batch_size=4)
+    with pytest.raises(EmbeddingError, match="HTTP 400: This model's maximum context length"):
+        emb.embed(texts_(4), EmbedStats())
+    assert srv.batch_sizes() == [4]
+
+
+def test_slow_large_batches_are_halved_until_one_is_answered_in_time() -> None:
+    """A server that needs longer than the timeout for more than 2 inputs: 8 -> 4 -> 2, and from then on
+    every batch goes out at 2. The old behaviour re-sent the batch of 8 until the retry budget ran out."""
+    with FakeOpenAI(dims=8, slow_above=2, slow_s=5.0) as srv:
+        emb = make(srv, batch_size=8, concurrency=2, timeout_s=0.5, max_retry_s=30)
+        texts = texts_(40)
+        stats = EmbedStats()
+        t0 = time.monotonic()
+        out = emb.embed(texts, stats)
+        elapsed = time.monotonic() - t0
+        assert_complete(srv, texts, out)
+        assert elapsed < 3.0  # two timeouts of 0.5 s per worker, not 30 s
+        slow = [r for r in srv.requests if r.fault == "slow"]
+        assert stats.batch_splits == len(slow) and 2 <= len(slow) <= 4  # 8 and 4, in each of 2 workers
+        assert {len(r.inputs) for r in slow} <= {8, 4}
+        assert stats.batch_size_limit == 2
+        assert sum(1 for r in srv.requests if r.status == 200) == 20  # 40 texts, 2 per request
+
+
+def test_single_text_that_times_out_fails_within_the_budget_naming_it_and_the_setting() -> None:
+    """Nothing is answered in time: the batch is split down to one text, which is retried within the
+    remaining budget, then fails naming the text, the endpoint, the timeout and what to raise."""
+    with FakeOpenAI(dims=8, slow_above=0, slow_s=5.0) as srv:
+        emb = make(srv, batch_size=4, concurrency=1, timeout_s=0.3, max_retry_s=1.0)
+        labels = ["a.md#0", "a.md#1", "b.md#0", "b.md#1"]
+        stats = EmbedStats()
+        t0 = time.monotonic()
+        with pytest.raises(EmbeddingError) as info:
+            emb.embed(texts_(4), stats, labels=labels)
+        elapsed = time.monotonic() - t0
+        endpoint = f"{srv.url}/embeddings"
+    message = str(info.value)
+    assert elapsed < 1.0 + 2 * 0.3 + 0.5  # the retry budget plus about one timeout
+    assert "a.md#0 alone was not answered within 0.3s" in message
+    assert "RAG_EMBEDDING_TIMEOUT_S (now 0.3)" in message and "RAG_EMBEDDING_MAX_RETRY_S=1" in message
+    assert endpoint in message and "timed out after 0.3s" in message
+    assert info.value.label == "a.md#0"
+    assert stats.batch_splits == 2 and stats.batch_size_limit == 1  # 4 -> 2 -> 1
+    assert srv.batch_sizes()[:3] == [4, 2, 1]
+    # Dagster reports the innermost cause of a failed step: ours must not drag an httpx one along.
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+def test_batch_too_large_messages() -> None:
+    tei = "batch size 64 > maximum allowed batch size 32"
+    assert batch_too_large(413, tei, 64) == 32
+    assert batch_too_large(422, tei, 64) == 32
+    assert batch_too_large(400, "input batch size 100 > maximum allowed batch size 64", 100) == 64
+    openai = "Invalid 'input': array too long. Expected an array with maximum length 2048, but got 3000."
+    assert batch_too_large(400, openai, 3000) == 2048
+    assert batch_too_large(413, "Failed to buffer the request body: length limit exceeded", 9) == 5
+    assert batch_too_large(422, "max_client_batch_size is 16", 20) == 16
+    assert batch_too_large(413, tei, 1) is None  # one text cannot be split
+    assert batch_too_large(400, "This model's maximum context length is 8192 tokens", 64) is None
+    assert batch_too_large(422, "Input validation error: `inputs` must have less than 512 tokens", 8) is None
+    assert batch_too_large(401, tei, 64) is None
+    assert batch_too_large(413, "maximum allowed batch size 100", 64) == 32  # a named max that is no help
+    assert batch_too_large(413, "Request body exceeds the limit of 2 MB", 64) == 32  # bytes, not inputs
+    assert batch_too_large(422, "too many inputs: at most 10 inputs per request", 64) == 10
+
+
+def test_batch_size_limit_is_shared_per_base_url_and_model_and_only_goes_down(srv: FakeOpenAI) -> None:
+    a = make(srv)
+    b = make(srv, timeout_s=9)
+    c = make(srv, model="other-model")
+    assert a._batch_limit is b._batch_limit is shared_batch_limit(srv.url + "/", MODEL)
+    assert a._batch_limit is not c._batch_limit
+    lim = BatchSizeLimit()
+    assert lim.cap(128) == 128
+    assert lim.lower(16, "test") and lim.cap(128) == 16 and lim.cap(4) == 4
+    assert not lim.lower(32, "test") and lim.size == 16
+    assert lim.lower(0, "test") and lim.size == 1
+
+
+def test_embed_stats_merge_keeps_the_smallest_limit() -> None:
+    a, b, c = EmbedStats(), EmbedStats(), EmbedStats()
+    a.add(batch_splits=2)
+    a.note_batch_size_limit(16)
+    b.add(batch_splits=1)
+    b.note_batch_size_limit(8)
+    b.note_batch_size_limit(32)
+    assert b.batch_size_limit == 8
+    a.merge(b)
+    a.merge(c)
+    assert a.batch_splits == 3 and a.batch_size_limit == 8
+    assert c.as_dict()["batch_size_limit"] is None and c.as_dict()["batch_splits"] == 0

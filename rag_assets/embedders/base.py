@@ -46,6 +46,12 @@ class EmbedStats:
     throttled: int = 0  # HTTP 429 answers
     rate_limit_wait_s: float = 0.0  # time spent waiting on Retry-After and our own RPM/TPM budget
     seconds: float = 0.0  # wall time inside embed()
+    # A request that timed out or was answered "batch too large" and was sent again as smaller
+    # batches (each such split also counts as a retry).
+    batch_splits: int = 0
+    # The largest batch the endpoint was found to take, when that is below the configured batch size
+    # (None: no limit met). The smallest one seen wins when stats are merged.
+    batch_size_limit: int | None = None
     latencies_ms: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -59,6 +65,12 @@ class EmbedStats:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def note_batch_size_limit(self, size: int) -> None:
+        """Record a learned batch size limit (the smallest one noted is kept)."""
+        with self._lock:
+            if self.batch_size_limit is None or size < self.batch_size_limit:
+                self.batch_size_limit = size
+
     def merge(self, other: EmbedStats) -> None:
         with self._lock:
             self.texts += other.texts
@@ -68,6 +80,11 @@ class EmbedStats:
             self.throttled += other.throttled
             self.rate_limit_wait_s += other.rate_limit_wait_s
             self.seconds += other.seconds
+            self.batch_splits += other.batch_splits
+            if other.batch_size_limit is not None and (
+                self.batch_size_limit is None or other.batch_size_limit < self.batch_size_limit
+            ):
+                self.batch_size_limit = other.batch_size_limit
             self.latencies_ms.extend(other.latencies_ms)
 
     def percentile_ms(self, q: float) -> float | None:
@@ -84,6 +101,8 @@ class EmbedStats:
             "throttled_429": self.throttled,
             "rate_limit_wait_s": round(self.rate_limit_wait_s, 4),
             "embed_seconds": round(self.seconds, 4),
+            "batch_splits": self.batch_splits,
+            "batch_size_limit": self.batch_size_limit,
             "latency_p50_ms": self.percentile_ms(50),
             "latency_p95_ms": self.percentile_ms(95),
         }

@@ -39,15 +39,34 @@ Concurrency and rate limits
     whole limiter, so every concurrent batch backs off, not just the one that was throttled.
     Time spent waiting on the limiter or on ``Retry-After`` is added to ``stats.rate_limit_wait_s``.
 
+Batch size
+    Servers differ in how many inputs one request may carry: HuggingFace TEI rejects a request over
+    its ``--max-client-batch-size`` (32 by default) with HTTP 413 and ``{"message": "batch size 64 >
+    maximum allowed batch size 32", "type": "validation"}``; other servers and gateways answer
+    400/422 with a message about the batch size or an "array too long"; a small CPU model server
+    takes every batch but cannot answer a large one within the request timeout. So a batch of more
+    than one input that is answered 413, or 400/422 with such a message, or whose answer does not
+    arrive within ``timeout_s`` (a read timeout; connect timeouts are not about size), is split and
+    sent again at once: into batches of the maximum the server named, else in halves. The size is
+    remembered for the endpoint (a :class:`BatchSizeLimit` shared per ``(base_url, model)`` in the
+    process, like the rate limiter), so later batches, and later runs in the same process, start at
+    the size that works instead of timing out again; it only ever goes down. A batch and the pieces
+    it is split into share one retry budget until one of them is answered, so a server that answers
+    nothing still fails within ``max_retry_s`` plus one timeout. A single input is never split: it is
+    retried under the normal budget, then fails naming its label (document and chunk), the endpoint,
+    the timeout and the setting to raise. ``stats.batch_splits`` counts the splits (each is also a
+    retry) and ``stats.batch_size_limit`` reports the learned size when it is below ``batch_size``.
+
 Retries
-    429, 408, 500, 502, 503, 504 and 529 answers, timeouts and connection errors are retried with
+    429, 408, 500, 502, 503, 504 and 529 answers, timeouts (of a single input: a batch of several
+    that times out is split instead, see above) and connection errors are retried with
     exponential backoff and full jitter (``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))``);
     a ``Retry-After`` (seconds or HTTP date) or ``retry-after-ms`` header sets a floor on the wait.
     Each batch gives up with :class:`EmbeddingError` once ``max_retry_s`` have passed since its
     first attempt (waits are cut to end by then, and a Retry-After longer than the time left fails
     at once rather than sleeping in vain); so a call fails at most ``max_retry_s`` plus one request
-    timeout after the trouble started. Other 4xx
-    answers (400, 401, 403, 404, 413, 422, ...) fail at once with the HTTP status and the provider's
+    timeout after the trouble started. Other 4xx answers (400, 401, 403, 404, 422, ..., and 413 or
+    "batch too large" for a single input) fail at once with the HTTP status and the provider's
     ``error.message``. A 2xx body that is not valid JSON (a truncated or garbled answer from a flaky
     proxy) is retried at most ``max_malformed_retries`` times; a well-formed answer with the wrong
     number of vectors, the wrong dimension or non-finite values fails at once (retrying a
@@ -83,11 +102,13 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
@@ -446,6 +467,103 @@ def shared_limiter(
 
 
 # --------------------------------------------------------------------------------------------------
+# Batch size: what the endpoint takes
+
+
+class BatchSizeLimit:
+    """The largest batch an endpoint is known to take (None: no limit met yet). Only ever lowered.
+
+    Thread-safe; shared by every embedder in the process that talks to the same ``(base_url,
+    model)`` (see :func:`shared_batch_limit`), so a limit learned in one run holds for the next.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.size: int | None = None
+        self.reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"BatchSizeLimit(size={self.size})"
+
+    def cap(self, n: int) -> int:
+        """``n`` bounded by the limit (at least 1)."""
+        size = self.size
+        return max(1, min(n, size) if size is not None else n)
+
+    def lower(self, size: int, reason: str) -> bool:
+        """Lower the limit to ``size`` (>= 1); return True if that changed it."""
+        size = max(1, int(size))
+        with self._lock:
+            if self.size is not None and self.size <= size:
+                return False
+            self.size, self.reason = size, reason
+            return True
+
+
+_BATCH_LIMITS: dict[tuple[str, str], BatchSizeLimit] = {}
+_BATCH_LIMITS_LOCK = threading.Lock()
+
+
+def _endpoint_key(base_url: str) -> str:
+    return base_url.rstrip("/").lower()
+
+
+def shared_batch_limit(base_url: str, model: str) -> BatchSizeLimit:
+    """The process-wide learned batch size limit for ``(base_url, model)``."""
+    key = (_endpoint_key(base_url), model)
+    with _BATCH_LIMITS_LOCK:
+        limit = _BATCH_LIMITS.get(key)
+        if limit is None:
+            limit = _BATCH_LIMITS[key] = BatchSizeLimit()
+        return limit
+
+
+def forget_batch_size_limits(base_url: str | None = None) -> None:
+    """Forget learned batch size limits: all, or those of ``base_url`` (a new server on an old address).
+
+    Embedders already built keep the limit object they hold; new ones start afresh.
+    """
+    with _BATCH_LIMITS_LOCK:
+        if base_url is None:
+            _BATCH_LIMITS.clear()
+            return
+        key = _endpoint_key(base_url)
+        for k in [k for k in _BATCH_LIMITS if k[0] == key]:
+            del _BATCH_LIMITS[k]
+
+
+# Messages of servers that refuse a request for carrying too many inputs: TEI ("batch size 64 >
+# maximum allowed batch size 32"), SiliconFlow ("input batch size 100 > maximum allowed batch size
+# 64"), OpenAI ("Invalid 'input': array too long. Expected an array with maximum length 2048, ..."),
+# and the like ("too many inputs", "max_client_batch_size"). Token or context length messages do not
+# match: splitting a batch does not shorten a text.
+_BATCH_TOO_LARGE = re.compile(
+    r"batch[ _-]?size|max[a-z_ ]*batch|too many (?:inputs|texts|items|documents|sentences|elements)"
+    r"|array too long|(?:inputs?|array|list) (?:is )?too (?:long|large)",
+    re.IGNORECASE,
+)
+# The maximum a message names, only where it is a count of inputs (not bytes, not tokens).
+_MAX_NAMED = re.compile(
+    r"(?:max(?:imum)?(?: allowed)?[ _]?(?:client[ _])?batch[ _]?size|maximum length)\D{0,12}?(\d+)"
+    r"|(?:at most|maximum of|max(?:imum)? is|up to) (\d+) (?:inputs|texts|items|elements|documents|sentences)",
+    re.IGNORECASE,
+)
+
+
+def batch_too_large(status: int, message: str, n: int) -> int | None:
+    """If an answer of ``status`` with ``message`` refuses a batch of ``n`` inputs for its size, the
+    size to send instead (the maximum the server named, else half); None otherwise or when ``n`` is 1.
+    """
+    if n <= 1:
+        return None
+    if status == 413 or (status in (400, 422) and _BATCH_TOO_LARGE.search(message)):
+        named = [int(m.group(1) or m.group(2)) for m in _MAX_NAMED.finditer(message)]
+        fits = [v for v in named if 1 <= v < n]
+        return min(fits) if fits else (n + 1) // 2
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # HTTP helpers
 
 
@@ -577,6 +695,54 @@ class _Batch:
     start: int  # first piece index
     texts: list[str]
     tokens: int | None  # None: not counted (no TPM budget, and the batch budget cannot bind)
+    labels: list[str] = field(default_factory=list)  # one per text: names it in errors
+    counts: list[int] = field(default_factory=list)  # per text: tokens, or a byte bound when not exact
+
+    def label(self, k: int) -> str:
+        return self.labels[k] if k < len(self.labels) else f"text #{self.start + k}"
+
+    def describe(self) -> str:
+        """What the batch holds, for errors: the text's label, or the first and last labels."""
+        n = len(self.texts)
+        if n == 1:
+            return self.label(0)
+        return f"{n} inputs ({self.label(0)} .. {self.label(n - 1)})"
+
+    def parts(self, size: int) -> list[_Batch]:
+        """The batch cut in order into batches of at most ``size`` texts."""
+        if size >= len(self.texts):
+            return [self]
+        out = []
+        for k in range(0, len(self.texts), size):
+            counts = self.counts[k : k + size]
+            out.append(
+                _Batch(
+                    self.start + k,
+                    self.texts[k : k + size],
+                    sum(counts) if self.tokens is not None and counts else None,
+                    self.labels[k : k + size],
+                    counts,
+                )
+            )
+        return out
+
+
+@dataclass
+class _Budget:
+    """The retry budget of a batch and of the pieces it is split into, until one is answered."""
+
+    start: float
+    deadline: float
+    attempts: int = 0  # failed attempts so far, over the batch and its pieces
+
+
+class _SplitBatch(Exception):
+    """The batch is too large for the endpoint: send it again as batches of ``size``."""
+
+    def __init__(self, size: int, budget: _Budget):
+        super().__init__(size)
+        self.size = size
+        self.budget = budget
 
 
 class OpenAICompatEmbedder(Embedder):
@@ -607,13 +773,15 @@ class OpenAICompatEmbedder(Embedder):
         max_malformed_retries: int = 2,
         tokenizer: str | None = "auto",
         limiter: RateLimiter | None = None,
+        batch_limit: BatchSizeLimit | None = None,
         extra_headers: Mapping[str, str] | None = None,
         seed: int | None = None,
         encoding_format: str = "float",
     ):
         """``tokenizer``: "auto" (tiktoken for known OpenAI models, else the estimate), a tiktoken
         encoding name, or None/"estimate". ``limiter``: share a specific budget instead of the
-        process-wide one for ``(base_url, model)``. ``seed``: makes retry jitter reproducible.
+        process-wide one for ``(base_url, model)``; ``batch_limit`` likewise for the learned batch
+        size limit. ``seed``: makes retry jitter reproducible.
         ``encoding_format``: "float" (JSON numbers, every server supports it) or "base64" (float32
         bytes: the same vectors, ~50x cheaper to parse, which matters for 1536-d batches at high
         concurrency; not every gateway supports it). Not part of the fingerprint."""
@@ -641,6 +809,10 @@ class OpenAICompatEmbedder(Embedder):
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("base_url must be an http(s) URL with a host")
         self.host = url.host  # no userinfo, no path: safe to show
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        port = f":{url.port}" if url.port else ""
+        # The endpoint as shown in errors: no userinfo, no query (either could hold a secret).
+        self.endpoint = f"{url.scheme}://{host}{port}{url.path.rstrip('/')}/embeddings"
         self.model = model
         self.dimensions = dimensions
         self._dims = dimensions or native or 0
@@ -661,6 +833,9 @@ class OpenAICompatEmbedder(Embedder):
         self._limiter = limiter if limiter is not None else shared_limiter(self.base_url, model, rpm, tpm)
         if limiter is not None:
             limiter.tighten(rpm, tpm)
+        self._batch_limit = (
+            batch_limit if batch_limit is not None else shared_batch_limit(self.base_url, model)
+        )
         self._slots = threading.BoundedSemaphore(concurrency)
         self._random = random.Random(seed)
         self._random_lock = threading.Lock()
@@ -697,7 +872,8 @@ class OpenAICompatEmbedder(Embedder):
     def __repr__(self) -> str:
         return (
             f"OpenAICompatEmbedder(base_url={self.base_url!r}, model={self.model!r}, dims={self._dims or None}, "
-            f"batch_size={self.batch_size}, concurrency={self.concurrency}, limiter={self._limiter!r})"
+            f"batch_size={self.batch_size}, concurrency={self.concurrency}, limiter={self._limiter!r}, "
+            f"batch_limit={self._batch_limit!r})"
         )
 
     # -- identity ----------------------------------------------------------------------------------
@@ -796,15 +972,27 @@ class OpenAICompatEmbedder(Embedder):
                 count_one=self._count_one,
                 model=self.model,
             )
-            vectors = self._embed_pieces(plan.pieces, plan.piece_tokens, stats)
+            piece_labels = [label_of(labels, owner) for owner in plan.owners]
+            vectors = self._embed_pieces(plan.pieces, plan.piece_tokens, stats, piece_labels)
             out = assemble(plan, vectors)
             stats.add(texts=len(texts))
             return out
         finally:
+            limit = self._batch_limit.size
+            if limit is not None and limit < self.batch_size:
+                stats.note_batch_size_limit(limit)
             stats.add(seconds=time.perf_counter() - t0)
 
-    def _batches(self, pieces: list[str], tokens: list[int | None]) -> Iterator[_Batch]:
-        """Pack pieces in order into batches of <= batch_size inputs and <= batch_tokens tokens.
+    @property
+    def effective_batch_size(self) -> int:
+        """``batch_size``, or the smaller size learned for this endpoint (see "Batch size")."""
+        return self._batch_limit.cap(self.batch_size)
+
+    def _batches(
+        self, pieces: list[str], tokens: list[int | None], labels: Sequence[str] | None = None
+    ) -> Iterator[_Batch]:
+        """Pack pieces in order into batches of <= batch_size inputs (or the learned limit, read
+        afresh for each window) and <= batch_tokens tokens.
 
         A generator, so the first batches are on the wire while later ones are being formed.
         Pieces not counted yet are counted one window at a time, and only when the count matters:
@@ -813,12 +1001,20 @@ class OpenAICompatEmbedder(Embedder):
         unknown (None) and the provider's ``usage`` is what gets recorded.
         """
         window = max(self.batch_size, 32)
+        size = self.effective_batch_size
         cur: list[str] = []
+        cur_counts: list[int] = []
         cur_tokens = 0
         cur_exact = True
         cur_max_bound = 0
         start = 0
+
+        def batch() -> _Batch:
+            lab = list(labels[start : start + len(cur)]) if labels is not None else []
+            return _Batch(start, cur, cur_tokens if cur_exact else None, lab, cur_counts)
+
         for w0 in range(0, len(pieces), window):
+            size = min(size, self.effective_batch_size)
             w_texts = pieces[w0 : w0 + window]
             w_tokens = tokens[w0 : w0 + window]
             missing = [k for k, n in enumerate(w_tokens) if n is None]
@@ -826,7 +1022,7 @@ class OpenAICompatEmbedder(Embedder):
             if missing:
                 bounds = [len(w_texts[k].encode("utf-8")) for k in missing]
                 max_bound = max(max(bounds), cur_max_bound)
-                if self._limiter.tpm or max_bound * self.batch_size > self.batch_tokens:
+                if self._limiter.tpm or max_bound * size > self.batch_tokens:
                     for k, n in zip(missing, self.count_tokens([w_texts[k] for k in missing]), strict=True):
                         w_tokens[k] = n
                 else:  # the token budget cannot bind: skip tokenising
@@ -836,33 +1032,46 @@ class OpenAICompatEmbedder(Embedder):
                         w_tokens[k] = b
             for k, (text, n) in enumerate(zip(w_texts, w_tokens, strict=True)):
                 assert n is not None
-                if cur and (len(cur) >= self.batch_size or cur_tokens + n > self.batch_tokens):
-                    yield _Batch(start, cur, cur_tokens if cur_exact else None)
-                    cur, cur_tokens, cur_exact, start = [], 0, True, w0 + k
+                if cur and (len(cur) >= size or cur_tokens + n > self.batch_tokens):
+                    yield batch()
+                    cur, cur_counts, cur_tokens, cur_exact, start = [], [], 0, True, w0 + k
                 cur.append(text)
+                cur_counts.append(n)
                 cur_tokens += n
                 cur_exact = cur_exact and (exact or tokens[w0 + k] is not None)
         if cur:
-            yield _Batch(start, cur, cur_tokens if cur_exact else None)
+            yield batch()
 
-    def _embed_pieces(self, pieces: list[str], tokens: list[int | None], stats: EmbedStats) -> np.ndarray:
+    def _embed_pieces(
+        self,
+        pieces: list[str],
+        tokens: list[int | None],
+        stats: EmbedStats,
+        labels: Sequence[str] | None = None,
+    ) -> np.ndarray:
         cancel = threading.Event()
         errors: list[BaseException] = []
-        batches = self._batches(pieces, tokens)
+        batches = self._batches(pieces, tokens, labels)
         first = next(batches)
         second = next(batches, None)
         if second is None:  # one request: no thread hop
             return self._run_batch(first, stats, cancel, errors)
-        pool = ThreadPoolExecutor(
-            max_workers=min(self.concurrency, -(-len(pieces) // self.batch_size) + 1),
-            thread_name_prefix="embed-openai",
-        )
+        workers = min(self.concurrency, -(-len(pieces) // self.effective_batch_size) + 1)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed-openai")
         futures: list[Future[np.ndarray]] = []
+        # Batches are formed a little ahead of the workers, not all up front: one formed after the
+        # endpoint's batch size limit was learned is cut to it, and goes to any free worker.
+        ahead = 2 * workers
+        pending: set[Future[np.ndarray]] = set()
         try:
             for batch in itertools.chain((first, second), batches):
+                while len(pending) >= ahead and not errors:
+                    _, pending = wait(pending, return_when=FIRST_COMPLETED)
                 if errors:
                     break  # a batch failed for good: stop tokenising and submitting
-                futures.append(pool.submit(self._run_batch, batch, stats, cancel, errors))
+                future = pool.submit(self._run_batch, batch, stats, cancel, errors)
+                futures.append(future)
+                pending.add(future)
             wait(futures, return_when=FIRST_EXCEPTION)
             if errors:
                 raise errors[0]  # the first real failure; siblings stop with _Cancelled
@@ -908,7 +1117,7 @@ class OpenAICompatEmbedder(Embedder):
         self, batch: _Batch, stats: EmbedStats, cancel: threading.Event, errors: list[BaseException]
     ) -> np.ndarray:
         try:
-            return self._request(batch, stats, cancel)
+            return self._send_batch(batch, stats, cancel)
         except _Cancelled:
             raise
         except BaseException as exc:
@@ -924,7 +1133,66 @@ class OpenAICompatEmbedder(Embedder):
                 raise
             raise err from None
 
-    def _request(self, batch: _Batch, stats: EmbedStats, cancel: threading.Event) -> np.ndarray:
+    def _send_batch(self, batch: _Batch, stats: EmbedStats, cancel: threading.Event) -> np.ndarray:
+        """Send ``batch`` as requests of at most the learned size; split further when one is too large.
+
+        The pieces go one after another in this worker, in order. Pieces cut from a request that
+        failed for its size share that request's retry budget until one of them is answered.
+        """
+        queue = deque(batch.parts(self._batch_limit.cap(len(batch.texts))))
+        out: list[np.ndarray] = []
+        budget: _Budget | None = None
+        while queue:
+            part = queue.popleft()
+            size = self._batch_limit.cap(len(part.texts))
+            if size < len(part.texts):  # the limit went down since this part was cut (another worker)
+                queue.extendleft(reversed(part.parts(size)))
+                continue
+            try:
+                arr = self._request(part, stats, cancel, budget)
+            except _SplitBatch as split:
+                stats.add(batch_splits=1, retries=1)
+                queue.extendleft(reversed(part.parts(split.size)))
+                budget = split.budget
+                continue
+            budget = None
+            out.append(arr)
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+
+    def _split(self, batch: _Batch, size: int, why: str, budget: _Budget) -> _SplitBatch:
+        """Learn that the endpoint takes at most ``size`` inputs and ask for ``batch`` to be re-sent."""
+        if self._batch_limit.lower(size, why):
+            log.warning(
+                "embedding endpoint %s (model %s): a batch of %d inputs %s; sending at most %d input(s) per "
+                "request from now on (set RAG_EMBEDDING_BATCH_SIZE=%d to start there)",
+                self.endpoint,
+                self.model,
+                len(batch.texts),
+                why,
+                size,
+                size,
+            )
+        return _SplitBatch(size, budget)
+
+    def _timeout_hint(self, batch: _Batch) -> str:
+        retry = f"RAG_EMBEDDING_MAX_RETRY_S={self.max_retry_s:g}"
+        if len(batch.texts) == 1:
+            return (
+                f"; {batch.label(0)} alone was not answered within {self.timeout_s:g}s: raise "
+                f"RAG_EMBEDDING_TIMEOUT_S (now {self.timeout_s:g}) for this server (or {retry})"
+            )
+        return (
+            f"; {batch.describe()} were not answered within {self.timeout_s:g}s: raise RAG_EMBEDDING_TIMEOUT_S "
+            f"(now {self.timeout_s:g}) or {retry}, or lower RAG_EMBEDDING_BATCH_SIZE"
+        )
+
+    def _request(
+        self,
+        batch: _Batch,
+        stats: EmbedStats,
+        cancel: threading.Event,
+        budget: _Budget | None = None,
+    ) -> np.ndarray:
         payload: dict[str, object] = {
             "model": self.model,
             "input": batch.texts,
@@ -934,10 +1202,13 @@ class OpenAICompatEmbedder(Embedder):
             payload["dimensions"] = self.dimensions
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         n = len(batch.texts)
-        where = f"{self.host} model {self.model}"
+        where = f"{self.endpoint} (model {self.model})"
+        what = f" for {batch.describe()}"
         client = self._http()
-        first = time.monotonic()
-        deadline = first + self.max_retry_s
+        if budget is None:
+            now = time.monotonic()
+            budget = _Budget(now, now + self.max_retry_s)
+        first, deadline = budget.start, budget.deadline
         attempt = 0
         malformed = 0
         while True:
@@ -945,6 +1216,7 @@ class OpenAICompatEmbedder(Embedder):
                 raise _Cancelled
             retry_after: float | None = None
             throttled = False
+            timed_out = False
             with self._slots:
                 waited = self._limiter.acquire(batch.tokens or 0, cancel)
                 if waited > 0:
@@ -959,6 +1231,9 @@ class OpenAICompatEmbedder(Embedder):
                     raise EmbeddingError(f"embedding request to {where}: {exc}") from None
                 except httpx.TimeoutException as exc:
                     resp = None
+                    # A read (or write) timeout: the server took the request but not in time, which a
+                    # smaller batch can fix. Connect and pool timeouts are not about the batch.
+                    timed_out = isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout)
                     problem = f"request timed out after {self.timeout_s:g}s ({type(exc).__name__})"
                 except httpx.TransportError as exc:
                     resp = None
@@ -996,29 +1271,41 @@ class OpenAICompatEmbedder(Embedder):
                     retry_after = parse_retry_after(resp.headers)
                     problem = f"HTTP {status}: {self._redact(provider_message(resp.content))}"
                 else:
+                    message = self._redact(provider_message(resp.content))
+                    smaller = batch_too_large(status, message, n)
+                    if smaller is not None:
+                        raise self._split(
+                            batch, smaller, f"was refused with HTTP {status} ({message})", budget
+                        )
                     raise EmbeddingError(
-                        f"embedding request to {where} failed with HTTP {status}: "
-                        f"{self._redact(provider_message(resp.content))}",
+                        f"embedding request{what} to {where} failed with HTTP {status}: {message}",
+                        label=batch.label(0) if n == 1 else None,
                         status=status,
                     )
             attempt += 1
+            budget.attempts += 1
             now = time.monotonic()
             remaining = deadline - now
+            if timed_out and n > 1 and remaining > 0:
+                raise self._split(batch, (n + 1) // 2, f"got no answer within {self.timeout_s:g}s", budget)
             delay = self._backoff(attempt)
             if retry_after is not None:
                 if retry_after > remaining:
                     raise EmbeddingError(
-                        f"embedding request to {where}: {problem}; the provider asks to retry after "
+                        f"embedding request{what} to {where}: {problem}; the provider asks to retry after "
                         f"{retry_after:.1f}s, beyond the retry budget of {self.max_retry_s:g}s "
                         f"(RAG_EMBEDDING_MAX_RETRY_S)",
+                        label=batch.label(0) if n == 1 else None,
                         status=resp.status_code if resp is not None else None,
                     )
                 self._limiter.pause(retry_after)  # everyone sharing the budget backs off
                 delay = max(delay, retry_after)
             if remaining <= 0:
                 raise EmbeddingError(
-                    f"embedding request to {where} failed after {attempt} attempts over "
-                    f"{now - first:.1f}s (retry budget {self.max_retry_s:g}s): {problem}",
+                    f"embedding request{what} to {where} failed after {budget.attempts} attempts over "
+                    f"{now - first:.1f}s (retry budget {self.max_retry_s:g}s): {problem}"
+                    f"{self._timeout_hint(batch) if timed_out else ''}",
+                    label=batch.label(0) if n == 1 else None,
                     status=resp.status_code if resp is not None else None,
                 )
             delay = min(delay, remaining)
