@@ -662,6 +662,8 @@ def _merge_embedding(a: dict, b: dict) -> dict:
             continue
         if k.startswith("latency_"):
             out[k] = max(out.get(k) or 0, v)
+        elif k == "batch_size_limit":  # the learned limit only goes down: the smallest is the latest
+            out[k] = v if out.get(k) is None else min(out[k], v)
         else:
             out[k] = (out.get(k) or 0) + v
     return out

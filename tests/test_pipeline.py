@@ -402,3 +402,14 @@ def test_hnsw_build_memory_is_sized_to_the_graph():
     assert hnsw_build_memory_mb(456_000, 256, m=32) > big
     assert hnsw_build_memory_mb(50_000_000, 1536) == 2048  # capped (RAG_HNSW_BUILD_MEMORY_MB)
     assert hnsw_build_memory_mb(50_000_000, 1536, cap_mb=8192) == 8192
+
+
+def test_merged_embedding_stats_keep_the_smallest_learned_batch_size():
+    from rag_assets.pipeline import _merge_embedding
+
+    a = {"requests": 3, "batch_splits": 1, "batch_size_limit": 4, "latency_p95_ms": 10.0}
+    b = {"requests": 2, "batch_splits": 0, "batch_size_limit": 4, "latency_p95_ms": 30.0}
+    m = _merge_embedding(_merge_embedding({}, a), b)
+    assert m == {"requests": 5, "batch_splits": 1, "batch_size_limit": 4, "latency_p95_ms": 30.0}
+    assert _merge_embedding(m, {"batch_size_limit": 2})["batch_size_limit"] == 2
+    assert _merge_embedding(m, {"batch_size_limit": None})["batch_size_limit"] == 4

@@ -309,11 +309,14 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             embed_retries=emb.get("retries") or 0,
             throttled_429=emb.get("throttled_429") or 0,
             rate_limit_wait_s=emb.get("rate_limit_wait_s") or 0.0,
+            embed_batch_splits=emb.get("batch_splits") or 0,
             cost_avoided_usd=round(
                 max(0, full_tokens - out["tokens_embedded"]) * ctx.embedder.price_per_mtok() / 1e6, 6
             ),
             shards_in_run=len(shards),
         )
+        if emb.get("batch_size_limit") is not None:  # the batch size the endpoint was found to take
+            meta["embed_batch_size_limit"] = int(emb["batch_size_limit"])
         if emb.get("latency_p50_ms") is not None:
             meta["latency_p50_ms"] = round(emb["latency_p50_ms"], 2)
             meta["latency_p95_ms"] = round(emb["latency_p95_ms"], 2)
