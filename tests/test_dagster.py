@@ -338,3 +338,20 @@ def test_generation_sensor_finishes_a_generation_left_building(dset, defs, make_
     finally:
         ref.close()
         ctx.conn.close()
+
+
+def test_every_stage_gets_the_api_key_from_the_embedder_resource(dset, monkeypatch):
+    """Before, the manifest and chunk steps built the embedder from the environment alone, so a key
+    given only as the resource's EnvVar failed them ("needs RAG_EMBEDDING_API_KEY")."""
+    from rag_assets.defs.resources import EmbedderResource
+    from tests.fake_openai import FakeOpenAI
+
+    monkeypatch.delenv("RAG_EMBEDDING_API_KEY", raising=False)
+    with FakeOpenAI(dims=32, api_key="sk-resource") as srv:
+        s = replace(dset, embedder="openai", embedding_base_url=srv.url, embedding_model="fake-model")
+        res = {**resources_for(s), "embedder": EmbedderResource(api_key="sk-resource")}
+        _, assets = build_assets(s)
+        with dg.instance_for_test() as instance:
+            result = dg.materialize(assets, instance=instance, resources=res, tags=RANGE)
+        assert result.success
+        assert srv.request_count > 0

@@ -10,6 +10,7 @@ resource annotations at definition time and cannot resolve string annotations.
 """
 
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -87,7 +88,13 @@ def _fresh_token(
 def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefinition]]:
     """The four assets for one configuration (partitions and code versions come from ``settings``)."""
     chunker_version = make_chunker(settings.chunker, settings.chunk_max_tokens).version
-    embedder_fingerprint = make_embedder(settings).fingerprint
+    # The fingerprint needs no secret: the API key reaches the runs through the embedder resource
+    # (dg.EnvVar), so loading the definitions must not require it in the environment.
+    probe = make_embedder(replace(settings, embedding_api_key=settings.embedding_api_key or "unused-at-load"))
+    try:
+        embedder_fingerprint = probe.fingerprint
+    finally:
+        probe.close()
     shards_def = dg.StaticPartitionsDefinition([shard_key(i) for i in range(settings.shards)])
     range_runs = dg.BackfillPolicy.single_run()
 
@@ -119,12 +126,12 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ),
     )
     def document_manifest(
-        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource
+        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource, embedder: EmbedderResource
     ) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         started = datetime.now(UTC)
         shards = _shards(context)
-        ctx = stage_context(context, rag, None)
+        ctx = stage_context(context, rag, embedder)
         try:
             source = ctx.source()
             plan = plan_scan(
@@ -198,12 +205,12 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ),
     )
     def chunks(
-        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource
+        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource, embedder: EmbedderResource
     ) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         started = datetime.now(UTC)
         shards = _shards(context)
-        ctx = stage_context(context, rag, None)
+        ctx = stage_context(context, rag, embedder)
         try:
             out = chunk_stage(ctx, shards, force=_rebuild(context, config))
             out["seconds"] = time.perf_counter() - t0
