@@ -20,10 +20,13 @@ so a one-line edit re-embeds the rest of the document. :class:`StructureChunker`
    paragraph insertion, deletion or modification creates 1.13 new chunk texts on average, at
    most 3; upgrading the docs 5.0 -> 5.1 creates 671 new chunk texts (174k tokens) where
    re-embedding changed documents would send 4,800 chunks (1.07M tokens);
-3. bounds every chunk by ``max_tokens`` (as estimated by :func:`count_tokens`): where two natural
-   boundaries are too far apart a boundary is forced (again chosen by block hash), and a single
-   block that is too large is split at sentence, clause, line, then word boundaries, and as a
-   last resort at characters.
+3. bounds every chunk by ``max_tokens``, both as estimated by :func:`count_tokens` and as counted
+   by the tokenizer whose count the index stores (``tokens.count_tokens_batch``, cl100k_base):
+   where two natural boundaries are too far apart a boundary is forced (again chosen by block
+   hash), and a single block that is too large is split at sentence, clause, line, then word
+   boundaries, and as a last resort at characters. The estimate can be low (2x on text BPE
+   splits finely), so every chunk is then counted exactly and one still over the bound is
+   chunked again with a tighter estimate bound, or cut by the exact count.
 
 :class:`FixedWindowChunker` is the naive 512-word window, kept only so benchmarks and tests can
 show what the structure chunker saves.
@@ -41,6 +44,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from rag_assets.tokens import count_tokens_batch, tokenizer_name
+
 __all__ = [
     "FIXED_CHUNKER_VERSION",
     "STRUCTURE_CHUNKER_VERSION",
@@ -57,7 +62,7 @@ __all__ = [
 # version is part of the chunks asset's code_version, so bumping it re-chunks (not re-embeds:
 # unchanged chunk texts still hit the embedding cache).
 TOKEN_ESTIMATOR_VERSION = "tok1"
-STRUCTURE_CHUNKER_VERSION = "structure-v1"
+STRUCTURE_CHUNKER_VERSION = "structure-v2"  # v2: the bound holds for the stored (cl100k) count too
 FIXED_CHUNKER_VERSION = "fixed512-v1"
 
 
@@ -515,7 +520,8 @@ class StructureChunker:
     Parameters
     ----------
     max_tokens:
-        Hard upper bound on :func:`count_tokens` of every chunk.
+        Hard upper bound on every chunk's :func:`count_tokens` estimate and on its stored count
+        (``tokens.count_tokens_batch``).
     target_chars:
         Spacing of the content-defined boundaries in sections too long for one chunk: a boundary
         is a local maximum of the block hash over a window of radius ``target_chars // 2``
@@ -559,8 +565,9 @@ class StructureChunker:
         self.min_chars = min_chars
         self._radius = target_chars // 2
         self._max_units = max_tokens * _UNIT
+        # The bound is enforced in the stored token count too, so the tokenizer is part of the output.
         self.version = (
-            f"{STRUCTURE_CHUNKER_VERSION}+{TOKEN_ESTIMATOR_VERSION}"
+            f"{STRUCTURE_CHUNKER_VERSION}+{TOKEN_ESTIMATOR_VERSION}+{tokenizer_name()}"
             f"-max{max_tokens}-target{target_chars}-min{min_chars}"
         )
 
@@ -613,12 +620,16 @@ class StructureChunker:
         vals = doc.prefix[np.array(extents, dtype=np.int64)].tolist()
 
         spans: list[tuple[int, int]] = []
+        heading_at: dict[int, tuple[int, int]] = {}  # a section's start -> its heading span
         for k, (h, cs, ce) in enumerate(sections):
             start, end = extents[2 * k], extents[2 * k + 1]
+            if h is not None:
+                heading_at[h[0]] = h
             if vals[2 * k + 1] - vals[2 * k] <= self._max_units:
                 spans.append((start, end))  # the whole section fits: one chunk
             else:
                 self._long_section(doc, h, _blocks(text, cs, ce, fences), spans)
+        spans = self._fit_stored_count(doc, spans, heading_at, fences)
 
         chunks: list[Chunk] = []
         for a, b in spans:
@@ -628,6 +639,68 @@ class StructureChunker:
             )
         return chunks
 
+    # ---- the bound in the stored token count ---------------------------------------------------
+
+    def _fit_stored_count(
+        self,
+        doc: _Doc,
+        spans: list[tuple[int, int]],
+        heading_at: dict[int, tuple[int, int]],
+        fences: list[tuple[int, int]],
+    ) -> list[tuple[int, int]]:
+        """Enforce ``max_tokens`` in the count the index stores (``tokens.count_tokens_batch``:
+        cl100k_base, or this module's estimate without it), not only in the estimate.
+
+        The estimate is ~15% high on prose but can be 2x low on text BPE splits finely (strings
+        without spaces, rare scripts, punctuation runs), and a chunk's real count is not the sum of
+        its pieces' counts. Spans over the bound are chunked again on their own with a bound scaled
+        down by how much the estimate missed, then, failing that, cut by the real count. Only text
+        inside an over-long span is involved, so edit locality elsewhere is unchanged.
+        """
+        counts = count_tokens_batch([doc.text[a:b] for a, b in spans])
+        if not counts or max(counts) <= self.max_tokens:
+            return spans
+        out: list[tuple[int, int]] = []
+        for (a, b), n in zip(spans, counts, strict=True):
+            if n <= self.max_tokens:
+                out.append((a, b))
+            else:
+                self._refit(doc, a, b, heading_at.get(a), n, fences, out, 0)
+        return out
+
+    def _refit(
+        self,
+        doc: _Doc,
+        a: int,
+        b: int,
+        heading: tuple[int, int] | None,
+        n_real: int,
+        fences: list[tuple[int, int]],
+        out: list[tuple[int, int]],
+        depth: int,
+    ) -> None:
+        """Append spans covering ``text[a:b]`` (``n_real`` stored tokens, over the bound) that fit."""
+        text = doc.text
+        if heading is not None and b <= heading[1]:
+            heading = None
+        units = doc.units(a, b)
+        limit = min(units - 1, units * self.max_tokens // n_real - _UNIT)
+        sub: list[tuple[int, int]] = []
+        if depth < 4 and limit >= 4 * _UNIT:
+            inner = [f for f in fences if a <= f[0] and f[1] <= b]
+            self._long_section(
+                doc, heading, _blocks(text, heading[1] if heading else a, b, inner), sub, limit
+            )
+        if len(sub) < 2:
+            _cut_to_fit(text, a, b, self.max_tokens, out)
+            return
+        counts = count_tokens_batch([text[x:y] for x, y in sub])
+        for (x, y), m in zip(sub, counts, strict=True):
+            if m <= self.max_tokens:
+                out.append((x, y))
+            else:
+                self._refit(doc, x, y, heading if x == a else None, m, fences, out, depth + 1)
+
     # ---- a section too long for one chunk -------------------------------------------------------
 
     def _long_section(
@@ -636,15 +709,18 @@ class StructureChunker:
         heading: tuple[int, int] | None,
         blocks: list[list],
         out: list[tuple[int, int]],
+        max_units: int | None = None,
     ) -> None:
-        """Append the chunk spans of a section that does not fit in one chunk."""
+        """Append the chunk spans of a section that does not fit in one chunk (``max_units``:
+        the estimate bound per chunk, ``max_tokens`` by default)."""
+        max_units = self._max_units if max_units is None else max_units
         if heading is not None and not blocks:
             blocks, heading = [[heading[0], heading[1], 0, False]], None  # a giant lone heading
         wanted = [p for blk in blocks for p in (blk[0], blk[1])]
         if heading is not None:
             wanted += heading
         at = dict(zip(wanted, doc.prefix[np.array(wanted, dtype=np.int64)].tolist(), strict=True))
-        limit = self._max_units
+        limit = max_units
         if heading is not None:
             # Reserve room for the heading (and the blank after it) in every unit, so the heading
             # always fits with the unit that follows it and never ends a chunk on its own.
@@ -656,7 +732,7 @@ class StructureChunker:
             else:
                 limit -= head_units
         items = self._items(doc, at, blocks, limit)
-        self._pack(doc, at, heading, items, out)
+        self._pack(doc, at, heading, items, out, max_units)
 
     def _items(
         self, doc: _Doc, at: dict[int, int], blocks: list[list], limit: int
@@ -715,8 +791,9 @@ class StructureChunker:
         heading: tuple[int, int] | None,
         items: list[tuple[int, int, int]],
         out: list[tuple[int, int]],
+        max_units: int,
     ) -> None:
-        """Group a long section's items into chunks.
+        """Group a long section's items into chunks of at most ``max_units``.
 
         Natural boundaries: after item ``i`` when its hash is a strict local maximum over the items
         ending within ``radius`` characters, at least ``min_chars`` from the section's edges.
@@ -762,7 +839,6 @@ class StructureChunker:
                     j += 1
             natural[i] = ok
 
-        max_units = self._max_units
         min_forced = self.min_chars // 2
         prefix = doc.prefix
         pe_of = []
@@ -862,6 +938,46 @@ def _hard_split(doc: _Doc, s: int, e: int, limit: int, out: list[tuple[int, int,
         a = b
 
 
+def _fits(piece: str, max_tokens: int) -> bool:
+    """Within the bound both in the estimate and in the stored count."""
+    return count_tokens(piece) <= max_tokens and count_tokens_batch([piece])[0] <= max_tokens
+
+
+def _cut_to_fit(text: str, a: int, b: int, max_tokens: int, out: list[tuple[int, int]]) -> None:
+    """Last resort: cut ``text[a:b]`` (trimmed) greedily into the longest trimmed pieces that fit
+    :func:`_fits`, each ending at whitespace when that keeps at least half of the piece.
+
+    BPE counts are not monotone in the prefix length, so the binary search only ever keeps an end
+    it has checked; a single character always fits (at most 4 tokens, ``max_tokens >= 16``).
+    """
+    while a < b and text[a].isspace():
+        a += 1
+    while a < b:
+        if _fits(text[a:b], max_tokens):
+            out.append((a, b))
+            return
+        lo, hi = a + 1, b - 1  # text[a:lo] fits; text[a:b] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _fits(text[a:mid].rstrip(), max_tokens):
+                lo = mid
+            else:
+                hi = mid - 1
+        end = a + len(text[a:lo].rstrip())
+        half = a + (end - a) // 2
+        k = end - 1
+        while k > half and not text[k].isspace():
+            k -= 1
+        if k > half:
+            cut = a + len(text[a:k].rstrip())
+            if cut > a and _fits(text[a:cut], max_tokens):
+                end = cut
+        out.append((a, end))
+        a = end
+        while a < b and text[a].isspace():
+            a += 1
+
+
 _WORD_WINDOW_CACHE: dict[int, re.Pattern[str]] = {}
 
 
@@ -869,14 +985,21 @@ class FixedWindowChunker:
     """The naive baseline: consecutive windows of ``words`` whitespace-separated words, no overlap.
 
     Kept for comparison only. Inserting one word near the top shifts every later window, so an
-    edit re-embeds everything after it; windows also ignore headings and do not bound tokens.
+    edit re-embeds everything after it; windows also ignore headings. Only with ``max_tokens``
+    (as :func:`make_chunker` builds it for the pipeline) is a window over that many tokens cut.
     """
 
-    def __init__(self, words: int = 512):
+    def __init__(self, words: int = 512, max_tokens: int | None = None):
         if words < 1:
             raise ValueError(f"words must be >= 1, got {words}")
+        if max_tokens is not None and max_tokens < 16:
+            raise ValueError(f"max_tokens must be >= 16, got {max_tokens}")
         self.words = words
-        self.version = FIXED_CHUNKER_VERSION if words == 512 else f"fixed{words}-v1"
+        self.max_tokens = max_tokens
+        if max_tokens is None:
+            self.version = FIXED_CHUNKER_VERSION if words == 512 else f"fixed{words}-v1"
+        else:  # windows over the bound are cut, by the stored count: the tokenizer is part of the output
+            self.version = f"fixed{words}-max{max_tokens}+{TOKEN_ESTIMATOR_VERSION}+{tokenizer_name()}-v2"
         pat = _WORD_WINDOW_CACHE.get(words)
         if pat is None:
             pat = re.compile(rf"\S+(?:\s+\S+){{0,{words - 1}}}")
@@ -884,28 +1007,39 @@ class FixedWindowChunker:
         self._window = pat
 
     def __repr__(self) -> str:
-        return f"FixedWindowChunker(words={self.words})"
+        return f"FixedWindowChunker(words={self.words}, max_tokens={self.max_tokens})"
 
     def chunk(self, text: str) -> list[Chunk]:
-        """Windows of ``words`` words over the text after any front matter."""
+        """Windows of ``words`` words over the text after any front matter; with ``max_tokens``,
+        a window over it (estimated or stored count) is cut into pieces that fit."""
         base = _front_matter_end(text)
+        spans = [m.span() for m in self._window.finditer(text, base)]
+        if self.max_tokens is not None and spans:
+            mt = self.max_tokens
+            real = count_tokens_batch([text[a:b] for a, b in spans])
+            fitted: list[tuple[int, int]] = []
+            for (a, b), n in zip(spans, real, strict=True):
+                if n <= mt and count_tokens(text[a:b]) <= mt:
+                    fitted.append((a, b))
+                else:
+                    _cut_to_fit(text, a, b, mt, fitted)
+            spans = fitted
         chunks: list[Chunk] = []
-        for m in self._window.finditer(text, base):
-            piece = m.group()
-            chunks.append(
-                Chunk(len(chunks), piece, m.start(), m.end(), chunk_hash(piece), count_tokens(piece))
-            )
+        for a, b in spans:
+            piece = text[a:b]
+            chunks.append(Chunk(len(chunks), piece, a, b, chunk_hash(piece), count_tokens(piece)))
         return chunks
 
 
 def make_chunker(name: str, max_tokens: int = 512) -> Chunker:
     """The chunker called ``name``: ``"structure"`` (default pipeline) or ``"fixed"`` (baseline).
 
-    ``max_tokens`` bounds the structure chunker; the fixed window is always 512 words.
+    ``max_tokens`` bounds every chunk of either; the fixed window is 512 words, cut further where a
+    window is over ``max_tokens``.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key == "structure":
         return StructureChunker(max_tokens=max_tokens)
     if key == "fixed":
-        return FixedWindowChunker()
+        return FixedWindowChunker(max_tokens=max_tokens)
     raise ValueError(f"unknown chunker {name!r}: expected 'structure' or 'fixed'")

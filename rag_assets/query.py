@@ -20,6 +20,11 @@ from rag_assets.embedders import Embedder, EmbedStats
 from rag_assets.store.serving import live_generation
 
 DEFAULT_EF_SEARCH = 100  # pgvector's 40 gave recall@10 0.89 at 10k chunks in benchmarks/query_latency.py
+# A hit carries at most this much metadata (canonical JSON). Indexing refuses documents whose metadata
+# is larger than RAG_MAX_METADATA_BYTES (default the same 64 KiB); this caps rows indexed before that
+# bound existed, or under a larger setting, so one document cannot make every response huge.
+MAX_HIT_METADATA_BYTES = 64 * 1024
+_HIT_TITLE_CHARS = 1000
 
 
 class QueryError(ValueError):
@@ -121,11 +126,27 @@ def search_vector(
         score = 1.0 - float(dist)
         if min_score is not None and score < min_score:
             continue
-        hits.append(Hit(doc_id, seq, round(score, 6), text, metadata, chunk_id))
+        hits.append(Hit(doc_id, seq, round(score, 6), text, bounded_metadata(metadata), chunk_id))
     if generation is None:
         live = live_generation(conn)
         generation = live.id if live else None
     return QueryResult(hits, generation)
+
+
+def bounded_metadata(metadata: object, limit: int = MAX_HIT_METADATA_BYTES) -> dict:
+    """A hit's metadata, or, when its canonical JSON is over ``limit`` bytes, only its ``path`` and
+    ``title`` (cut to 1000 characters) with ``"metadata_truncated": true``."""
+    if not isinstance(metadata, dict):
+        return {}
+    size = len(json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    if size <= limit:
+        return metadata
+    out: dict = {"metadata_truncated": True}
+    for key in ("path", "title"):
+        v = metadata.get(key)
+        if isinstance(v, str):
+            out[key] = v if len(v) <= _HIT_TITLE_CHARS else v[: _HIT_TITLE_CHARS - 1] + "…"
+    return out
 
 
 def check_embedder_matches(conn: psycopg.Connection, embedder: Embedder) -> None:

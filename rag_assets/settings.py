@@ -76,6 +76,7 @@ class Settings:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     max_doc_bytes: int = 10 * 1024 * 1024
+    max_metadata_bytes: int = 64 * 1024  # one document's metadata as canonical JSON; larger: reported, skipped
     max_delete_fraction: float = 0.5  # a refresh deleting more of the documents is refused unless allowed
 
     chunker: str = "structure"  # or "fixed" (the naive 512-word window, for comparison)
@@ -132,6 +133,7 @@ class Settings:
             include=_split(e["RAG_INCLUDE"]) if e.get("RAG_INCLUDE") else DEFAULT_INCLUDE,
             exclude=_split(e.get("RAG_EXCLUDE", "")),
             max_doc_bytes=_int(e, "RAG_MAX_DOC_BYTES", 10 * 1024 * 1024, 1),
+            max_metadata_bytes=_int(e, "RAG_MAX_METADATA_BYTES", 64 * 1024, 1024, 64 * 1024 * 1024),
             max_delete_fraction=_fraction(e, "RAG_MAX_DELETE_FRACTION", 0.5),
             chunker=e.get("RAG_CHUNKER") or "structure",
             chunk_max_tokens=_int(e, "RAG_CHUNK_MAX_TOKENS", 512, 32, 8192),
