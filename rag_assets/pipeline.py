@@ -281,11 +281,15 @@ class StageContext:
         if path is not None:
             spec = SourceSpec.of(path, s.include, s.exclude)
             bind_source(self.conn, spec, change=change_source)
-            return FolderSource(spec.root, spec.include, spec.exclude, s.max_doc_bytes)
+            return FolderSource(
+                spec.root, spec.include, spec.exclude, s.max_doc_bytes, max_metadata_bytes=s.max_metadata_bytes
+            )
         bound = bound_folder(self.conn, s)
         if bound is None:
             return None
-        return FolderSource(bound.root, bound.include, bound.exclude, s.max_doc_bytes)
+        return FolderSource(
+            bound.root, bound.include, bound.exclude, s.max_doc_bytes, max_metadata_bytes=s.max_metadata_bytes
+        )
 
     def target(self, fresh_token: str | None = None) -> Generation:
         return target_generation(
@@ -329,7 +333,8 @@ def manifest_stage(
             diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
     out = diff.counts()
     changed = diff.changed
-    hooks = apply_inbox(ctx.conn, shards)  # documents pushed by webhooks into these shards
+    # documents pushed by webhooks into these shards
+    hooks = apply_inbox(ctx.conn, shards, max_metadata_bytes=ctx.settings.max_metadata_bytes)
     for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted"):
         out[k] += hooks.get(k, 0)
         changed = changed or bool(hooks.get(k))

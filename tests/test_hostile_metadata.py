@@ -553,3 +553,20 @@ def test_property_webhook_metadata_is_jsonb_safe_or_an_error_naming_the_doc(pg, 
         return
     _check_survives_jsonb(pg, doc)
     assert all(not isinstance(v, float) or math.isfinite(v) for v in doc.metadata.values())
+
+
+def test_the_metadata_bound_setting_reaches_the_indexer(settings, docs_dir):
+    """RAG_MAX_METADATA_BYTES is honoured by a refresh, not only by FolderSource's default."""
+    from dataclasses import replace as _replace
+
+    from rag_assets.pipeline import Indexer
+
+    (docs_dir / "big.md").write_text("---\nnote: " + "x" * 3000 + "\n---\n# Big\n\nbody")
+    (docs_dir / "ok.md").write_text("# Ok\n\nbody")
+    idx = Indexer(_replace(settings, max_metadata_bytes=2048))
+    try:
+        rep = idx.refresh(docs_dir)
+        assert [e["doc_id"] for e in rep.errors] == ["big.md"]
+        assert rep.docs_total == 1
+    finally:
+        idx.close()

@@ -46,8 +46,18 @@ def pending_inbox_shards(conn: psycopg.Connection) -> set[int]:
     return {r[0] for r in conn.execute("SELECT DISTINCT shard FROM rag.inbox WHERE applied_at IS NULL")}
 
 
-def apply_inbox(conn: psycopg.Connection, shards: Iterable[int], *, limit: int = 100_000) -> dict:
-    """Consume unapplied events of ``shards``; returns counts and per-event errors."""
+def apply_inbox(
+    conn: psycopg.Connection,
+    shards: Iterable[int],
+    *,
+    limit: int = 100_000,
+    max_metadata_bytes: int | None = None,
+) -> dict:
+    """Consume unapplied events of ``shards``; returns counts and per-event errors.
+
+    ``max_metadata_bytes`` is the index's RAG_MAX_METADATA_BYTES (default: the documents' default).
+    """
+    bound = {} if max_metadata_bytes is None else {"max_metadata_bytes": max_metadata_bytes}
     shards = sorted(set(shards))
     out = {"events_applied": 0, "events_stale": 0, "events_rejected": 0, "errors": []}
     with conn.transaction():
@@ -130,7 +140,9 @@ def apply_inbox(conn: psycopg.Connection, shards: Iterable[int], *, limit: int =
                 outcome[seq] = "applied"
                 continue
             try:
-                doc = make_webhook_document(doc_id, content or "", metadata or {}, when)
+                doc = make_webhook_document(
+                    doc_id, content or "", metadata or {}, when, **bound
+                )
             except DocumentError as e:
                 reject(ev, e.reason)
                 continue
