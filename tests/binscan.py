@@ -56,6 +56,25 @@ def _function_ranges(elf: ELFFile) -> tuple[list[int], list[tuple[int, int, str]
     return [r[0] for r in ranges], ranges
 
 
+def features_outside_dispatch(path: Path) -> dict[str, set[str]]:
+    """CPUID feature name -> functions (not named for run-time dispatch) whose instructions need it."""
+    used: dict[str, set[str]] = {}
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        starts, ranges = _function_ranges(elf)
+        for sec in elf.iter_sections():
+            if not sec["sh_flags"] & SH_FLAGS.SHF_EXECINSTR or sec["sh_type"] == "SHT_NOBITS":
+                continue
+            for ins in Decoder(64, sec.data(), ip=sec["sh_addr"]):
+                i = bisect.bisect_right(starts, ins.ip) - 1
+                fn = ranges[i][2] if i >= 0 and ranges[i][0] <= ins.ip < ranges[i][1] else "?"
+                if DISPATCHED.search(fn):
+                    continue
+                for feat in ins.cpuid_features():
+                    used.setdefault(_FEATURE_NAMES[feat], set()).add(fn)
+    return used
+
+
 def scan_elf(path: Path) -> ScanResult:
     """Decode every executable section of ``path`` and attribute AVX-512 instructions to functions."""
     res = ScanResult(Path(path))

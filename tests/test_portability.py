@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.binscan import DISPATCHED, scan_elf
+from tests.binscan import scan_elf
 
 pytestmark = pytest.mark.skipif(
     platform.machine() not in ("x86_64", "AMD64"), reason="the scan decodes x86-64 machine code"
@@ -71,34 +71,16 @@ def test_every_shipped_server_binary_is_free_of_undispatched_avx512():
 
 def test_pgvector_needs_nothing_above_x86_64_v3_outside_dispatch():
     """Record (and hold) the CPU level the shipped pgvector needs: AVX2-class, never AVX-512."""
-    from elftools.elf.elffile import ELFFile
-    from iced_x86 import CpuidFeature, Decoder
+    from tests.binscan import features_outside_dispatch
 
-    from tests.binscan import _function_ranges
-
-    names = {v: k for k, v in vars(CpuidFeature).items() if k.isupper()}
     baseline_prefixes = ("INTEL", "X64", "SSE", "SSSE3", "CMOV", "FPU", "CPUID", "MULTIBYTENOP", "PAUSE")
     baseline = {"SYSCALL", "RDTSC", "TSC", "CX8", "CLFSH", "MMX", "POPCNT", "CMPXCHG16B", "LAHF_SAHF"}
     baseline |= {"FXSR", "CET_IBT"}
-    import bisect
-
-    used: dict[str, set[str]] = {}
-    with open(_vector_so(), "rb") as f:
-        elf = ELFFile(f)
-        starts, ranges = _function_ranges(elf)
-        for sec in elf.iter_sections():
-            if not sec["sh_flags"] & 0x4:  # SHF_EXECINSTR
-                continue
-            for ins in Decoder(64, sec.data(), ip=sec["sh_addr"]):
-                i = bisect.bisect_right(starts, ins.ip) - 1
-                fn = ranges[i][2] if i >= 0 else "?"
-                if DISPATCHED.search(fn):
-                    continue
-                for feat in ins.cpuid_features():
-                    n = names[feat]
-                    if n in baseline or n.startswith(baseline_prefixes):
-                        continue
-                    used.setdefault(n, set()).add(fn)
+    used = {
+        n: fns
+        for n, fns in features_outside_dispatch(_vector_so()).items()
+        if n not in baseline and not n.startswith(baseline_prefixes)
+    }
     above_v3 = {k: sorted(v)[:5] for k, v in used.items() if k not in V3}
     assert not above_v3, f"the shipped pgvector needs more than x86-64-v3 outside dispatch: {above_v3}"
 
