@@ -7,7 +7,7 @@ dagster-webserver, dagster-daemon) and deploy/dagster.yaml (Postgres storage, qu
 64 shards are split into c contiguous ranges and c backfills are launched at once over GraphQL, so c
 range runs execute concurrently (run limit and `embedder` pool limit raised to ≥ c for the benchmark).
 
-Where the time goes comes from the stage rows the assets record (`SELECT stage, stats FROM rag.runs`):
+Where the time goes comes from the stage rows the assets record (`SELECT stage, stats FROM runs`):
   manifest   scan + hashing + manifest writes            (stats.seconds of stage 'manifest')
   chunks     chunking + chunk COPY                         (stage 'chunks')
   embed      embedder time (hashing embedder here)         (stats.seconds_embed)
@@ -73,12 +73,12 @@ def stage_breakdown(db_url: str, wall: float) -> dict:
     conn = connect(db_url)
     try:
         rows = conn.execute(
-            "SELECT stage, stats, extract(epoch FROM started_at), extract(epoch FROM finished_at) FROM rag.runs"
+            "SELECT stage, stats, extract(epoch FROM started_at), extract(epoch FROM finished_at) FROM runs"
         ).fetchall()
         docs, chunks = conn.execute(
-            "SELECT (SELECT count(*) FROM rag.manifest), (SELECT count(*) FROM rag.chunks)"
+            "SELECT (SELECT count(*) FROM manifest), (SELECT count(*) FROM chunks)"
         ).fetchone()
-        rows_served = conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
+        rows_served = conn.execute("SELECT count(*) FROM items").fetchone()[0]
     finally:
         conn.close()
     out = {"manifest": 0.0, "chunks": 0.0, "embed": 0.0, "sync": 0.0, "hnsw": 0.0}

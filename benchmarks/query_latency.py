@@ -250,7 +250,7 @@ def bench_size(
         out["recall_curve"] = curve
         out["recall_at_10"] = curve[0]["recall_at_10"]  # at the default ef_search (40)
         out["hnsw_build_params"] = {"m=16,ef_construction=64 (pgvector default)": {"curve": curve}}
-        gen = conn.execute("SELECT generation FROM rag.live").fetchone()[0]
+        gen = conn.execute("SELECT generation FROM live").fetchone()[0]
         for m, efc in hnsw_params or []:
             build_s = rebuild_hnsw(conn, gen, m, efc)
             out["hnsw_build_params"][f"m={m},ef_construction={efc}"] = {

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = idx.refresh(folder, progress=False)
         index_s = time.perf_counter() - t0
         conn = idx.conn
-        chunks = conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
+        chunks = conn.execute("SELECT count(*) FROM items").fetchone()[0]
 
         def run(ef: int | None, exact: bool) -> tuple[list[list[tuple[str, float]]], list[float]]:
             res, lat = [], []

@@ -29,8 +29,8 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
     out: dict[str, dict[int, int]] = {}
     out["chunk_state_stale"] = _by_shard(
         conn,
-        """SELECT coalesce(m.shard, c.shard), count(*) FROM rag.manifest m
-           FULL JOIN rag.chunk_docs c ON c.doc_id = m.doc_id
+        """SELECT coalesce(m.shard, c.shard), count(*) FROM manifest m
+           FULL JOIN chunk_docs c ON c.doc_id = m.doc_id
            WHERE m.doc_id IS NULL OR c.doc_id IS NULL OR m.content_hash <> c.content_hash
               OR m.meta_hash <> c.meta_hash OR c.chunker_version <> %(cv)s
            GROUP BY 1""",
@@ -42,7 +42,7 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
     out["rows_missing"] = _by_shard(
         conn,
         sql.SQL(
-            """SELECT c.shard, count(*) FROM rag.chunks c WHERE
+            """SELECT c.shard, count(*) FROM chunks c WHERE
                    NOT EXISTS (SELECT 1 FROM {items} i WHERE i.chunk_id = c.chunk_id)
                    OR NOT EXISTS (SELECT 1 FROM {pos} p WHERE p.chunk_id = c.chunk_id) GROUP BY 1"""
         ).format(items=items, pos=pos),
@@ -53,7 +53,7 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
             conn,
             sql.SQL(
                 """SELECT x.shard, count(*) FROM {t} x WHERE NOT EXISTS (
-                       SELECT 1 FROM rag.chunks c WHERE c.chunk_id = x.chunk_id) GROUP BY 1"""
+                       SELECT 1 FROM chunks c WHERE c.chunk_id = x.chunk_id) GROUP BY 1"""
             ).format(t=t),
             {},
         )
@@ -65,8 +65,8 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
     stale = _by_shard(
         conn,
         sql.SQL(
-            """SELECT i.shard, count(*) FROM {items} i JOIN rag.chunks c USING (chunk_id)
-               LEFT JOIN rag.embedding_cache e ON e.embedder_id = %(eid)s AND e.chunk_hash = c.chunk_hash
+            """SELECT i.shard, count(*) FROM {items} i JOIN chunks c USING (chunk_id)
+               LEFT JOIN rag_cache.embedding_cache e ON e.embedder_id = %(eid)s AND e.chunk_hash = c.chunk_hash
                WHERE i.chunk_hash <> c.chunk_hash OR i.text <> c.text OR i.shard <> c.shard
                   OR i.doc_id <> c.doc_id OR e.embedding IS NULL OR i.embedding <> e.embedding
                GROUP BY 1"""
@@ -76,7 +76,7 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
     moved = _by_shard(
         conn,
         sql.SQL(
-            """SELECT p.shard, count(*) FROM {pos} p JOIN rag.chunks c USING (chunk_id)
+            """SELECT p.shard, count(*) FROM {pos} p JOIN chunks c USING (chunk_id)
                WHERE p.seq <> c.seq OR p.doc_id <> c.doc_id OR p.shard <> c.shard GROUP BY 1"""
         ).format(pos=pos),
         {},
@@ -86,7 +86,7 @@ def find_drift(conn: psycopg.Connection, chunker_version: str) -> dict[str, dict
         conn,
         sql.SQL(
             """SELECT coalesce(d.shard, c.shard), count(*) FROM {docs} d
-               FULL JOIN rag.chunk_docs c ON c.doc_id = d.doc_id
+               FULL JOIN chunk_docs c ON c.doc_id = d.doc_id
                WHERE d.doc_id IS NULL OR c.doc_id IS NULL OR d.meta_hash <> c.meta_hash
                   OR d.metadata <> c.metadata
                GROUP BY 1"""
@@ -129,10 +129,10 @@ def _drop_drifted_rows(conn: psycopg.Connection, gen_id: int, ctx: StageContext,
     with conn.transaction():
         conn.execute(
             sql.SQL(
-                """DELETE FROM {items} i USING rag.chunks c
+                """DELETE FROM {items} i USING chunks c
                    WHERE i.shard = ANY(%(s)s) AND c.chunk_id = i.chunk_id AND (
                        i.text <> c.text OR i.shard <> c.shard OR i.doc_id <> c.doc_id OR NOT EXISTS (
-                           SELECT 1 FROM rag.embedding_cache e WHERE e.embedder_id = %(eid)s
+                           SELECT 1 FROM rag_cache.embedding_cache e WHERE e.embedder_id = %(eid)s
                            AND e.chunk_hash = c.chunk_hash AND e.embedding = i.embedding))"""
             ).format(items=items),
             {"s": shards, "eid": ctx.embedder_id},
@@ -140,7 +140,7 @@ def _drop_drifted_rows(conn: psycopg.Connection, gen_id: int, ctx: StageContext,
         pos = schema.pos_table(gen_id)
         conn.execute(
             sql.SQL(
-                """DELETE FROM {pos} p USING rag.chunks c WHERE p.shard = ANY(%(s)s) AND c.chunk_id = p.chunk_id
+                """DELETE FROM {pos} p USING chunks c WHERE p.shard = ANY(%(s)s) AND c.chunk_id = p.chunk_id
                    AND (p.doc_id <> c.doc_id OR p.shard <> c.shard)"""
             ).format(pos=pos),
             {"s": shards},
@@ -148,7 +148,7 @@ def _drop_drifted_rows(conn: psycopg.Connection, gen_id: int, ctx: StageContext,
         docs = schema.docs_table(gen_id)
         conn.execute(
             sql.SQL(
-                """UPDATE {docs} d SET metadata = c.metadata, meta_hash = c.meta_hash FROM rag.chunk_docs c
+                """UPDATE {docs} d SET metadata = c.metadata, meta_hash = c.meta_hash FROM chunk_docs c
                    WHERE c.doc_id = d.doc_id AND d.shard = ANY(%(s)s) AND d.metadata <> c.metadata"""
             ).format(docs=docs),
             {"s": shards},

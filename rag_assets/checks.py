@@ -36,14 +36,14 @@ def rows_match_chunks(conn: psycopg.Connection, gen: Generation, shards: Iterabl
     missing, extra, mismatch = conn.execute(
         sql.SQL(
             """SELECT
-                 (SELECT count(*) FROM rag.chunks c WHERE c.shard = ANY(%(s)s) AND (
+                 (SELECT count(*) FROM chunks c WHERE c.shard = ANY(%(s)s) AND (
                      NOT EXISTS (SELECT 1 FROM {items} i WHERE i.chunk_id = c.chunk_id)
                      OR NOT EXISTS (SELECT 1 FROM {pos} p WHERE p.chunk_id = c.chunk_id AND p.seq = c.seq))),
                  (SELECT count(*) FROM {items} i WHERE i.shard = ANY(%(s)s) AND NOT EXISTS (
-                     SELECT 1 FROM rag.chunks c WHERE c.chunk_id = i.chunk_id))
+                     SELECT 1 FROM chunks c WHERE c.chunk_id = i.chunk_id))
                  + (SELECT count(*) FROM {pos} p WHERE p.shard = ANY(%(s)s) AND NOT EXISTS (
-                     SELECT 1 FROM rag.chunks c WHERE c.chunk_id = p.chunk_id)),
-                 (SELECT count(*) FROM {items} i JOIN rag.chunks c USING (chunk_id)
+                     SELECT 1 FROM chunks c WHERE c.chunk_id = p.chunk_id)),
+                 (SELECT count(*) FROM {items} i JOIN chunks c USING (chunk_id)
                      WHERE i.shard = ANY(%(s)s) AND (i.text <> c.text OR i.doc_id <> c.doc_id))"""
         ).format(items=items, pos=pos),
         {"s": shards},
@@ -63,10 +63,10 @@ def no_orphan_rows(conn: psycopg.Connection, gen: Generation, shards: Iterable[i
         sql.SQL(
             """SELECT
                  (SELECT count(*) FROM {items} i WHERE i.shard = ANY(%(s)s) AND NOT EXISTS (
-                     SELECT 1 FROM rag.manifest m WHERE m.doc_id = i.doc_id)),
+                     SELECT 1 FROM manifest m WHERE m.doc_id = i.doc_id)),
                  (SELECT count(*) FROM {docs} d WHERE d.shard = ANY(%(s)s) AND NOT EXISTS (
-                     SELECT 1 FROM rag.manifest m WHERE m.doc_id = d.doc_id)),
-                 (SELECT count(*) FROM {docs} d JOIN rag.manifest m USING (doc_id)
+                     SELECT 1 FROM manifest m WHERE m.doc_id = d.doc_id)),
+                 (SELECT count(*) FROM {docs} d JOIN manifest m USING (doc_id)
                      WHERE d.shard = ANY(%(s)s) AND d.meta_hash <> m.meta_hash)"""
         ).format(items=items, docs=docs),
         {"s": shards},
@@ -107,7 +107,7 @@ def manifest_matches_source(
         return CheckResult("manifest_matches_source", 0, {"checked": 0, "documents": 0, "folder": "none"})
     shards = sorted(set(shards))
     rows = conn.execute(
-        "SELECT doc_id, content_hash, meta_hash FROM rag.manifest WHERE shard = ANY(%s) AND source = %s",
+        "SELECT doc_id, content_hash, meta_hash FROM manifest WHERE shard = ANY(%s) AND source = %s",
         (shards, source.name),
     ).fetchall()
     picked = rows if len(rows) <= sample else random.Random(seed).sample(rows, sample)

@@ -73,9 +73,9 @@ def cmd_index(args, settings: Settings) -> int:
 def cmd_query(args, settings: Settings) -> int:
     from rag_assets.embedders import make_embedder
     from rag_assets.query import parse_filters, search
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     emb = make_embedder(settings)
     try:
         res = search(
@@ -108,9 +108,9 @@ def cmd_query(args, settings: Settings) -> int:
 
 def cmd_status(args, settings: Settings) -> int:
     from rag_assets.status import index_status
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     try:
         st = index_status(conn, digest=not args.no_digest)
     finally:
@@ -128,9 +128,9 @@ def cmd_status(args, settings: Settings) -> int:
 
 def cmd_export(args, settings: Settings) -> int:
     from rag_assets.export import export_rows
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     try:
         n = export_rows(conn, Path(args.path), args.format)
     finally:
@@ -147,10 +147,10 @@ def cmd_cost(args, settings: Settings) -> int:
     from datetime import date
 
     from rag_assets.cost import cost_report
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
     since = date.fromisoformat(args.since) if args.since else None
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     try:
         rep = cost_report(conn, since, args.price_per_mtok)
     finally:
@@ -193,9 +193,9 @@ def cmd_snapshot(args, settings: Settings) -> int:
     if args.action == "show":
         _print(snap.show_snapshot(store, _need_id(args)), args.json, _human_dict)
         return 0
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     try:
         if args.action == "create":
             out = snap.create_snapshot(conn, store, note=args.note)
@@ -228,9 +228,9 @@ def _human_dict(d: dict) -> None:
 
 def cmd_rollback(args, settings: Settings) -> int:
     from rag_assets.snapshots import rollback
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     try:
         out = rollback(conn, settings.keep_generations)
     finally:
@@ -241,9 +241,9 @@ def cmd_rollback(args, settings: Settings) -> int:
 
 def cmd_generations(args, settings: Settings) -> int:
     from rag_assets.snapshots import list_generations
-    from rag_assets.store.db import connect, database_url
+    from rag_assets.store.db import connect_index
 
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     try:
         gens = list_generations(conn)
     finally:
@@ -277,13 +277,13 @@ def cmd_dev(args, settings: Settings) -> int:
     if args.source:
         # Recorded now, like `index PATH`: the sensors then read the index's binding, whatever the
         # working directory or RAG_SOURCE_PATH of the Dagster processes.
-        from rag_assets.store.db import connect, database_url
+        from rag_assets.store.db import connect_index
         from rag_assets.store.source_binding import SourceSpec, bind_source
 
         src = Path(args.source)
         if not src.is_dir():
             raise FileNotFoundError(f"source folder does not exist or is not a directory: {src}")
-        conn = connect(database_url(settings))
+        conn = connect_index(settings)
         try:
             bind_source(conn, SourceSpec.of(src, settings.include, settings.exclude), change=args.change_source)
         finally:

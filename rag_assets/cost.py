@@ -1,6 +1,6 @@
 """``rag-assets cost``: what embedding cost, and what re-embedding everything would have cost.
 
-Read from the recorded runs (``rag.runs``), not estimated: each refresh that did work recorded
+Read from the recorded runs (``runs``), not estimated: each refresh that did work recorded
 the tokens it sent to the provider, the price in force, and the tokens of the whole corpus after
 the refresh — what a pipeline that re-embeds everything on each refresh would have paid.
 """
@@ -24,7 +24,7 @@ def cost_report(
                   sum(tokens_embedded), sum(tokens_full_reembed),
                   sum(tokens_embedded * coalesce(%(p)s, price_per_mtok) / 1e6),
                   sum(tokens_full_reembed * coalesce(%(p)s, price_per_mtok) / 1e6)
-           FROM rag.runs
+           FROM runs
            WHERE stage = ANY(%(stages)s) AND (%(since)s::date IS NULL OR started_at >= %(since)s::date)
            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
         {"p": price_per_mtok, "stages": list(EMBED_STAGES), "since": since},

@@ -54,7 +54,7 @@ def export_rows(conn: psycopg.Connection, path: Path, fmt: str = "parquet", batc
         cur.itersize = batch
         try:
             cur.execute(
-                "SELECT chunk_id, doc_id, shard, seq, text, metadata, embedding FROM rag.items ORDER BY doc_id, seq"
+                "SELECT chunk_id, doc_id, shard, seq, text, metadata, embedding FROM items ORDER BY doc_id, seq"
             )
         except psycopg.errors.UndefinedTable:
             raise ValueError("the index is empty: run `rag-assets index PATH` first") from None

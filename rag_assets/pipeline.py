@@ -23,10 +23,10 @@ from rag_assets.chunking import Chunker, make_chunker
 from rag_assets.embedders import Embedder, EmbedStats, make_embedder
 from rag_assets.embedders.cache import ensure_embedder
 from rag_assets.manifest import ManifestDiff, ManifestEntry, shard_of
-from rag_assets.settings import Settings, SettingsError
+from rag_assets.settings import Settings
 from rag_assets.sources import DocumentError, DocumentGone, FolderSource, ScanResult
 from rag_assets.store.chunk_stage import lagging_chunk_shards, sync_chunks
-from rag_assets.store.db import connect, database_url, lock_shards
+from rag_assets.store.db import connect_index, lock_shards
 from rag_assets.store.manifest_store import DocUpdate, apply_manifest, load_manifest, manifest_versions
 from rag_assets.store.serving import (
     Generation,
@@ -37,6 +37,7 @@ from rag_assets.store.serving import (
     sync_serving,
     target_generation,
 )
+from rag_assets.store.shard_count import require_shard_count
 from rag_assets.store.source_binding import SourceSpec, bind_source, bound_folder
 from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
 from rag_assets.tokens import preload as preload_tokenizer
@@ -128,24 +129,6 @@ class IndexingError(RuntimeError):
     """A refresh failed; shards already synced keep their new state, the rest their old state."""
 
 
-def check_shard_count(conn: psycopg.Connection, n_shards: int) -> None:
-    """The shard count is fixed per index: changing it would move every document."""
-    row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
-    if row is None:
-        conn.execute(
-            "INSERT INTO rag.settings (key, value) VALUES ('shards', %s) ON CONFLICT DO NOTHING",
-            (Jsonb(n_shards),),
-        )
-        if not conn.autocommit:
-            conn.commit()
-        return
-    if int(row[0]) != n_shards:
-        raise SettingsError(
-            f"RAG_SHARDS={n_shards} but this index was built with {row[0]} shards; "
-            "use the same value (changing it would move every document)"
-        )
-
-
 @dataclass
 class ScanPlan:
     """The fast path's answer: which shards need work and which files must be re-read."""
@@ -180,7 +163,7 @@ def plan_scan(
     failed = {
         d: (size, mtime, err)
         for d, size, mtime, err in conn.execute(
-            "SELECT doc_id, size, mtime_ns, error FROM rag.source_errors WHERE source = %s", (source.name,)
+            "SELECT doc_id, size, mtime_ns, error FROM source_errors WHERE source = %s", (source.name,)
         )
     }
     shard_of_doc = {}
@@ -205,7 +188,7 @@ def plan_scan(
             deleted.append(doc_id)
     gone = [d for d in failed if d not in scan.stats]
     if gone:
-        conn.execute("DELETE FROM rag.source_errors WHERE doc_id = ANY(%s)", (gone,))
+        conn.execute("DELETE FROM source_errors WHERE doc_id = ANY(%s)", (gone,))
     scan.errors.extend(known_errors)
     return ScanPlan(scan, old, shard_of_doc, stale, reread, time.perf_counter() - t0, sorted(deleted))
 
@@ -261,11 +244,11 @@ class StageContext:
         run_id: str | None = None,
         kind: str = "cli",
     ) -> StageContext:
-        conn = conn or connect(database_url(settings))
+        conn = conn or connect_index(settings)
         embedder = embedder or make_embedder(settings)
         chunker = chunker or make_chunker(settings.chunker, settings.chunk_max_tokens)
         eid = ensure_embedder(conn, embedder)
-        check_shard_count(conn, settings.shards)
+        require_shard_count(conn, settings.shards)
         return cls(settings, conn, embedder, chunker, eid, run_id or uuid.uuid4().hex, kind)
 
     def source(self, path: Path | str | None = None, *, change_source: bool = False) -> FolderSource | None:
@@ -395,7 +378,7 @@ def _record_source_errors(
     """Remember failing files with their stat (so they are not re-read until they change)."""
     with conn.transaction():
         if read_ok:
-            conn.execute("DELETE FROM rag.source_errors WHERE doc_id = ANY(%s)", (read_ok,))
+            conn.execute("DELETE FROM source_errors WHERE doc_id = ANY(%s)", (read_ok,))
         rows = [
             (
                 e["doc_id"],
@@ -410,7 +393,7 @@ def _record_source_errors(
         if rows:
             with conn.cursor() as cur:
                 cur.executemany(
-                    """INSERT INTO rag.source_errors (doc_id, source, size, mtime_ns, error) VALUES (%s, %s, %s, %s, %s)
+                    """INSERT INTO source_errors (doc_id, source, size, mtime_ns, error) VALUES (%s, %s, %s, %s, %s)
                        ON CONFLICT (doc_id) DO UPDATE SET size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
                            error = EXCLUDED.error, seen_at = now()""",
                     rows,
@@ -488,11 +471,11 @@ def record_stage(
     *,
     full_reembed_tokens: int = 0,
 ) -> None:
-    """One row in ``rag.runs`` per stage run: what ``status`` and ``cost`` read."""
+    """One row in ``runs`` per stage run: what ``status`` and ``cost`` read."""
     price = ctx.embedder.price_per_mtok()
     tokens = int(stats.get("tokens_embedded") or 0)
     ctx.conn.execute(
-        """INSERT INTO rag.runs (run_id, kind, stage, shards, started_at, embedder, model, tokens_embedded,
+        """INSERT INTO runs (run_id, kind, stage, shards, started_at, embedder, model, tokens_embedded,
                tokens_full_reembed, price_per_mtok, cost_usd, cost_avoided_usd, stats)
            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
         (
@@ -522,8 +505,8 @@ def _jsonable(d: dict) -> dict:
 def totals(conn: psycopg.Connection) -> tuple[int, int, int]:
     """(documents, chunks, tokens of all chunks): the corpus a full re-embed would pay for."""
     row = conn.execute(
-        "SELECT (SELECT count(*) FROM rag.manifest), (SELECT count(*) FROM rag.chunks),"
-        " (SELECT coalesce(sum(n_tokens), 0) FROM rag.chunks)"
+        "SELECT (SELECT count(*) FROM manifest), (SELECT count(*) FROM chunks),"
+        " (SELECT coalesce(sum(n_tokens), 0) FROM chunks)"
     ).fetchone()
     return int(row[0]), int(row[1]), int(row[2])
 

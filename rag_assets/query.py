@@ -109,7 +109,7 @@ def search_vector(
                 f"""WITH r AS MATERIALIZED (
                         SELECT chunk_id, doc_id, seq, text, metadata, generation,
                                embedding <=> %s::vector AS distance
-                        FROM rag.items{where}
+                        FROM items{where}
                         ORDER BY embedding <=> %s::vector{tiebreak} LIMIT %s)
                     SELECT chunk_id, doc_id, seq, text, metadata, generation, distance
                     FROM r ORDER BY distance + 0, doc_id, seq""",
@@ -152,8 +152,8 @@ def bounded_metadata(metadata: object, limit: int = MAX_HIT_METADATA_BYTES) -> d
 def check_embedder_matches(conn: psycopg.Connection, embedder: Embedder) -> None:
     """Queries must be embedded by the model that built the live generation."""
     row = conn.execute(
-        "SELECT e.fingerprint FROM rag.live l JOIN rag.generations g ON g.id = l.generation "
-        "JOIN rag.embedders e ON e.id = g.embedder_id"
+        "SELECT e.fingerprint FROM live l JOIN generations g ON g.id = l.generation "
+        "JOIN rag_cache.embedders e ON e.id = g.embedder_id"
     ).fetchone()
     if row is None:
         raise QueryError("the index is empty: run `rag-assets index PATH` first")

@@ -9,15 +9,30 @@ snapshots in a local folder. Production sets the URLs and nothing in the code ch
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 DEFAULT_INCLUDE = ("**/*.md", "**/*.markdown", "**/*.mdx", "**/*.rst", "**/*.txt")
 MAX_SHARDS = 99  # Dagster skips staleness on edges with 100+ upstream partitions.
+DEFAULT_INDEX = "default"
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+RESERVED_SCHEMAS = ("rag_cache", "public", "information_schema")
 
 
 class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
+
+
+def check_shards(shards: int) -> int:
+    """The one shard-count check (settings, snapshots and restores all call it)."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+        raise SettingsError(
+            f"RAG_SHARDS={shards!r}: must be an integer between 1 and {MAX_SHARDS} "
+            "(Dagster skips staleness on edges with 100 or more upstream partitions)"
+        )
+    return shards
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -69,6 +84,8 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
 class Settings:
     """Everything configurable, with the embedded defaults. Build with :meth:`from_env`."""
 
+    index_name: str = DEFAULT_INDEX  # names the index in asset keys, jobs, the CLI's --index and the service
+    pg_schema: str = "rag"  # the index's own Postgres schema (tables, generations, inbox)
     home: Path = Path(".rag_home")
     database_url: str | None = None
     shards: int = 64
@@ -126,6 +143,8 @@ class Settings:
         """Read ``RAG_*`` variables (``env`` defaults to ``os.environ``); keyword overrides win."""
         e = dict(os.environ if env is None else env)
         s = cls(
+            index_name=e.get("RAG_INDEX_NAME") or DEFAULT_INDEX,
+            pg_schema=e.get("RAG_PG_SCHEMA") or "rag",
             home=Path(e.get("RAG_HOME") or ".rag_home"),
             database_url=e.get("RAG_DATABASE_URL") or None,
             shards=_int(e, "RAG_SHARDS", 64, 1, MAX_SHARDS),
@@ -188,8 +207,17 @@ class Settings:
         return s
 
     def validate(self) -> None:
-        if not 1 <= self.shards <= MAX_SHARDS:
-            raise SettingsError(f"RAG_SHARDS={self.shards}: must be between 1 and {MAX_SHARDS}")
+        if not _NAME.fullmatch(self.index_name):
+            raise SettingsError(
+                f"index name {self.index_name!r} (RAG_INDEX_NAME): use 1-40 lowercase letters, digits and _, "
+                "starting with a letter (it becomes part of asset keys and job names)"
+            )
+        if not _SCHEMA.fullmatch(self.pg_schema) or self.pg_schema in RESERVED_SCHEMAS or self.pg_schema.startswith("pg_"):
+            raise SettingsError(
+                f"Postgres schema {self.pg_schema!r} (RAG_PG_SCHEMA): use lowercase letters, digits and _ "
+                f"(not {', '.join(RESERVED_SCHEMAS)} nor pg_*)"
+            )
+        check_shards(self.shards)
         if self.chunker not in ("structure", "fixed"):
             raise SettingsError(f"RAG_CHUNKER={self.chunker!r}: use 'structure' or 'fixed'")
         if self.embedder not in ("hashing", "openai", "local"):

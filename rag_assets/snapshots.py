@@ -22,9 +22,9 @@ delete rewrites one piece (two when a node splits or merges), and a 1% change re
 more, smaller objects (~3 documents each), so more requests per full snapshot or restore.
 The layout parameters are recorded, and a new snapshot reuses the previous snapshot's values.
 
-A piece is one Parquet file with one row per document: its ``rag.manifest`` row, its body
-(``rag.document_bodies``), its ``rag.chunk_docs`` row, and a nested list of its chunks
-(its ``rag.chunks`` rows plus the serving vector). A chunk's text is stored only
+A piece is one Parquet file with one row per document: its ``manifest`` row, its body
+(``document_bodies``), its ``chunk_docs`` row, and a nested list of its chunks
+(its ``chunks`` rows plus the serving vector). A chunk's text is stored only
 when it is not exactly ``body[char_start:char_end]`` (the chunker's contract), which halves the
 text bytes. Restore rebuilds every bookkeeping table and the serving tables from these rows.
 
@@ -102,6 +102,7 @@ from rag_assets.store.serving import (
     switch_live,
     verify_generation,
 )
+from rag_assets.store.shard_count import stored_shard_count
 
 __all__ = [
     "FolderStore",
@@ -164,7 +165,7 @@ def _piece_schema(dims: int) -> pa.Schema:
         [
             ("doc_id", pa.string()),
             ("shard", pa.int16()),
-            # rag.manifest (source is null when the document has no manifest row)
+            # manifest (source is null when the document has no manifest row)
             ("source", pa.string()),
             ("content_hash", pa.string()),
             ("meta_hash", pa.string()),
@@ -172,9 +173,9 @@ def _piece_schema(dims: int) -> pa.Schema:
             ("mtime_ns", pa.int64()),
             ("metadata", pa.string()),  # jsonb text as PostgreSQL prints it
             ("source_time", pa.timestamp("us", tz="UTC")),
-            # rag.document_bodies (null: no row)
+            # document_bodies (null: no row)
             ("body", pa.string()),
-            # rag.chunk_docs (cd_chunker_version is null when the document has no row; the other
+            # chunk_docs (cd_chunker_version is null when the document has no row; the other
             # cd_ columns are null when equal to the manifest's value, as they are once chunked)
             ("cd_content_hash", pa.string()),
             ("cd_meta_hash", pa.string()),
@@ -287,7 +288,7 @@ def _read_shard(
         cur.execute(
             """SELECT m.doc_id, m.source, m.content_hash, m.meta_hash, m.size, m.mtime_ns, m.metadata::text,
                       m.source_time, b.body
-               FROM rag.manifest m LEFT JOIN rag.document_bodies b ON b.doc_id = m.doc_id
+               FROM manifest m LEFT JOIN document_bodies b ON b.doc_id = m.doc_id
                WHERE m.shard = %s""",
             (shard,),
         )
@@ -295,7 +296,7 @@ def _read_shard(
             docs[r[0]] = _Doc(r[0], shard, tuple(r[1:8]), r[8])
         cur.execute(
             """SELECT doc_id, content_hash, meta_hash, metadata::text, chunker_version
-               FROM rag.chunk_docs WHERE shard = %s""",
+               FROM chunk_docs WHERE shard = %s""",
             (shard,),
         )
         for r in cur:
@@ -310,7 +311,7 @@ def _read_shard(
             sql.SQL(
                 """SELECT c.doc_id, c.seq, c.chunk_id, c.chunk_hash, c.text, c.char_start, c.char_end,
                           c.n_tokens, vector_send(i.embedding)
-                   FROM rag.chunks c JOIN {items} i ON i.chunk_id = c.chunk_id AND i.doc_id = c.doc_id
+                   FROM chunks c JOIN {items} i ON i.chunk_id = c.chunk_id AND i.doc_id = c.doc_id
                         AND i.chunk_hash = c.chunk_hash
                    WHERE c.shard = %s"""
             ).format(items=schema.items_table(gen_id)),
@@ -319,7 +320,7 @@ def _read_shard(
         rows = cur.fetchall()
         cur.execute(
             sql.SQL(
-                "SELECT (SELECT count(*) FROM rag.chunks WHERE shard = %s), (SELECT count(*) FROM {items} WHERE shard = %s)"
+                "SELECT (SELECT count(*) FROM chunks WHERE shard = %s), (SELECT count(*) FROM {items} WHERE shard = %s)"
             ).format(items=schema.items_table(gen_id)),
             (shard, shard),
         )
@@ -605,15 +606,15 @@ def _snapshot_in_transaction(conn, snapshot_id, note, max_docs, max_bytes, up: _
         raise SnapshotError(
             "nothing to snapshot: the index has no live generation (run `rag-assets index` first)"
         )
-    row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
+    row = conn.execute("SELECT value FROM settings WHERE key = 'shards'").fetchone()
     if row is None:
-        raise SnapshotError("rag.settings has no shard count: the index was never built")
+        raise SnapshotError("settings has no shard count: the index was never built")
     n_shards = int(row[0])
     lag = lagging_serving_shards(conn, live)
     lag |= {
         r[0]
         for r in conn.execute(
-            "SELECT shard FROM rag.shard_state WHERE chunks_version <> manifest_version || '|' || %s",
+            "SELECT shard FROM shard_state WHERE chunks_version <> manifest_version || '|' || %s",
             (live.chunker_version,),
         ).fetchall()
     }
@@ -624,11 +625,11 @@ def _snapshot_in_transaction(conn, snapshot_id, note, max_docs, max_bytes, up: _
             f"({shown}); finish the refresh, then snapshot"
         )
     fp, provider, model, dims = conn.execute(
-        "SELECT fingerprint, provider, model, dims FROM rag.embedders WHERE id = %s", (live.embedder_id,)
+        "SELECT fingerprint, provider, model, dims FROM rag_cache.embedders WHERE id = %s", (live.embedder_id,)
     ).fetchone()
     if dims != live.dims:
         raise SnapshotError(f"generation {live.id} has {live.dims} dims but its embedder row says {dims}")
-    mversions = dict(conn.execute("SELECT shard, manifest_version FROM rag.shard_state").fetchall())
+    mversions = dict(conn.execute("SELECT shard, manifest_version FROM shard_state").fetchall())
     digests = shard_digests(conn, live.id)
     shards_out = []
     totals = {"docs": 0, "chunks": 0, "chunk_docs": 0, "objects": 0, "bytes": 0}
@@ -1200,7 +1201,7 @@ _BOOKKEEPING = (
 def _copy_plans(conn, gen_id: int) -> list[_CopyPlan]:
     """How to COPY a batch into the bookkeeping tables, then into each table of the new generation."""
     plans = [
-        _copy_plan(conn, sql.Identifier("rag", t), src, cols, cond) for t, src, cols, cond in _BOOKKEEPING
+        _copy_plan(conn, sql.Identifier(t), src, cols, cond) for t, src, cols, cond in _BOOKKEEPING
     ]
     # The new generation's tables (whatever schema.create_generation_tables made): tables keyed by
     # chunk get chunk rows, the others one row per document (its chunk_docs state).
@@ -1208,12 +1209,12 @@ def _copy_plans(conn, gen_id: int) -> list[_CopyPlan]:
         r[0]
         for r in conn.execute(
             """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname = 'rag' AND c.relkind = 'r' AND c.relname LIKE %s ORDER BY c.relname""",
+               WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname LIKE %s ORDER BY c.relname""",
             (f"g{gen_id}\\_%",),
         ).fetchall()
     ]
     for name in names:
-        ident = sql.Identifier("rag", name)
+        ident = sql.Identifier(name)
         has_chunk_id = conn.execute(
             "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'chunk_id' AND NOT attisdropped",
             (ident.as_string(conn),),
@@ -1271,10 +1272,10 @@ def restore_snapshot(
         raise SnapshotError("restore_snapshot needs a connection with no open transaction")
     rec = _load_record(store, snapshot_id)
     n_shards = rec["shard_count"]
-    row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
-    if row is not None and int(row[0]) != n_shards:
+    stored = stored_shard_count(conn)
+    if stored is not None and stored != n_shards:
         raise SnapshotError(
-            f"snapshot {snapshot_id} has {n_shards} shards but this index uses {row[0]}; restore it into "
+            f"snapshot {snapshot_id} has {n_shards} shards but this index uses {stored}; restore it into "
             "a database with the same shard count (or an empty one)"
         )
     if progress:
@@ -1310,20 +1311,20 @@ def _restore_in_transaction(conn, store, rec, per_shard, keep, progress, hnsw=(1
             # a killed client aborts the transaction promptly, even mid-statement
             conn.execute("SET LOCAL client_connection_check_interval = 1000")
         conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (GEN_LOCK,))
+        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
         lock_shards(conn, range(n_shards))
-        row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
+        row = conn.execute("SELECT value FROM settings WHERE key = 'shards'").fetchone()
         if row is None:
-            conn.execute("INSERT INTO rag.settings (key, value) VALUES ('shards', %s)", (Jsonb(n_shards),))
+            conn.execute("INSERT INTO settings (key, value) VALUES ('shards', %s)", (Jsonb(n_shards),))
         elif int(row[0]) != n_shards:
             raise SnapshotError(f"snapshot {snapshot_id} has {n_shards} shards but this index uses {row[0]}")
         conn.execute(
-            """INSERT INTO rag.embedders (fingerprint, provider, model, dims) VALUES (%s, %s, %s, %s)
+            """INSERT INTO rag_cache.embedders (fingerprint, provider, model, dims) VALUES (%s, %s, %s, %s)
                ON CONFLICT (fingerprint) DO NOTHING""",
             (emb["fingerprint"], emb["provider"], emb["model"], dims),
         )
         embedder_id, have_dims = conn.execute(
-            "SELECT id, dims FROM rag.embedders WHERE fingerprint = %s", (emb["fingerprint"],)
+            "SELECT id, dims FROM rag_cache.embedders WHERE fingerprint = %s", (emb["fingerprint"],)
         ).fetchone()
         if have_dims != dims:
             raise SnapshotError(
@@ -1331,14 +1332,14 @@ def _restore_in_transaction(conn, store, rec, per_shard, keep, progress, hnsw=(1
             )
         previous = live_generation(conn)
         gen_id = conn.execute(
-            """INSERT INTO rag.generations (embedder_id, chunker_version, dims, state, origin)
+            """INSERT INTO generations (embedder_id, chunker_version, dims, state, origin)
                VALUES (%s, %s, %s, 'building', %s) RETURNING id""",
             (embedder_id, chunker_version, dims, f"restore:{snapshot_id}"),
         ).fetchone()[0]
         schema.create_generation_tables(conn, gen_id, dims)
         # The restored state replaces the bookkeeping wholesale (locks: every shard, GEN_LOCK).
-        conn.execute("TRUNCATE rag.manifest, rag.document_bodies, rag.chunk_docs, rag.chunks")
-        conn.execute("DELETE FROM rag.shard_state")
+        conn.execute("TRUNCATE manifest, document_bodies, chunk_docs, chunks")
+        conn.execute("DELETE FROM shard_state")
         if progress:
             progress("load")
         versions: dict[int, str] = {}
@@ -1368,18 +1369,18 @@ def _restore_in_transaction(conn, store, rec, per_shard, keep, progress, hnsw=(1
                     versions[shard] = shard_version(entries)
                     counts["docs"] += len(entries)
             cur.executemany(
-                "INSERT INTO rag.shard_state (shard, manifest_version, chunks_version) VALUES (%s, %s, %s)",
+                "INSERT INTO shard_state (shard, manifest_version, chunks_version) VALUES (%s, %s, %s)",
                 [(s, v, chunks_version(v, chunker_version)) for s, v in versions.items()],
             )
             cur.executemany(
-                "INSERT INTO rag.generation_shards (generation, shard, chunks_version) VALUES (%s, %s, %s)",
+                "INSERT INTO generation_shards (generation, shard, chunks_version) VALUES (%s, %s, %s)",
                 [(gen_id, s, chunks_version(v, chunker_version)) for s, v in versions.items()],
             )
             cur.execute(
                 sql.SQL(
-                    """INSERT INTO rag.embedding_cache (embedder_id, chunk_hash, embedding, n_tokens)
+                    """INSERT INTO rag_cache.embedding_cache (embedder_id, chunk_hash, embedding, n_tokens)
                        SELECT DISTINCT ON (i.chunk_hash) %s, i.chunk_hash, i.embedding, c.n_tokens
-                       FROM {items} i JOIN rag.chunks c ON c.chunk_id = i.chunk_id
+                       FROM {items} i JOIN chunks c ON c.chunk_id = i.chunk_id
                        ORDER BY i.chunk_hash
                        ON CONFLICT (embedder_id, chunk_hash) DO NOTHING"""
                 ).format(items=schema.items_table(gen_id)),
@@ -1527,9 +1528,9 @@ def list_generations(conn: psycopg.Connection) -> list[dict]:
     rows = conn.execute(
         """SELECT g.id, g.state, g.origin, e.fingerprint, g.dims, g.chunker_version, g.created_at,
                   g.live_since, g.retired_at,
-                  (SELECT c.reltuples::bigint FROM pg_class c WHERE c.oid = to_regclass(format('rag.g%s_items', g.id))),
-                  g.id = (SELECT generation FROM rag.live)
-           FROM rag.generations g JOIN rag.embedders e ON e.id = g.embedder_id
+                  (SELECT c.reltuples::bigint FROM pg_class c WHERE c.oid = to_regclass(format('g%s_items', g.id))),
+                  g.id = (SELECT generation FROM live)
+           FROM generations g JOIN rag_cache.embedders e ON e.id = g.embedder_id
            ORDER BY g.id"""
     ).fetchall()
     target = _rollback_target(conn)
@@ -1556,8 +1557,8 @@ def list_generations(conn: psycopg.Connection) -> list[dict]:
 def _rollback_target(conn: psycopg.Connection) -> int | None:
     """The most recently retired generation whose tables still exist."""
     rows = conn.execute(
-        """SELECT g.id FROM rag.generations g
-           WHERE g.state = 'retired' AND g.id IS DISTINCT FROM (SELECT generation FROM rag.live)
+        """SELECT g.id FROM generations g
+           WHERE g.state = 'retired' AND g.id IS DISTINCT FROM (SELECT generation FROM live)
            ORDER BY g.retired_at DESC NULLS LAST, g.id DESC"""
     ).fetchall()
     for (gid,) in rows:
@@ -1579,7 +1580,7 @@ def rollback(conn: psycopg.Connection, keep_generations: int = 3) -> dict:
         raise RollbackError("rollback needs a connection with no open transaction")
     t0 = time.perf_counter()
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (GEN_LOCK,))
+        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
         live = live_generation(conn)
         if live is None:
             raise RollbackError("nothing to roll back: the index has no live generation")
@@ -1595,7 +1596,7 @@ def rollback(conn: psycopg.Connection, keep_generations: int = 3) -> dict:
     total_s = time.perf_counter() - t0
     dropped = retire_old_generations(conn, max(2, keep_generations))
     gen = get_generation(conn, target)
-    fp = conn.execute("SELECT fingerprint FROM rag.embedders WHERE id = %s", (gen.embedder_id,)).fetchone()[0]
+    fp = conn.execute("SELECT fingerprint FROM rag_cache.embedders WHERE id = %s", (gen.embedder_id,)).fetchone()[0]
     return {
         "from_generation": live.id,
         "to_generation": target,

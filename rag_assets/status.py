@@ -9,25 +9,25 @@ from rag_assets.store.serving import index_digest, live_generation
 
 def index_status(conn: psycopg.Connection, *, digest: bool = True) -> dict:
     docs, chunks, cache = conn.execute(
-        "SELECT (SELECT count(*) FROM rag.manifest), (SELECT count(*) FROM rag.chunks),"
-        " (SELECT count(*) FROM rag.embedding_cache)"
+        "SELECT (SELECT count(*) FROM manifest), (SELECT count(*) FROM chunks),"
+        " (SELECT count(*) FROM rag_cache.embedding_cache)"
     ).fetchone()
     live = live_generation(conn)
     rows = 0
     embedder = None
     if live is not None:
-        rows = conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
+        rows = conn.execute("SELECT count(*) FROM items").fetchone()[0]
         embedder = conn.execute(
-            "SELECT fingerprint FROM rag.embedders WHERE id = %s", (live.embedder_id,)
+            "SELECT fingerprint FROM rag_cache.embedders WHERE id = %s", (live.embedder_id,)
         ).fetchone()[0]
     gens = [
         {"id": g, "state": s, "created_at": c, "live_since": ls}
         for g, s, c, ls in conn.execute(
-            "SELECT id, state, created_at, live_since FROM rag.generations WHERE state <> 'dropped' ORDER BY id"
+            "SELECT id, state, created_at, live_since FROM generations WHERE state <> 'dropped' ORDER BY id"
         ).fetchall()
     ]
     last = conn.execute(
-        "SELECT kind, started_at, finished_at, stats FROM rag.runs ORDER BY id DESC LIMIT 1"
+        "SELECT kind, started_at, finished_at, stats FROM runs ORDER BY id DESC LIMIT 1"
     ).fetchone()
     last_run = None
     if last:
@@ -51,8 +51,8 @@ def index_status(conn: psycopg.Connection, *, digest: bool = True) -> dict:
             },
         }
     lagging = conn.execute(
-        "SELECT count(*) FROM rag.shard_state s LEFT JOIN rag.generation_shards g "
-        "ON g.generation = (SELECT generation FROM rag.live) AND g.shard = s.shard "
+        "SELECT count(*) FROM shard_state s LEFT JOIN generation_shards g "
+        "ON g.generation = (SELECT generation FROM live) AND g.shard = s.shard "
         "WHERE g.chunks_version IS DISTINCT FROM s.chunks_version"
     ).fetchone()[0]
     out = {

@@ -31,11 +31,18 @@ def pg_server(tmp_path_factory) -> str:
     srv.cleanup()
 
 
+TEST_SEARCH_PATH = "rag,rag_cache,public"
+
+
 def _db_url(server_url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+    """A database URL whose raw connections (tests' own psycopg.connect) see the default index's
+    tables unqualified; the project's ``connect`` sets its index's search_path itself."""
+    from urllib.parse import quote, urlsplit, urlunsplit
 
     parts = urlsplit(server_url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    opt = "options=" + quote(f"-c search_path={TEST_SEARCH_PATH}", safe="")
+    query = f"{parts.query}&{opt}" if parts.query else opt
+    return urlunsplit(parts._replace(path=f"/{name}", query=query))
 
 
 @pytest.fixture

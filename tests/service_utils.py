@@ -78,14 +78,14 @@ def sha256_headers(secret: str, body: bytes, header: str = "X-Hub-Signature-256"
 def inbox_rows(db_url: str) -> list[tuple]:
     with psycopg.connect(db_url) as c:
         return c.execute(
-            "SELECT event_id, event_type, doc_id, shard, source_time, content, metadata FROM rag.inbox ORDER BY seq"
+            "SELECT event_id, event_type, doc_id, shard, source_time, content, metadata FROM inbox ORDER BY seq"
         ).fetchall()
 
 
 def inbox_count(db_url: str) -> int:
     with psycopg.connect(db_url) as c:
         try:
-            return c.execute("SELECT count(*) FROM rag.inbox").fetchone()[0]
+            return c.execute("SELECT count(*) FROM inbox").fetchone()[0]
         except psycopg.errors.UndefinedTable:
             return 0
 
@@ -97,7 +97,7 @@ def db_fingerprint(db_url: str) -> tuple:
             c.execute(
                 f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {t} t"
             ).fetchone()[0]
-            for t in ("rag.inbox", "rag.tombstones", "rag.manifest", "rag.document_bodies", "rag.settings")
+            for t in ("inbox", "tombstones", "manifest", "document_bodies", "settings")
         )
 
 

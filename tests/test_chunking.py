@@ -393,7 +393,7 @@ _hostile_block = st.one_of(
 def test_no_chunk_exceeds_the_bound_in_the_stored_token_count(blocks, joiner, max_tokens):
     """Headings, words longer than a chunk, text without spaces, CJK and rarer scripts, code fences:
     every chunk of both chunkers fits ``max_tokens`` as ``tokens.count_tokens_batch`` counts it (the
-    count stored in rag.chunks.n_tokens), not only in the estimate the structure chunker packs by."""
+    count stored in chunks.n_tokens), not only in the estimate the structure chunker packs by."""
     text = joiner.join(blocks)
     assume(text.strip())
     assert_valid(text, StructureChunker(max_tokens=max_tokens).chunk(text), max_tokens)

@@ -81,7 +81,7 @@ def _assert_each_shard_old_or_new(
         assert got in (old.get(s), new.get(s)), f"shard {s} is neither at its old nor its new state"
         n_old += got == old.get(s) and old.get(s) != new.get(s)
         n_new += got == new.get(s) and old.get(s) != new.get(s)
-    dup = conn.execute("SELECT count(*) - count(DISTINCT (doc_id, seq)) FROM rag.items").fetchone()[0]
+    dup = conn.execute("SELECT count(*) - count(DISTINCT (doc_id, seq)) FROM items").fetchone()[0]
     assert dup == 0
     return n_old, n_new
 
@@ -142,7 +142,7 @@ def test_sigkill_during_embedding_then_converge(db_url, make_db, tmp_path):
         _kill(p)  # mid-embedding: a batch in flight, some committed to the cache
         served_before_kill = set(srv.served_counts())
         _assert_each_shard_old_or_new(conn, old, new, settings.shards)
-        cached = conn.execute("SELECT count(*) FROM rag.embedding_cache").fetchone()[0]
+        cached = conn.execute("SELECT count(*) FROM rag_cache.embedding_cache").fetchone()[0]
         assert cached > 0
         srv.reset_counters()
         p = _start_index(settings, env)
@@ -155,7 +155,7 @@ def test_sigkill_during_embedding_then_converge(db_url, make_db, tmp_path):
         assert served_before_kill and len(resent) <= 16
 
 
-@pytest.mark.parametrize("marker", ["WITH ins AS", "COPY rag.chunks"])
+@pytest.mark.parametrize("marker", ["WITH ins AS", "COPY chunks"])
 def test_sigkill_during_shard_sync_then_converge(db_url, make_db, tmp_path, marker):
     settings = _settings(db_url, tmp_path)
     env = _env(settings)
@@ -239,7 +239,7 @@ def test_sigkill_during_hnsw_build_is_finished_by_the_default_path(db_url, make_
     assert killed, "the HNSW build finished before it could be killed"
     time.sleep(0.5)
     conn = connect(settings.database_url)
-    building = conn.execute("SELECT count(*) FROM rag.generations WHERE state = 'building'").fetchone()[0]
+    building = conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0]
     assert building == 1
     p = _start_index(settings, env)  # the default path, no --core, no --full
     out, err = p.communicate(timeout=300)
@@ -249,6 +249,6 @@ def test_sigkill_during_hnsw_build_is_finished_by_the_default_path(db_url, make_
     rep = json.loads(out)
     assert rep["generation"] is not None and rep["generation_switched"] is True
     assert shard_digests(conn) == ref
-    assert conn.execute("SELECT count(*) FROM rag.generations WHERE state = 'building'").fetchone()[0] == 0
-    hits = conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
+    assert conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0] == 0
+    hits = conn.execute("SELECT count(*) FROM items").fetchone()[0]
     assert hits > 0

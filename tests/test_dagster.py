@@ -199,7 +199,7 @@ def test_a_b_a_edits_are_indexed_each_time(dset):
                 [
                     t
                     for (t,) in conn.execute(
-                        "SELECT text FROM rag.items WHERE doc_id = 'd03.md' ORDER BY seq"
+                        "SELECT text FROM items WHERE doc_id = 'd03.md' ORDER BY seq"
                     )
                 ]
             )
@@ -213,7 +213,7 @@ def test_inbox_sensor_reports_shards_with_new_events(dset):
         assert _tick(inbox_sensor, instance, dset, None)[0] == []
         for i, doc in enumerate(["hook/a", "hook/b"]):
             conn.execute(
-                "INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content) "
+                "INSERT INTO inbox (event_id, event_type, doc_id, shard, source_time, content) "
                 "VALUES (%s, 'document.created', %s, %s, now(), 'hello')",
                 (f"ev{i}", doc, shard_of(doc, N)),
             )
@@ -241,19 +241,19 @@ def test_audit_finds_and_repairs_drift(dset, defs, make_db):
         assert _materialize_all(dset, instance).success
         conn = connect(dset.database_url)
         gen = live_generation(conn).id
-        conn.execute(f"DELETE FROM rag.g{gen}_items WHERE doc_id = 'd01.md'")  # missing rows
+        conn.execute(f"DELETE FROM g{gen}_items WHERE doc_id = 'd01.md'")  # missing rows
         conn.execute(  # stale text
-            f"UPDATE rag.g{gen}_items SET text = 'tampered' WHERE chunk_id = "
-            f"(SELECT chunk_id FROM rag.g{gen}_pos WHERE doc_id = 'd02.md' AND seq = 0)"
+            f"UPDATE g{gen}_items SET text = 'tampered' WHERE chunk_id = "
+            f"(SELECT chunk_id FROM g{gen}_pos WHERE doc_id = 'd02.md' AND seq = 0)"
         )
         conn.execute(
-            f"UPDATE rag.g{gen}_pos SET seq = seq + 100 WHERE doc_id = 'd03.md' AND seq = 0"
+            f"UPDATE g{gen}_pos SET seq = seq + 100 WHERE doc_id = 'd03.md' AND seq = 0"
         )  # moved
         conn.execute(  # orphan
-            f"INSERT INTO rag.g{gen}_items SELECT 'x', 'ghost.md', shard, chunk_hash, text, embedding "
-            f"FROM rag.g{gen}_items LIMIT 1"
+            f"INSERT INTO g{gen}_items SELECT 'x', 'ghost.md', shard, chunk_hash, text, embedding "
+            f"FROM g{gen}_items LIMIT 1"
         )
-        conn.execute(f"UPDATE rag.g{gen}_docs SET metadata = '{{}}' WHERE doc_id = 'd04.md'")
+        conn.execute(f"UPDATE g{gen}_docs SET metadata = '{{}}' WHERE doc_id = 'd04.md'")
         res = defs.resolve_job_def("consistency_audit").execute_in_process(
             instance=instance, resources=resources_for(dset)
         )

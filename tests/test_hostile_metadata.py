@@ -91,7 +91,7 @@ def _doc(front: str, body: str = "# Title\n\nbody text\n") -> bytes:
 
 
 def _storable(reason: str) -> None:
-    """An error is stored in rag.source_errors and logged: it must be storable text itself."""
+    """An error is stored in source_errors and logged: it must be storable text itself."""
     assert "\x00" not in reason
     reason.encode("utf-8")
     assert len(reason) < 1000
@@ -257,11 +257,11 @@ def test_hostile_front_matter_is_reported_and_skipped_while_every_other_file_ind
     for name, (_, expected) in HOSTILE.items():
         assert expected in errs[f"bad/{name}"], (name, errs[f"bad/{name}"])
         _storable(errs[f"bad/{name}"])
-    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM rag.items")}
+    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM items")}
     assert indexed == set(good)
     assert r.docs_total == len(good)
     # what was stored is exactly what the source made of each good file
-    stored = dict(idx.conn.execute("SELECT doc_id, metadata FROM rag.manifest").fetchall())
+    stored = dict(idx.conn.execute("SELECT doc_id, metadata FROM manifest").fetchall())
     for name in good:
         st_ = (docs_dir / name).stat()
         expect = make_document(name, (docs_dir / name).read_bytes(), st_.st_mtime_ns, s.max_doc_bytes)
@@ -274,7 +274,7 @@ def test_hostile_front_matter_is_reported_and_skipped_while_every_other_file_ind
     r3 = idx.refresh(docs_dir)
     assert "bad/inf.md" not in {e["doc_id"] for e in r3.errors} and r3.docs_added == 1
     (served,) = idx.conn.execute(
-        "SELECT metadata FROM rag.items WHERE doc_id = 'bad/inf.md' LIMIT 1"
+        "SELECT metadata FROM items WHERE doc_id = 'bad/inf.md' LIMIT 1"
     ).fetchone()
     assert served["weight"] == 2.5
 
@@ -288,7 +288,7 @@ def test_hostile_webhook_metadata_in_the_inbox_is_rejected_without_blocking_othe
 
     def raw(event_id: str, doc_id: str, metadata_json: str) -> None:
         conn.execute(
-            """INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content, metadata)
+            """INSERT INTO inbox (event_id, event_type, doc_id, shard, source_time, content, metadata)
                VALUES (%s, 'document.created', %s, %s, '2026-01-01 00:00:00+00', '# T\n\ntext', %s::jsonb)""",
             (event_id, doc_id, shard_of(doc_id, 8), metadata_json),
         )
@@ -310,7 +310,7 @@ def test_hostile_webhook_metadata_in_the_inbox_is_rejected_without_blocking_othe
     assert "RAG_MAX_METADATA_BYTES" in errs["hook/huge.md"]
     assert "nested deeper" in errs["hook/deep.md"]
     assert out["events_applied"] == len(goods) and out["events_rejected"] == 4
-    applied = dict(conn.execute("SELECT doc_id, metadata FROM rag.manifest").fetchall())
+    applied = dict(conn.execute("SELECT doc_id, metadata FROM manifest").fetchall())
     assert set(applied) == set(goods)
     assert applied["hook/good3.md"]["tags"] == ["a", 3] and applied["hook/good3.md"]["n"] == 4.5
     assert applied["hook/good3.md"]["big"] == 10**20
@@ -332,7 +332,7 @@ def test_query_hits_carry_bounded_metadata(settings, docs_dir):
     )
     r = idx.refresh(docs_dir)
     assert r.errors == []
-    (big_stored,) = idx.conn.execute("SELECT metadata FROM rag.manifest WHERE doc_id = 'big.md'").fetchone()
+    (big_stored,) = idx.conn.execute("SELECT metadata FROM manifest WHERE doc_id = 'big.md'").fetchone()
     assert len(big_stored["notes"]) == 200_000
     hits = {h.doc_id: h.metadata for h in search(idx.conn, idx.embedder, "the text", k=10).results}
     assert hits["big.md"] == {"metadata_truncated": True, "path": "big.md", "title": "Big"}

@@ -26,7 +26,7 @@ def _indexer(settings, dims=32, **kw):
 
 def _rows(conn):
     return conn.execute(
-        "SELECT doc_id, seq, text, metadata, embedding::text FROM rag.items ORDER BY doc_id, seq"
+        "SELECT doc_id, seq, text, metadata, embedding::text FROM items ORDER BY doc_id, seq"
     ).fetchall()
 
 
@@ -83,7 +83,7 @@ def test_metadata_only_change_updates_rows_without_embedding(settings, docs_dir)
     r = idx.refresh(docs_dir)
     assert r.docs_metadata_only == 1 and r.docs_modified == 0
     assert r.chunks_embedded == 0 and r.rows_written == 0 and len(idx.embedder.texts) == before
-    tags = {tuple(m["tags"]) for (m,) in idx.conn.execute("SELECT metadata FROM rag.items").fetchall()}
+    tags = {tuple(m["tags"]) for (m,) in idx.conn.execute("SELECT metadata FROM items").fetchall()}
     assert tags == {("new",)}
 
 
@@ -97,7 +97,7 @@ def test_deletes_propagate_to_rows_and_queries(settings, docs_dir):
     r = idx.refresh(docs_dir)
     assert r.docs_deleted == 1 and r.rows_deleted >= 1
     assert {h.doc_id for h in search(idx.conn, idx.embedder, "zebra quagga", 5).results} == {"keep.md"}
-    assert idx.conn.execute("SELECT count(*) FROM rag.manifest WHERE doc_id = 'drop.md'").fetchone()[0] == 0
+    assert idx.conn.execute("SELECT count(*) FROM manifest WHERE doc_id = 'drop.md'").fetchone()[0] == 0
 
 
 def test_minimal_work_only_cache_misses_reach_the_embedder(settings, docs_dir):
@@ -107,7 +107,7 @@ def test_minimal_work_only_cache_misses_reach_the_embedder(settings, docs_dir):
     write(docs_dir / "a.md", a_text)
     idx = _indexer(settings)
     idx.refresh(docs_dir)
-    cached = {h for (h,) in idx.conn.execute("SELECT chunk_hash FROM rag.embedding_cache")}
+    cached = {h for (h,) in idx.conn.execute("SELECT chunk_hash FROM rag_cache.embedding_cache")}
     # b.md repeats a's text exactly (same chunks) plus a new section.
     write(docs_dir / "b.md", f"{a_text}\n\n# New\n\n{paragraph(rng)}")
     before = len(idx.embedder.texts)
@@ -118,7 +118,7 @@ def test_minimal_work_only_cache_misses_reach_the_embedder(settings, docs_dir):
     sent_hashes = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in sent]
     assert len(sent_hashes) == len(set(sent_hashes)) == r.chunks_embedded
     assert not set(sent_hashes) & cached  # nothing already cached was sent
-    now = {h for (h,) in idx.conn.execute("SELECT DISTINCT chunk_hash FROM rag.chunks")}
+    now = {h for (h,) in idx.conn.execute("SELECT DISTINCT chunk_hash FROM chunks")}
     assert now - cached == set(sent_hashes)  # and every miss was sent
     assert r.chunks_reused >= 1
 
@@ -139,7 +139,7 @@ def test_bad_input_is_reported_and_loses_nothing_else(settings, docs_dir):
     errs = {e["doc_id"]: e["error"] for e in r.errors}
     assert set(errs) == {"binary.md", "latin1.md", "huge.md"}
     assert "binary" in errs["binary.md"] and "UTF-8" in errs["latin1.md"] and "too large" in errs["huge.md"]
-    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM rag.items")}
+    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM items")}
     assert indexed == {"good.md", *hostile}
     assert r.docs_total == 3 + len(hostile)  # good, empty and whitespace are documents with no chunks
     # a later good version replaces the error; the bad ones keep being reported, nothing else changes
@@ -173,7 +173,7 @@ def test_file_deleted_while_the_run_reads_the_folder(settings, docs_dir):
     idx.source = lambda path=None, change_source=False: Vanishing(docs_dir, settings.include)
     r = idx.refresh(docs_dir)
     assert r.errors == []
-    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM rag.items")}
+    indexed = {d for (d,) in idx.conn.execute("SELECT DISTINCT doc_id FROM items")}
     assert "c.md" not in indexed and {"a.md", "b.md"} <= indexed | {"c.md"}
 
 
@@ -189,7 +189,7 @@ def test_wrong_dimension_embedder_commits_nothing(settings, docs_dir):
     assert index_digest(idx.conn) == digest
     assert (
         idx.conn.execute(
-            "SELECT count(*) FROM rag.embedding_cache WHERE embedding IS NOT NULL AND vector_dims(embedding) <> 32"
+            "SELECT count(*) FROM rag_cache.embedding_cache WHERE embedding IS NOT NULL AND vector_dims(embedding) <> 32"
         ).fetchone()[0]
         == 0
     )
@@ -337,7 +337,7 @@ def test_query_filter_returns_k_when_k_exist(settings, docs_dir):
     idx = _indexer(settings)
     idx.refresh(docs_dir)
     n_rare = idx.conn.execute(
-        'SELECT count(*) FROM rag.items WHERE metadata @> \'{"tags": ["rare"]}\''
+        'SELECT count(*) FROM items WHERE metadata @> \'{"tags": ["rare"]}\''
     ).fetchone()[0]
     res = search(idx.conn, idx.embedder, "vector shard", 5, {"tags": "rare"})
     assert len(res.results) == min(5, n_rare)
@@ -388,9 +388,9 @@ def test_concurrent_refreshes_do_not_corrupt(settings, docs_dir, db_url):
     assert errors == []
     idx = _indexer(settings)
     idx.refresh(docs_dir)
-    dup = idx.conn.execute("SELECT count(*) - count(DISTINCT (doc_id, seq)) FROM rag.items").fetchone()[0]
+    dup = idx.conn.execute("SELECT count(*) - count(DISTINCT (doc_id, seq)) FROM items").fetchone()[0]
     assert dup == 0
-    assert idx.conn.execute("SELECT count(DISTINCT doc_id) FROM rag.items").fetchone()[0] == 40
+    assert idx.conn.execute("SELECT count(DISTINCT doc_id) FROM items").fetchone()[0] == 40
 
 
 def test_hnsw_build_memory_is_sized_to_the_graph():

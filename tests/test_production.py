@@ -193,7 +193,7 @@ def test_backfill_then_incremental_change_equals_a_full_build(deployment, tmp_pa
         conn = connect(d.rag_db)
         try:
             gone = (
-                conn.execute("SELECT count(*) FROM rag.items WHERE doc_id = %s", (deleted,)).fetchone()[0]
+                conn.execute("SELECT count(*) FROM items WHERE doc_id = %s", (deleted,)).fetchone()[0]
                 == 0
             )
         finally:

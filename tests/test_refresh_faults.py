@@ -53,7 +53,7 @@ def wide_corpus(docs_dir):
 
 
 def chunk_texts(idx: Indexer) -> list[str]:
-    return [r[0] for r in idx.conn.execute("SELECT DISTINCT text FROM rag.chunks")]
+    return [r[0] for r in idx.conn.execute("SELECT DISTINCT text FROM chunks")]
 
 
 def reference_digest(settings, make_db, corpus) -> str:
@@ -117,8 +117,8 @@ def test_refresh_fails_clearly_on_fatal_faults_and_writes_nothing(settings, make
         message = str(err.value)
         assert words in message.lower() and KEY not in message
         conn = idx.conn
-        assert conn.execute("SELECT count(*) FROM rag.embedding_cache").fetchone()[0] == 0
-        live = conn.execute("SELECT count(*) FROM rag.generations WHERE state = 'live'").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM rag_cache.embedding_cache").fetchone()[0] == 0
+        live = conn.execute("SELECT count(*) FROM generations WHERE state = 'live'").fetchone()[0]
         assert live == 0  # no half-built index was switched in
         srv.faults.clear()
         rep = idx.refresh(corpus)  # the provider recovered: the next run completes the work
@@ -142,9 +142,9 @@ def test_fatal_fault_mid_run_keeps_finished_batches_and_the_next_run_embeds_only
             idx.refresh(corpus)
         conn = idx.conn
         assert embedder(srv, batch_size=4, concurrency=1).commit_group_size == 16
-        cached = conn.execute("SELECT count(*) FROM rag.embedding_cache").fetchone()[0]
+        cached = conn.execute("SELECT count(*) FROM rag_cache.embedding_cache").fetchone()[0]
         assert len(chunk_texts(idx)) > 20 and cached == 16  # the first group; the second was cut short
-        assert conn.execute("SELECT count(*) FROM rag.generations WHERE state = 'live'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM generations WHERE state = 'live'").fetchone()[0] == 0
         srv.rules.clear()
         rep = idx.refresh(corpus)
         texts = chunk_texts(idx)
@@ -223,7 +223,7 @@ def test_refresh_fails_naming_the_chunk_the_endpoint_and_the_timeout_when_one_te
         assert "alone was not answered within 0.3s" in message and "RAG_EMBEDDING_TIMEOUT_S" in message
         assert ".md#" in message  # the chunk's label: document and position
         assert KEY not in message
-        assert idx.conn.execute("SELECT count(*) FROM rag.embedding_cache").fetchone()[0] == 0
+        assert idx.conn.execute("SELECT count(*) FROM rag_cache.embedding_cache").fetchone()[0] == 0
         idx.close()
 
 

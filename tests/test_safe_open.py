@@ -74,12 +74,12 @@ def test_a_file_changed_since_the_scan_is_deferred_not_indexed_half_written(sett
         idx.source = lambda path=None, change_source=False: WriterBusy(docs_dir, settings.include)
         rep = idx.refresh(docs_dir)
         assert [e["doc_id"] for e in rep.errors] == ["a.md"] and "being written" in rep.errors[0]["error"]
-        text = idx.conn.execute("SELECT string_agg(text, ' ') FROM rag.items WHERE doc_id = 'a.md'").fetchone()[0]
+        text = idx.conn.execute("SELECT string_agg(text, ' ') FROM items WHERE doc_id = 'a.md'").fetchone()[0]
         assert "first complete version" in text and "half of the second" not in text  # last good version
         del idx.source
         rep = idx.refresh(docs_dir)  # the writer is done: the next run reads the whole file
         assert rep.errors == [] and rep.docs_modified == 1
-        text = idx.conn.execute("SELECT string_agg(text, ' ') FROM rag.items WHERE doc_id = 'a.md'").fetchone()[0]
+        text = idx.conn.execute("SELECT string_agg(text, ' ') FROM items WHERE doc_id = 'a.md'").fetchone()[0]
         assert "half of the second more" in text
     finally:
         idx.close()

@@ -32,7 +32,7 @@ def test_migrate_rechecks_the_schema_after_taking_its_lock(db_url):
         t = threading.Thread(target=run)
         t.start()
         # The other process completes the migration (DDL and digest), then releases the lock...
-        for stmt in schema.DDL:
+        for stmt in schema._ddl("rag"):
             first.execute(stmt)
         first.execute(
             "INSERT INTO rag.settings (key, value) VALUES ('schema_ddl', to_jsonb(%s::text)), "

@@ -108,6 +108,7 @@ def test_cli_refuses_a_crashing_server_with_one_line(own_server, tmp_path, monke
     monkeypatch.setenv("RAG_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAG_DATABASE_URL", own_server)
     monkeypatch.setattr(db, "_migrated", set())
+    monkeypatch.setattr(db, "_checked", set())
     # The first computing statement makes its own backend die by SIGILL, as the old pgvector did.
     steps = list(server_check._STEPS)
     steps[0] = ("a cosine distance", "COPY (SELECT 1) TO PROGRAM 'kill -ILL $PPID'")

@@ -308,12 +308,12 @@ def test_inbox_insert_is_idempotent_under_concurrency(db_url):
     assert sorted(d for _, d in results) == [False] + [True] * 7
     assert len({s for s, _ in results}) == 1
     assert inbox.pending_count(conn) == 1
-    row = conn.execute("SELECT shard FROM rag.inbox").fetchone()
+    row = conn.execute("SELECT shard FROM inbox").fetchone()
     assert row[0] == shard_of("a.md", 8)
     time.sleep(0.05)
     lag = inbox.inbox_lag_seconds(conn)
     assert 0.04 < lag < 30 and inbox.inbox_stats(conn)[0] == 1
-    conn.execute("UPDATE rag.inbox SET applied_at = now()")
+    conn.execute("UPDATE inbox SET applied_at = now()")
     assert (inbox.pending_count(conn), inbox.inbox_lag_seconds(conn)) == (0, 0.0)
 
 
@@ -676,7 +676,7 @@ def test_e2e_created_then_deleted_then_late_update(client, secret, svc_settings,
     # every event was consumed exactly once; nothing is pending, so the lag is 0
     assert metric(client, "rag_inbox_pending") == 0 and metric(client, "rag_inbox_lag_seconds") == 0
     with psycopg.connect(svc_settings.database_url) as c:
-        assert c.execute("SELECT count(*) FROM rag.inbox WHERE applied_at IS NULL").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM inbox WHERE applied_at IS NULL").fetchone()[0] == 0
 
 
 def test_service_applies_acknowledged_events_itself_when_configured(svc_settings, secret, docs_dir):
@@ -773,17 +773,17 @@ def test_non_canonical_id_cannot_shadow_a_folder_document(client, secret, svc_se
     # a row that reached the inbox before this check (or by hand) is rejected when applied, and reported
     with psycopg.connect(svc_settings.database_url, autocommit=True) as c:
         c.execute(
-            """INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content)
+            """INSERT INTO inbox (event_id, event_type, doc_id, shard, source_time, content)
                VALUES ('old', 'document.created', './d0.md', %s, now(), 'shadow')""",
             (shard_of("./d0.md", svc_settings.shards),),
         )
     rep = Indexer(svc_settings).refresh(docs_dir)
     assert any(e["doc_id"] == "./d0.md" and "canonical" in e["error"] for e in rep.errors), rep.errors
     with psycopg.connect(svc_settings.database_url) as c:
-        ids = [d for (d,) in c.execute("SELECT doc_id FROM rag.manifest ORDER BY doc_id")]
+        ids = [d for (d,) in c.execute("SELECT doc_id FROM manifest ORDER BY doc_id")]
         assert ids == ["d0.md", "d1.md"]
         assert (
-            c.execute("SELECT outcome FROM rag.inbox WHERE event_id = 'old'")
+            c.execute("SELECT outcome FROM inbox WHERE event_id = 'old'")
             .fetchone()[0]
             .startswith("rejected")
         )

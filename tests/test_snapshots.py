@@ -114,19 +114,19 @@ def _state(conn) -> dict:
     """Everything a restore must bring back, apart from the serving rows (covered by the digest)."""
     q = {
         "manifest": "SELECT doc_id, shard, source, content_hash, meta_hash, size, mtime_ns, metadata, source_time "
-        "FROM rag.manifest ORDER BY doc_id",
-        "bodies": "SELECT doc_id, md5(body) FROM rag.document_bodies ORDER BY doc_id",
+        "FROM manifest ORDER BY doc_id",
+        "bodies": "SELECT doc_id, md5(body) FROM document_bodies ORDER BY doc_id",
         "chunk_docs": "SELECT doc_id, shard, content_hash, meta_hash, metadata, chunker_version "
-        "FROM rag.chunk_docs ORDER BY doc_id",
+        "FROM chunk_docs ORDER BY doc_id",
         "chunks": "SELECT doc_id, seq, shard, chunk_hash, md5(text), char_start, char_end, n_tokens "
-        "FROM rag.chunks ORDER BY doc_id, seq",
-        "shard_state": "SELECT shard, manifest_version, chunks_version FROM rag.shard_state ORDER BY shard",
+        "FROM chunks ORDER BY doc_id, seq",
+        "shard_state": "SELECT shard, manifest_version, chunks_version FROM shard_state ORDER BY shard",
     }
     return {k: conn.execute(v).fetchall() for k, v in q.items()}
 
 
 def _gen_count(conn) -> int:
-    return conn.execute("SELECT count(*) FROM rag.generations").fetchone()[0]
+    return conn.execute("SELECT count(*) FROM generations").fetchone()[0]
 
 
 def _objects(store) -> dict[str, int]:
@@ -201,7 +201,7 @@ def test_round_trip_restores_index_and_manifest_and_next_run_embeds_nothing(
     assert index_digest(idx.conn) == snap["index_digest"]
     assert _state(idx.conn) == before  # manifest, bodies, chunk_docs, chunks and shard versions
     origin = idx.conn.execute(
-        "SELECT origin FROM rag.generations WHERE id = (SELECT generation FROM rag.live)"
+        "SELECT origin FROM generations WHERE id = (SELECT generation FROM live)"
     ).fetchone()[0]
     assert origin == f"restore:{snap['id']}"
 
@@ -288,7 +288,7 @@ def test_incremental_snapshot_after_one_percent_change_writes_few_bytes(settings
     touched = {
         r[0]
         for r in idx.conn.execute(
-            "SELECT DISTINCT shard FROM rag.manifest WHERE doc_id = ANY(%s)",
+            "SELECT DISTINCT shard FROM manifest WHERE doc_id = ANY(%s)",
             ([f"d{i:05d}.md" for i in changed],),
         )
     }
@@ -581,7 +581,7 @@ def test_snapshot_is_a_consistent_cut_while_a_refresh_runs(settings, docs_dir, f
         S.restore_snapshot(conn, folder_store, snap["id"])
         assert index_digest(conn) == snap["index_digest"]
         bad = conn.execute(
-            """SELECT count(*) FROM rag.manifest m FULL JOIN rag.chunk_docs c USING (doc_id)
+            """SELECT count(*) FROM manifest m FULL JOIN chunk_docs c USING (doc_id)
                WHERE m.content_hash IS DISTINCT FROM c.content_hash"""
         ).fetchone()[0]
         assert bad == 0
@@ -760,14 +760,14 @@ class _Reader(threading.Thread):
         try:
             while not self.stop.is_set():
                 rows = self.conn.execute(
-                    "SELECT generation, count(*) FROM rag.items GROUP BY generation"
+                    "SELECT generation, count(*) FROM items GROUP BY generation"
                 ).fetchall()
                 if len(rows) != 1:
                     self.errors.append(f"count saw {rows}")
                 else:
                     self.seen.setdefault(rows[0][0], set()).add(rows[0][1])
                 hits = self.conn.execute(
-                    "SELECT generation, doc_id FROM rag.items ORDER BY embedding <=> %s::vector LIMIT %s",
+                    "SELECT generation, doc_id FROM items ORDER BY embedding <=> %s::vector LIMIT %s",
                     (self.vec, self.k),
                 ).fetchall()
                 if len(hits) != self.k or len({h[0] for h in hits}) != 1:
@@ -790,7 +790,7 @@ def test_readers_see_one_whole_generation_during_restore_and_rollback(settings, 
     _mutate(docs_dir, rng, edit=(1, 2), delete=(4, 5, 6, 8, 10), add=0)
     idx.refresh(docs_dir)
     g_old = live_generation(idx.conn).id
-    n_old = idx.conn.execute("SELECT count(*) FROM rag.items").fetchone()[0]
+    n_old = idx.conn.execute("SELECT count(*) FROM items").fetchone()[0]
     assert n_old != n_snap
 
     reader = _Reader(settings.database_url, 32)

@@ -112,7 +112,7 @@ def test_an_index_without_a_recorded_folder_does_no_folder_work(settings, two_fo
     idx = Indexer(settings)
     idx.refresh(real)
     digest = index_digest(idx.conn)
-    idx.conn.execute("DELETE FROM rag.settings WHERE key = 'source'")
+    idx.conn.execute("DELETE FROM settings WHERE key = 'source'")
     idx.close()
     guess = Indexer(replace(settings, source_path=sample))
     try:
@@ -162,7 +162,7 @@ def test_manifest_stage_decides_under_the_lock_against_a_concurrent_writer(setti
         idx.refresh(docs_dir)  # the other writer, in between plan and write
         write(docs_dir / "d03.md", "# d 3\n\nwritten by nobody yet.", mtime_ns=10**18 + 3)
         manifest_stage(ctx, range(settings.shards), stale_plan, source)
-        meta = dict(ctx.conn.execute("SELECT doc_id, metadata FROM rag.manifest").fetchall())
+        meta = dict(ctx.conn.execute("SELECT doc_id, metadata FROM manifest").fetchall())
         assert all(m.get("path") == d for d, m in meta.items()), meta  # never metadata={}
         assert meta["d00.md"]["tags"] == ["new"]
         assert "d09.md" in meta

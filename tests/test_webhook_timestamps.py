@@ -59,13 +59,13 @@ def _apply_all(conn) -> dict:
 
 def _manifest(conn, doc_id: str):
     return conn.execute(
-        "SELECT content_hash, source_time FROM rag.manifest WHERE doc_id = %s", (doc_id,)
+        "SELECT content_hash, source_time FROM manifest WHERE doc_id = %s", (doc_id,)
     ).fetchone()
 
 
 def _inbox_row(conn, event_id: str):
     return conn.execute(
-        "SELECT source_time, received_at, applied_at, outcome FROM rag.inbox WHERE event_id = %s",
+        "SELECT source_time, received_at, applied_at, outcome FROM inbox WHERE event_id = %s",
         (event_id,),
     ).fetchone()
 
@@ -133,7 +133,7 @@ def test_inbox_refuses_an_unusable_source_time(db_url):
 
 def _raw_event(conn, event_id: str, doc_id: str, source_time: str, etype: str = "document.created"):
     conn.execute(
-        """INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content, metadata)
+        """INSERT INTO inbox (event_id, event_type, doc_id, shard, source_time, content, metadata)
            VALUES (%s, %s, %s, %s, %s::timestamptz, %s, '{}')""",
         (
             event_id,
@@ -160,7 +160,7 @@ def test_apply_skips_and_reports_unusable_timestamps_without_blocking_others(set
     _raw_event(conn, "ev-older", "bad/9999.md", "2026-01-01 00:00:00+00")  # a usable event, same doc
     _raw_event(conn, "ev-good", "good/a.md", "2026-01-01 00:00:00+00")
     # a tombstone whose time cannot be used must not pin the document either
-    conn.execute("INSERT INTO rag.tombstones (doc_id, source_time) VALUES ('pinned.md', 'infinity')")
+    conn.execute("INSERT INTO tombstones (doc_id, source_time) VALUES ('pinned.md', 'infinity')")
     _raw_event(conn, "ev-pinned", "pinned.md", "2026-01-01 00:00:00+00")
     out = _apply_all(conn)
     reported = {e["doc_id"]: e["error"] for e in out["errors"]}
@@ -171,11 +171,11 @@ def test_apply_skips_and_reports_unusable_timestamps_without_blocking_others(set
     assert inbox.pending_count(conn) == 0
     for doc in ("good/a.md", "bad/9999.md", "pinned.md"):
         assert _manifest(conn, doc)[0] == content_hash("x"), doc
-    outcomes = dict(conn.execute("SELECT event_id, outcome FROM rag.inbox").fetchall())
+    outcomes = dict(conn.execute("SELECT event_id, outcome FROM inbox").fetchall())
     assert outcomes["ev-9999"].startswith("rejected: ") and outcomes["ev-older"] == "applied"
     # the whole pipeline runs (this was an OverflowError on every run)
     Indexer(settings).refresh(docs_dir)
-    served = {d for (d,) in conn.execute("SELECT DISTINCT doc_id FROM rag.items")}
+    served = {d for (d,) in conn.execute("SELECT DISTINCT doc_id FROM items")}
     assert served == {"good/a.md", "bad/9999.md", "pinned.md"}
 
 
@@ -226,7 +226,7 @@ def test_property_hostile_timestamps_are_refused_or_applied_once(
     client, secret, db_url, ts, header_offset, etype
 ):
     conn = connect(db_url)
-    n = conn.execute("SELECT count(*) FROM rag.inbox").fetchone()[0]
+    n = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
     doc, eid = f"prop/{n}-{time.monotonic_ns()}.md", f"hostile-{n}-{time.monotonic_ns()}"
     etype = f"document.{etype}"
     import json
@@ -264,7 +264,7 @@ def test_property_hostile_timestamps_are_refused_or_applied_once(
     assert _manifest(conn, doc) is None, ts
     with psycopg.connect(db_url) as c:
         outcomes = [
-            o for (o,) in c.execute("SELECT outcome FROM rag.inbox WHERE doc_id = %s ORDER BY seq", (doc,))
+            o for (o,) in c.execute("SELECT outcome FROM inbox WHERE doc_id = %s ORDER BY seq", (doc,))
         ]
     assert outcomes == ["applied", "applied", "applied"]
     conn.close()

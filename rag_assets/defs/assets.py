@@ -145,7 +145,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             check = manifest_matches_source(ctx.conn, source, shards, sample=100)
             docs = dict(
                 ctx.conn.execute(
-                    "SELECT shard, count(*) FROM rag.manifest WHERE shard = ANY(%s) GROUP BY shard", (shards,)
+                    "SELECT shard, count(*) FROM manifest WHERE shard = ANY(%s) GROUP BY shard", (shards,)
                 ).fetchall()
             )
         finally:
@@ -217,12 +217,12 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             record_stage(ctx, "chunks", shards, started, out)
             per_shard = dict(
                 ctx.conn.execute(
-                    "SELECT shard, count(*) FROM rag.chunks WHERE shard = ANY(%s) GROUP BY shard", (shards,)
+                    "SELECT shard, count(*) FROM chunks WHERE shard = ANY(%s) GROUP BY shard", (shards,)
                 ).fetchall()
             )
             versions = dict(
                 ctx.conn.execute(
-                    "SELECT shard, chunks_version FROM rag.shard_state WHERE shard = ANY(%s)", (shards,)
+                    "SELECT shard, chunks_version FROM shard_state WHERE shard = ANY(%s)", (shards,)
                 ).fetchall()
             )
         finally:
@@ -343,7 +343,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
 def _docs_counts(ctx: StageContext, run_id: str) -> dict:
     """The document counts of this run's manifest step (same run id), for the embeddings plots."""
     row = ctx.conn.execute(
-        "SELECT stats FROM rag.runs WHERE run_id = %s AND stage = 'manifest' ORDER BY id DESC LIMIT 1",
+        "SELECT stats FROM runs WHERE run_id = %s AND stage = 'manifest' ORDER BY id DESC LIMIT 1",
         (run_id,),
     ).fetchone()
     if not row:

@@ -78,7 +78,7 @@ def index_via_dagster(
         if pending:
             run_ids = _materialize(settings, sorted(pending), full=full, rehash=rehash, allow_deletes=allow_deletes)
         for stage, stats in ctx.conn.execute(
-            "SELECT stage, stats FROM rag.runs WHERE run_id = ANY(%s) ORDER BY id", (run_ids,)
+            "SELECT stage, stats FROM runs WHERE run_id = ANY(%s) ORDER BY id", (run_ids,)
         ).fetchall():
             rep.merge(stats)
             if stage == "embeddings":

@@ -15,7 +15,7 @@ import dagster as dg
 from rag_assets.manifest import shard_key, shard_of
 from rag_assets.settings import Settings
 from rag_assets.sources import FolderSource
-from rag_assets.store.db import connect, database_url
+from rag_assets.store.db import connect_index
 from rag_assets.store.source_binding import bound_folder
 
 from .assets import GROUP
@@ -42,7 +42,7 @@ def complete_building_generation(conn) -> int | None:
     from rag_assets.store.serving import _GEN_COLS, Generation, lagging_serving_shards
 
     rows = conn.execute(
-        f"SELECT {_GEN_COLS} FROM rag.generations WHERE state = 'building' ORDER BY id DESC"
+        f"SELECT {_GEN_COLS} FROM generations WHERE state = 'building' ORDER BY id DESC"
     ).fetchall()
     for row in rows:
         gen = Generation(*row)
@@ -55,7 +55,7 @@ def pending_inbox(conn) -> list[tuple[int, int, float]]:
     """(shard, newest pending seq, age in seconds of the oldest pending event) for unapplied events."""
     return conn.execute(
         """SELECT shard, max(seq), extract(epoch FROM now() - min(received_at))
-           FROM rag.inbox WHERE applied_at IS NULL GROUP BY shard ORDER BY shard"""
+           FROM inbox WHERE applied_at IS NULL GROUP BY shard ORDER BY shard"""
     ).fetchall()
 
 
@@ -72,7 +72,7 @@ def build_sensors(settings: Settings) -> list:
         context: dg.SensorEvaluationContext, rag: RagResource
     ) -> dg.SensorResult | dg.SkipReason:
         settings = rag.settings()
-        conn = connect(database_url(settings))
+        conn = connect_index(settings)
         try:
             bound = bound_folder(conn, settings)  # the index's own folder, never a default path
         finally:
@@ -111,7 +111,7 @@ def build_sensors(settings: Settings) -> list:
         its events are still unapplied a while later (an event whose insert committed out of sequence
         order, or a failed run), so no acknowledged event can be stranded."""
         cur = json.loads(context.cursor) if context.cursor else {"hw": 0, "at": {}}
-        conn = connect(database_url(rag.settings()))
+        conn = connect_index(rag.settings())
         try:
             rows = pending_inbox(conn)
         finally:
@@ -151,7 +151,7 @@ def build_sensors(settings: Settings) -> list:
     def generation_sensor(
         context: dg.SensorEvaluationContext, rag: RagResource
     ) -> dg.RunRequest | dg.SkipReason:
-        conn = connect(database_url(rag.settings()))
+        conn = connect_index(rag.settings())
         try:
             gen = complete_building_generation(conn)
         finally:

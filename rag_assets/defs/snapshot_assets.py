@@ -10,7 +10,7 @@ import time
 import dagster as dg
 
 from rag_assets.snapshots import create_snapshot, prune_snapshots, store_for_settings
-from rag_assets.store.db import connect, database_url
+from rag_assets.store.db import connect_index
 
 from .assets import GROUP
 from .resources import RagResource
@@ -29,7 +29,7 @@ from .resources import RagResource
 def index_snapshot(context: dg.AssetExecutionContext, rag: RagResource) -> dg.MaterializeResult:
     settings = rag.settings()
     t0 = time.perf_counter()
-    conn = connect(database_url(settings))
+    conn = connect_index(settings)
     store = store_for_settings(settings)
     try:
         rec = create_snapshot(conn, store, note=f"dagster run {context.run.run_id}")

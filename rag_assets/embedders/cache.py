@@ -28,8 +28,8 @@ class Miss:
 def ensure_embedder(conn: psycopg.Connection, embedder: Embedder) -> int:
     """The id of the embedder's fingerprint row (created on first use)."""
     row = conn.execute(
-        """INSERT INTO rag.embedders (fingerprint, provider, model, dims) VALUES (%s, %s, %s, %s)
-           ON CONFLICT (fingerprint) DO UPDATE SET dims = rag.embedders.dims RETURNING id""",
+        """INSERT INTO rag_cache.embedders (fingerprint, provider, model, dims) VALUES (%s, %s, %s, %s)
+           ON CONFLICT (fingerprint) DO UPDATE SET dims = rag_cache.embedders.dims RETURNING id""",
         (embedder.fingerprint, embedder.provider, embedder.model, embedder.dims),
     ).fetchone()
     if not conn.autocommit:
@@ -41,9 +41,9 @@ def find_misses(conn: psycopg.Connection, embedder_id: int, shards: Iterable[int
     """Distinct chunk texts of ``shards`` with no cached vector for this embedder."""
     rows = conn.execute(
         """SELECT DISTINCT ON (c.chunk_hash) c.chunk_hash, c.text, c.doc_id, c.seq, c.n_tokens
-           FROM rag.chunks c
+           FROM chunks c
            WHERE c.shard = ANY(%s) AND NOT EXISTS (
-               SELECT 1 FROM rag.embedding_cache e
+               SELECT 1 FROM rag_cache.embedding_cache e
                WHERE e.embedder_id = %s AND e.chunk_hash = c.chunk_hash)
            ORDER BY c.chunk_hash, c.doc_id, c.seq""",
         (sorted(set(shards)), embedder_id),
@@ -65,7 +65,7 @@ def store_vectors(
             for h, v, n in zip(hashes, vectors, n_tokens, strict=True):
                 cp.write_row((h, v, n))
         cur.execute(
-            """INSERT INTO rag.embedding_cache (embedder_id, chunk_hash, embedding, n_tokens)
+            """INSERT INTO rag_cache.embedding_cache (embedder_id, chunk_hash, embedding, n_tokens)
                SELECT %s, chunk_hash, embedding, n_tokens FROM cache_in
                ON CONFLICT (embedder_id, chunk_hash) DO NOTHING""",
             (embedder_id,),

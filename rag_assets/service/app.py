@@ -10,7 +10,7 @@ gets a fresh connection instead of a dead one.
 
 Status codes
     ``POST /webhooks/documents``
-        202 ``{"status": "accepted", "seq": N}``  new event, committed to ``rag.inbox``
+        202 ``{"status": "accepted", "seq": N}``  new event, committed to ``inbox``
         200 ``{"status": "duplicate", "seq": N}`` event id already stored (nothing written)
         400 ``{"error": ...}``  malformed JSON, bad event (e.g. a doc_id that is not a canonical
                                 relative path, a source ``timestamp`` before 1970 or more than
@@ -297,15 +297,24 @@ class ServiceState:
         return inbox.insert_event(conn, event, self.n_shards)
 
 
-def _migrate(url: str) -> None:
-    conn = connect(url)  # creates/migrates the schema once
+def _migrate(url: str, schema: str) -> None:
+    conn = connect(url, schema=schema)  # creates/migrates the index's schema once
     conn.close()
 
 
-def _configure(conn: psycopg.Connection) -> None:
-    from pgvector.psycopg import register_vector
+def _configurer(schema: str) -> Callable[[psycopg.Connection], None]:
+    """Pool connections read the service's index: its schema first on ``search_path``."""
 
-    register_vector(conn)
+    def configure(conn: psycopg.Connection) -> None:
+        from pgvector.psycopg import register_vector
+
+        from rag_assets.store.db import search_path_sql
+
+        conn.execute(search_path_sql(conn, schema))
+        conn.commit()
+        register_vector(conn)
+
+    return configure
 
 
 def create_app(
@@ -333,13 +342,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette):
         url = await run_in_threadpool(database_url, settings)
-        await run_in_threadpool(_migrate, url)
+        await run_in_threadpool(_migrate, url, settings.pg_schema)
         pool = ConnectionPool(
             url,
             min_size=state.pool_min_size,
             max_size=state.pool_max_size,
             kwargs={"autocommit": True},
-            configure=_configure,
+            configure=_configurer(settings.pg_schema),
             open=False,
             timeout=pool_timeout,
             name="rag-service",

@@ -7,7 +7,7 @@ intervals, 10–16 s with 1 s intervals (`benchmarks/freshness.py --source webho
 (`Indexer.refresh`, the `rag-assets index --core` path) as soon as events are pending, at most once per
 interval. Nothing else changes: the stages are level-triggered and take per-shard locks, so the refresh and
 any Dagster run serialise per shard; a Dagster run that follows finds its shards in step and does nothing.
-Refreshes made here are recorded in ``rag.runs`` (stage ``refresh``), not in Dagster's run history.
+Refreshes made here are recorded in ``runs`` (stage ``refresh``), not in Dagster's run history.
 """
 
 from __future__ import annotations

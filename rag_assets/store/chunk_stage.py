@@ -52,7 +52,7 @@ def chunks_version(manifest_version: str, chunker_version: str) -> str:
 
 def lagging_chunk_shards(conn: psycopg.Connection, chunker_version: str) -> set[int]:
     rows = conn.execute(
-        "SELECT shard FROM rag.shard_state WHERE chunks_version <> manifest_version || '|' || %s",
+        "SELECT shard FROM shard_state WHERE chunks_version <> manifest_version || '|' || %s",
         (chunker_version,),
     ).fetchall()
     return {r[0] for r in rows}
@@ -69,7 +69,7 @@ def sync_chunks(
     with conn.transaction():
         lock_shards(conn, shards)
         state = conn.execute(
-            "SELECT shard, manifest_version, chunks_version FROM rag.shard_state WHERE shard = ANY(%s)",
+            "SELECT shard, manifest_version, chunks_version FROM shard_state WHERE shard = ANY(%s)",
             (shards,),
         ).fetchall()
         todo = {
@@ -84,14 +84,14 @@ def sync_chunks(
         manifest = {
             r[0]: (r[1], r[2])
             for r in conn.execute(
-                "SELECT doc_id, content_hash, meta_hash FROM rag.manifest WHERE shard = ANY(%s)",
+                "SELECT doc_id, content_hash, meta_hash FROM manifest WHERE shard = ANY(%s)",
                 (todo_shards,),
             )
         }
         chunked = {
             r[0]: (r[1], r[2], r[3])
             for r in conn.execute(
-                "SELECT doc_id, content_hash, meta_hash, chunker_version FROM rag.chunk_docs WHERE shard = ANY(%s)",
+                "SELECT doc_id, content_hash, meta_hash, chunker_version FROM chunk_docs WHERE shard = ANY(%s)",
                 (todo_shards,),
             )
         }
@@ -113,21 +113,21 @@ def sync_chunks(
             known_tokens = (
                 dict(
                     cur.execute(
-                        "SELECT chunk_hash, n_tokens FROM rag.chunks WHERE doc_id = ANY(%s)", (rechunk,)
+                        "SELECT chunk_hash, n_tokens FROM chunks WHERE doc_id = ANY(%s)", (rechunk,)
                     ).fetchall()
                 )
                 if rechunk and not force
                 else {}
             )
             if gone:
-                cur.execute("DELETE FROM rag.chunks WHERE doc_id = ANY(%s)", (gone,))
+                cur.execute("DELETE FROM chunks WHERE doc_id = ANY(%s)", (gone,))
                 st.chunks_deleted = cur.rowcount
             if dropped:
-                cur.execute("DELETE FROM rag.chunk_docs WHERE doc_id = ANY(%s)", (dropped,))
+                cur.execute("DELETE FROM chunk_docs WHERE doc_id = ANY(%s)", (dropped,))
             if rechunk:
                 cur.execute(
-                    "SELECT b.doc_id, b.body, m.shard FROM rag.document_bodies b "
-                    "JOIN rag.manifest m USING (doc_id) WHERE b.doc_id = ANY(%s)",
+                    "SELECT b.doc_id, b.body, m.shard FROM document_bodies b "
+                    "JOIN manifest m USING (doc_id) WHERE b.doc_id = ANY(%s)",
                     (rechunk,),
                 )
                 bodies = cur.fetchall()
@@ -151,7 +151,7 @@ def sync_chunks(
                 )
                 tokens = [known_tokens[c.chunk_hash] for *_, c in rows]  # exact cl100k, for cost accounting
                 with cur.copy(
-                    "COPY rag.chunks (doc_id, seq, shard, chunk_id, chunk_hash, text, char_start, char_end, n_tokens)"
+                    "COPY chunks (doc_id, seq, shard, chunk_id, chunk_hash, text, char_start, char_end, n_tokens)"
                     " FROM STDIN (FORMAT BINARY)"
                 ) as cp:
                     cp.set_types(["text", "int4", "int2", "text", "text", "text", "int4", "int4", "int4"])
@@ -162,8 +162,8 @@ def sync_chunks(
             upd = rechunk + meta_only
             if upd:
                 cur.execute(
-                    """INSERT INTO rag.chunk_docs (doc_id, shard, content_hash, meta_hash, metadata, chunker_version)
-                       SELECT doc_id, shard, content_hash, meta_hash, metadata, %s FROM rag.manifest
+                    """INSERT INTO chunk_docs (doc_id, shard, content_hash, meta_hash, metadata, chunker_version)
+                       SELECT doc_id, shard, content_hash, meta_hash, metadata, %s FROM manifest
                        WHERE doc_id = ANY(%s)
                        ON CONFLICT (doc_id) DO UPDATE SET shard = EXCLUDED.shard,
                            content_hash = EXCLUDED.content_hash, meta_hash = EXCLUDED.meta_hash,
@@ -171,9 +171,9 @@ def sync_chunks(
                     (chunker.version, upd),
                 )
             cur.executemany(
-                "UPDATE rag.shard_state SET chunks_version = %s, updated_at = now() WHERE shard = %s",
+                "UPDATE shard_state SET chunks_version = %s, updated_at = now() WHERE shard = %s",
                 [(v, s) for s, v in todo.items()],
             )
-    analyze_if_changed(conn, "rag.chunks", st.chunks_written + st.chunks_deleted)
-    analyze_if_changed(conn, "rag.chunk_docs", st.docs_rechunked + st.docs_dropped)
+    analyze_if_changed(conn, "chunks", st.chunks_written + st.chunks_deleted)
+    analyze_if_changed(conn, "chunk_docs", st.docs_rechunked + st.docs_dropped)
     return st

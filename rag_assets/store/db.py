@@ -6,14 +6,16 @@ from collections.abc import Iterable
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg import sql
 
 from rag_assets.redact import redact_url, scrub
 from rag_assets.settings import Settings
 from rag_assets.store.embedded import embedded_url
-from rag_assets.store.schema import LOCK_NAMESPACE, migrate
+from rag_assets.store.schema import CACHE_SCHEMA, DEFAULT_SCHEMA, migrate
 from rag_assets.store.server_check import ensure_checked
 
-_migrated: set[str] = set()
+_checked: set[str] = set()
+_migrated: set[tuple[str, str]] = set()
 
 
 def database_url(settings: Settings) -> str:
@@ -21,8 +23,33 @@ def database_url(settings: Settings) -> str:
     return settings.database_url or embedded_url(settings.home)
 
 
-def connect(url: str, *, autocommit: bool = True, ensure_schema: bool = True) -> psycopg.Connection:
-    """Open a connection with pgvector types registered; create/migrate the schema once per URL.
+def connect_index(settings: Settings, *, autocommit: bool = True) -> psycopg.Connection:
+    """A connection to the index ``settings`` describe: its database, with ``search_path`` at its schema."""
+    return connect(database_url(settings), schema=settings.pg_schema, autocommit=autocommit)
+
+
+def search_path_sql(conn: psycopg.Connection, schema: str) -> sql.Composed:
+    """``SET search_path``: the index schema first, then the shared cache and pgvector's schema.
+
+    Every statement in the code names its tables unqualified, so this one setting decides which
+    index a connection reads and writes. pgvector's schema is looked up (managed servers install
+    extensions in a schema of their own, e.g. ``extensions``) so that the ``vector`` type resolves.
+    """
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
+    ).fetchone()
+    path = [schema, CACHE_SCHEMA, *([row[0]] if row and row[0] not in (schema, CACHE_SCHEMA) else []), "public"]
+    seen: list[str] = []
+    for p in path:
+        if p not in seen:
+            seen.append(p)
+    return sql.SQL("SET search_path TO {}").format(sql.SQL(", ").join(sql.Identifier(p) for p in seen))
+
+
+def connect(
+    url: str, *, schema: str = DEFAULT_SCHEMA, autocommit: bool = True, ensure_schema: bool = True
+) -> psycopg.Connection:
+    """Open a connection to one index schema, pgvector types registered; migrate once per (URL, schema).
 
     Autocommit by default: every multi-statement change is an explicit ``conn.transaction()``
     block, so a stage's locks and writes last exactly as long as its transaction, never longer.
@@ -35,16 +62,18 @@ def connect(url: str, *, autocommit: bool = True, ensure_schema: bool = True) ->
         raise ConnectionError(
             f"RAG_DATABASE_URL is not a valid PostgreSQL URL or key=value string ({_redact(url)})"
         ) from None
-    if url not in _migrated:
+    if url not in _checked:
         # Once per server process: pgvector present, recent, and computing on this CPU.
         try:
             ensure_checked(url)
         except BaseException:
             conn.close()
             raise
-    if ensure_schema and url not in _migrated:
-        migrate(conn)
-        _migrated.add(url)
+        _checked.add(url)
+    if ensure_schema and (url, schema) not in _migrated:
+        migrate(conn, schema)
+        _migrated.add((url, schema))
+    conn.execute(search_path_sql(conn, schema))
     register_vector(conn)
     conn.autocommit = autocommit
     return conn
@@ -58,7 +87,7 @@ def _redact(url: str) -> str:
 def lock_shards(conn: psycopg.Connection, shards: Iterable[int]) -> None:
     """Transaction-scoped advisory locks, taken in shard order so two writers cannot deadlock."""
     for s in sorted(set(shards)):
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, s))
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':shard'), %s)", (s,))
 
 
 ANALYZE_AFTER_ROWS = 200

@@ -1,6 +1,6 @@
 """The webhook inbox: accepted events are committed here before the receiver answers 2xx.
 
-The event id is the idempotency key (``rag.inbox.event_id`` is UNIQUE): a redelivered event is
+The event id is the idempotency key (``inbox.event_id`` is UNIQUE): a redelivered event is
 acknowledged and stored once. Applying events to the index (newest source time wins, tombstones)
 is the manifest stage's job, not this module's.
 
@@ -19,10 +19,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from rag_assets.manifest import shard_of
+from rag_assets.store.shard_count import pin_shard_count
 
 DEFAULT_SHARDS = 64  # Settings.shards' default, used only when nothing else says
 
-# Source times must fit a 64-bit count of nanoseconds since 1970 (rag.manifest.mtime_ns, the Parquet
+# Source times must fit a 64-bit count of nanoseconds since 1970 (manifest.mtime_ns, the Parquet
 # snapshots): 1677-09-21 .. 2262-04-11. The receiver also refuses anything before 1970 (no source
 # changed a document before the epoch) or later than its clock plus RAG_WEBHOOK_TOLERANCE_S.
 SOURCE_TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
@@ -78,33 +79,21 @@ class InboxEvent(Protocol):
 
 
 def shard_count(conn: psycopg.Connection, default: int) -> int:
-    """The index's shard count: the ``rag.settings`` row ``shards``, pinned to ``default`` if absent.
-
-    Events are stored with their shard, so the first event fixes the shard count the same way the
-    first index run does (``pipeline.check_shard_count``); a later run with another RAG_SHARDS is
-    refused there rather than silently mis-sharding the inbox.
-    """
-    row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
-    if row is None:
-        conn.execute(
-            "INSERT INTO rag.settings (key, value) VALUES ('shards', %s) ON CONFLICT DO NOTHING",
-            (Jsonb(default),),
-        )
-        if not conn.autocommit:
-            conn.commit()
-        row = conn.execute("SELECT value FROM rag.settings WHERE key = 'shards'").fetchone()
-    return int(row[0]) if row else default
+    """The index's shard count, pinned to ``default`` if absent: the first event fixes it the same
+    way the first index run does, and a later run with another RAG_SHARDS is refused there rather
+    than silently mis-sharding the inbox."""
+    return pin_shard_count(conn, default)
 
 
 _INSERT = """
 WITH ins AS (
-    INSERT INTO rag.inbox (event_id, event_type, doc_id, shard, source_time, content, metadata)
+    INSERT INTO inbox (event_id, event_type, doc_id, shard, source_time, content, metadata)
     VALUES (%(event_id)s, %(type)s, %(doc_id)s, %(shard)s, %(source_time)s, %(content)s, %(metadata)s)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING seq)
 SELECT seq, false FROM ins
 UNION ALL
-SELECT seq, true FROM rag.inbox WHERE event_id = %(event_id)s AND NOT EXISTS (SELECT 1 FROM ins)
+SELECT seq, true FROM inbox WHERE event_id = %(event_id)s AND NOT EXISTS (SELECT 1 FROM ins)
 """
 
 
@@ -139,7 +128,7 @@ def insert_event(
             # A concurrent insert of the same id committed after this statement's snapshot: the
             # conflict skipped our row but the snapshot cannot see theirs. Look again.
             row = conn.execute(
-                "SELECT seq, true FROM rag.inbox WHERE event_id = %s", (event.event_id,)
+                "SELECT seq, true FROM inbox WHERE event_id = %s", (event.event_id,)
             ).fetchone()
         if row is not None:
             if not conn.autocommit:
@@ -152,13 +141,13 @@ def insert_event(
 
 def pending_count(conn: psycopg.Connection) -> int:
     """Events not applied yet."""
-    return int(conn.execute("SELECT count(*) FROM rag.inbox WHERE applied_at IS NULL").fetchone()[0])
+    return int(conn.execute("SELECT count(*) FROM inbox WHERE applied_at IS NULL").fetchone()[0])
 
 
 def inbox_lag_seconds(conn: psycopg.Connection) -> float:
     """Age in seconds of the oldest unapplied event (0 when none is pending)."""
     row = conn.execute(
-        "SELECT extract(epoch FROM clock_timestamp() - min(received_at)) FROM rag.inbox WHERE applied_at IS NULL"
+        "SELECT extract(epoch FROM clock_timestamp() - min(received_at)) FROM inbox WHERE applied_at IS NULL"
     ).fetchone()
     return max(0.0, float(row[0])) if row and row[0] is not None else 0.0
 
@@ -167,6 +156,6 @@ def inbox_stats(conn: psycopg.Connection) -> tuple[int, float]:
     """``(pending_count, lag_seconds)`` in one round trip (for /metrics)."""
     row = conn.execute(
         """SELECT count(*), extract(epoch FROM clock_timestamp() - min(received_at))
-           FROM rag.inbox WHERE applied_at IS NULL"""
+           FROM inbox WHERE applied_at IS NULL"""
     ).fetchone()
     return int(row[0]), (max(0.0, float(row[1])) if row[1] is not None else 0.0)

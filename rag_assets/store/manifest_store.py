@@ -25,7 +25,7 @@ class DocUpdate:
 
 def load_manifest(conn: psycopg.Connection, shards: Iterable[int] | None = None) -> dict[str, ManifestEntry]:
     """Manifest entries (all, or those of ``shards``)."""
-    q = "SELECT doc_id, shard, content_hash, meta_hash, size, mtime_ns, source FROM rag.manifest"
+    q = "SELECT doc_id, shard, content_hash, meta_hash, size, mtime_ns, source FROM manifest"
     params: tuple = ()
     if shards is not None:
         q += " WHERE shard = ANY(%s)"
@@ -36,7 +36,7 @@ def load_manifest(conn: psycopg.Connection, shards: Iterable[int] | None = None)
 
 
 def manifest_versions(conn: psycopg.Connection) -> dict[int, str]:
-    return dict(conn.execute("SELECT shard, manifest_version FROM rag.shard_state").fetchall())
+    return dict(conn.execute("SELECT shard, manifest_version FROM shard_state").fetchall())
 
 
 def apply_manifest(
@@ -81,23 +81,23 @@ def apply_manifest(
         out = {s: shard_version(v) for s, v in versions.items()}
         with conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO rag.shard_state (shard, manifest_version) VALUES (%s, %s) "
+                "INSERT INTO shard_state (shard, manifest_version) VALUES (%s, %s) "
                 "ON CONFLICT (shard) DO UPDATE SET manifest_version = EXCLUDED.manifest_version, "
-                "updated_at = now() WHERE rag.shard_state.manifest_version <> EXCLUDED.manifest_version",
+                "updated_at = now() WHERE shard_state.manifest_version <> EXCLUDED.manifest_version",
                 list(out.items()),
             )
-    analyze_if_changed(conn, "rag.manifest", len(diff.added) + len(diff.modified) + len(diff.deleted))
+    analyze_if_changed(conn, "manifest", len(diff.added) + len(diff.modified) + len(diff.deleted))
     return diff, out
 
 
 def _write(conn: psycopg.Connection, diff: ManifestDiff, updates: Mapping[str, DocUpdate]) -> None:
     with conn.cursor() as cur:
         if diff.deleted:
-            cur.execute("DELETE FROM rag.manifest WHERE doc_id = ANY(%s)", (diff.deleted,))
-            cur.execute("DELETE FROM rag.document_bodies WHERE doc_id = ANY(%s)", (diff.deleted,))
+            cur.execute("DELETE FROM manifest WHERE doc_id = ANY(%s)", (diff.deleted,))
+            cur.execute("DELETE FROM document_bodies WHERE doc_id = ANY(%s)", (diff.deleted,))
         upserts = diff.added + diff.modified + diff.metadata_only
         if upserts:
-            cur.execute("CREATE TEMP TABLE manifest_in (LIKE rag.manifest INCLUDING DEFAULTS) ON COMMIT DROP")
+            cur.execute("CREATE TEMP TABLE manifest_in (LIKE manifest INCLUDING DEFAULTS) ON COMMIT DROP")
             with cur.copy(
                 "COPY manifest_in (doc_id, shard, source, content_hash, meta_hash, size, mtime_ns, metadata,"
                 " source_time)"
@@ -121,7 +121,7 @@ def _write(conn: psycopg.Connection, diff: ManifestDiff, updates: Mapping[str, D
                         )
                     )
             cur.execute(
-                """INSERT INTO rag.manifest (doc_id, shard, source, content_hash, meta_hash, size,
+                """INSERT INTO manifest (doc_id, shard, source, content_hash, meta_hash, size,
                        mtime_ns, metadata, source_time, updated_at)
                    SELECT doc_id, shard, source, content_hash, meta_hash, size, mtime_ns, metadata,
                        source_time, now() FROM manifest_in
@@ -132,8 +132,8 @@ def _write(conn: psycopg.Connection, diff: ManifestDiff, updates: Mapping[str, D
             )
         bodies = diff.added + diff.modified
         if bodies:
-            cur.execute("DELETE FROM rag.document_bodies WHERE doc_id = ANY(%s)", (bodies,))
-            with cur.copy("COPY rag.document_bodies (doc_id, body) FROM STDIN (FORMAT BINARY)") as cp:
+            cur.execute("DELETE FROM document_bodies WHERE doc_id = ANY(%s)", (bodies,))
+            with cur.copy("COPY document_bodies (doc_id, body) FROM STDIN (FORMAT BINARY)") as cp:
                 cp.set_types(["text", "text"])
                 for d in bodies:
                     cp.write_row((d, updates[d].body))

@@ -1,9 +1,16 @@
-"""The Postgres schema, created and migrated by the code (``migrate``), all under schema ``rag``.
+"""The Postgres schema of one index, created and migrated by the code (``migrate``).
+
+Each index owns one Postgres schema (``rag`` for the default index; ``RAG_PG_SCHEMA`` / the
+component's ``pg_schema``). Connections set ``search_path`` to it (``store.db.connect``), so every
+statement in the code names its tables unqualified and reaches that index's tables only; the DDL
+below qualifies them explicitly. The embedding cache (``embedders``, ``embedding_cache``) lives in
+the shared schema ``rag_cache``: a text embedded once per embedder serves every index of the database.
+
 
 Bookkeeping tables are shared; the serving data lives in *generations*: each generation owns three
 tables, ``g<N>_items`` (one row per chunk with its text and vector, HNSW-indexed, never updated),
 ``g<N>_pos`` (each chunk's position ``seq`` in its document) and ``g<N>_docs`` (one row per document
-with its metadata). Readers query the view ``rag.items``, which joins the live generation's tables;
+with its metadata). Readers query the view ``items``, which joins the live generation's tables;
 switching generations replaces the view in one transaction, so a reader sees the old or the new
 index, never a mix.
 
@@ -20,17 +27,18 @@ import psycopg
 from psycopg import sql
 
 SCHEMA_VERSION = 1
-LOCK_NAMESPACE = 0x52414731  # advisory-lock namespace for per-shard locks ("RAG1")
-MIGRATE_LOCK = 0x52414730
+DEFAULT_SCHEMA = "rag"
+MIGRATE_LOCK = 0x52414730  # one lock for every schema: migrations also create the shared cache
 
 DDL = [
     "CREATE EXTENSION IF NOT EXISTS vector",
-    "CREATE SCHEMA IF NOT EXISTS rag",
-    """CREATE TABLE IF NOT EXISTS rag.settings (
+    "CREATE SCHEMA IF NOT EXISTS {s}",
+    "CREATE SCHEMA IF NOT EXISTS rag_cache",
+    """CREATE TABLE IF NOT EXISTS {s}.settings (
         key text PRIMARY KEY,
         value jsonb NOT NULL)""",
     # The manifest: what the index is built from, one row per document.
-    """CREATE TABLE IF NOT EXISTS rag.manifest (
+    """CREATE TABLE IF NOT EXISTS {s}.manifest (
         doc_id text COLLATE "C" PRIMARY KEY,
         shard smallint NOT NULL,
         source text NOT NULL,
@@ -41,25 +49,25 @@ DDL = [
         metadata jsonb NOT NULL,
         source_time timestamptz,
         updated_at timestamptz NOT NULL DEFAULT now())""",
-    "CREATE INDEX IF NOT EXISTS manifest_shard ON rag.manifest (shard)",
+    "CREATE INDEX IF NOT EXISTS manifest_shard ON {s}.manifest (shard)",
     # Normalised document bodies: chunking reads these, so chunks always match the manifest,
     # and documents pushed by webhooks (no file to re-read) live here too.
-    """CREATE TABLE IF NOT EXISTS rag.document_bodies (
+    """CREATE TABLE IF NOT EXISTS {s}.document_bodies (
         doc_id text COLLATE "C" PRIMARY KEY,
         body text NOT NULL)""",
     # What the chunk table reflects, per document (the chunk stage's own state).
-    """CREATE TABLE IF NOT EXISTS rag.chunk_docs (
+    """CREATE TABLE IF NOT EXISTS {s}.chunk_docs (
         doc_id text COLLATE "C" PRIMARY KEY,
         shard smallint NOT NULL,
         content_hash text NOT NULL,
         meta_hash text NOT NULL,
         metadata jsonb NOT NULL,
         chunker_version text NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS chunk_docs_shard ON rag.chunk_docs (shard)",
+    "CREATE INDEX IF NOT EXISTS chunk_docs_shard ON {s}.chunk_docs (shard)",
     # chunk_id = H(doc_id, chunk_hash, k-th occurrence in the document): stable when a chunk only
     # moves (its seq changes), so the serving row is updated in place (a HOT update, no HNSW
     # insertion) instead of being deleted and re-inserted.
-    """CREATE TABLE IF NOT EXISTS rag.chunks (
+    """CREATE TABLE IF NOT EXISTS {s}.chunks (
         doc_id text COLLATE "C" NOT NULL,
         seq integer NOT NULL,
         shard smallint NOT NULL,
@@ -70,11 +78,11 @@ DDL = [
         char_end integer NOT NULL,
         n_tokens integer NOT NULL,
         PRIMARY KEY (doc_id, seq))""",
-    "CREATE INDEX IF NOT EXISTS chunks_shard ON rag.chunks (shard)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS chunks_chunk_id ON rag.chunks (chunk_id)",
+    "CREATE INDEX IF NOT EXISTS chunks_shard ON {s}.chunks (shard)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS chunks_chunk_id ON {s}.chunks (chunk_id)",
     # Source files that failed to read, with the stat they had: not re-read (nor made stale) until
     # they change, and reported in every run's errors until fixed or deleted.
-    """CREATE TABLE IF NOT EXISTS rag.source_errors (
+    """CREATE TABLE IF NOT EXISTS {s}.source_errors (
         doc_id text COLLATE "C" PRIMARY KEY,
         source text NOT NULL,
         size bigint NOT NULL,
@@ -83,12 +91,12 @@ DDL = [
         seen_at timestamptz NOT NULL DEFAULT now())""",
     # Per-shard versions: each stage records the upstream version it reflects, so a stage that
     # crashed or never ran is found by comparing versions (level-triggered, not event-triggered).
-    """CREATE TABLE IF NOT EXISTS rag.shard_state (
+    """CREATE TABLE IF NOT EXISTS {s}.shard_state (
         shard smallint PRIMARY KEY,
         manifest_version text NOT NULL DEFAULT '',
         chunks_version text NOT NULL DEFAULT '',
         updated_at timestamptz NOT NULL DEFAULT now())""",
-    """CREATE TABLE IF NOT EXISTS rag.embedders (
+    """CREATE TABLE IF NOT EXISTS rag_cache.embedders (
         id serial PRIMARY KEY,
         fingerprint text UNIQUE NOT NULL,
         provider text NOT NULL,
@@ -96,16 +104,16 @@ DDL = [
         dims integer NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now())""",
     # The embedding cache: content-addressed, so any generation, shard or document reuses it.
-    """CREATE TABLE IF NOT EXISTS rag.embedding_cache (
-        embedder_id integer NOT NULL REFERENCES rag.embedders(id),
+    """CREATE TABLE IF NOT EXISTS rag_cache.embedding_cache (
+        embedder_id integer NOT NULL REFERENCES rag_cache.embedders(id),
         chunk_hash text COLLATE "C" NOT NULL,
         embedding vector NOT NULL,
         n_tokens integer NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (embedder_id, chunk_hash))""",
-    """CREATE TABLE IF NOT EXISTS rag.generations (
+    """CREATE TABLE IF NOT EXISTS {s}.generations (
         id serial PRIMARY KEY,
-        embedder_id integer NOT NULL REFERENCES rag.embedders(id),
+        embedder_id integer NOT NULL REFERENCES rag_cache.embedders(id),
         chunker_version text NOT NULL,
         dims integer NOT NULL,
         state text NOT NULL CHECK (state IN ('building', 'ready', 'live', 'retired', 'dropped')),
@@ -113,19 +121,19 @@ DDL = [
         created_at timestamptz NOT NULL DEFAULT now(),
         live_since timestamptz,
         retired_at timestamptz)""",
-    """CREATE TABLE IF NOT EXISTS rag.live (
+    """CREATE TABLE IF NOT EXISTS {s}.live (
         singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-        generation integer NOT NULL REFERENCES rag.generations(id),
+        generation integer NOT NULL REFERENCES {s}.generations(id),
         switched_at timestamptz NOT NULL DEFAULT now())""",
-    """CREATE TABLE IF NOT EXISTS rag.generation_shards (
-        generation integer NOT NULL REFERENCES rag.generations(id),
+    """CREATE TABLE IF NOT EXISTS {s}.generation_shards (
+        generation integer NOT NULL REFERENCES {s}.generations(id),
         shard smallint NOT NULL,
         chunks_version text NOT NULL,
         synced_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (generation, shard))""",
     # Webhook inbox: every accepted event is committed here before the 2xx answer. The event id
     # is the idempotency key; the manifest stage of the event's shard consumes it (applied_at).
-    """CREATE TABLE IF NOT EXISTS rag.inbox (
+    """CREATE TABLE IF NOT EXISTS {s}.inbox (
         seq bigserial PRIMARY KEY,
         event_id text NOT NULL UNIQUE,
         event_type text NOT NULL CHECK (event_type IN ('document.created', 'document.updated', 'document.deleted')),
@@ -137,14 +145,14 @@ DDL = [
         received_at timestamptz NOT NULL DEFAULT now(),
         applied_at timestamptz,
         outcome text)""",
-    "CREATE INDEX IF NOT EXISTS inbox_pending ON rag.inbox (shard, seq) WHERE applied_at IS NULL",
+    "CREATE INDEX IF NOT EXISTS inbox_pending ON {s}.inbox (shard, seq) WHERE applied_at IS NULL",
     # Deleted webhook documents remember when they were deleted, so an older update that arrives
     # late cannot resurrect them (newest source time wins).
-    """CREATE TABLE IF NOT EXISTS rag.tombstones (
+    """CREATE TABLE IF NOT EXISTS {s}.tombstones (
         doc_id text COLLATE "C" PRIMARY KEY,
         source_time timestamptz NOT NULL)""",
     # One row per stage run (a CLI refresh, or one Dagster asset step): what `status` and `cost` read.
-    """CREATE TABLE IF NOT EXISTS rag.runs (
+    """CREATE TABLE IF NOT EXISTS {s}.runs (
         id bigserial PRIMARY KEY,
         run_id text NOT NULL,
         kind text NOT NULL,
@@ -160,28 +168,36 @@ DDL = [
         cost_usd double precision NOT NULL DEFAULT 0,
         cost_avoided_usd double precision NOT NULL DEFAULT 0,
         stats jsonb NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS runs_run_id ON rag.runs (run_id)",
-    "CREATE INDEX IF NOT EXISTS runs_started ON rag.runs (started_at)",
+    "CREATE INDEX IF NOT EXISTS runs_run_id ON {s}.runs (run_id)",
+    "CREATE INDEX IF NOT EXISTS runs_started ON {s}.runs (started_at)",
 ]
 
 
 DDL_DIGEST = hashlib.sha256("\n".join(DDL).encode()).hexdigest()
 
 
-def _schema_is_current(conn: psycopg.Connection) -> bool:
+CACHE_SCHEMA = "rag_cache"  # the embedding cache, shared by every index of one database
+
+
+def _ddl(schema: str) -> list[str]:
+    """The DDL for one index schema (``{s}`` stands for the quoted schema name)."""
+    ident = '"' + schema.replace('"', '""') + '"'
+    return [stmt.replace("{s}", ident) for stmt in DDL]
+
+
+def _schema_is_current(conn: psycopg.Connection, schema: str) -> bool:
     """True when the database already has exactly this DDL: a new process then runs no DDL at all.
 
     Running ``CREATE INDEX IF NOT EXISTS`` in every new run process takes locks that deadlocked with
     another run's writes when four range runs started together (tests/test_production.py).
     """
-    if not conn.execute(
-        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = 'rag' AND c.relname = 'settings'"
-    ).fetchone():
+    if not conn.execute("SELECT to_regclass(%s)", (f'"{schema}".settings',)).fetchone()[0]:
         return False  # (checked, not caught: inside migrate's transaction an error would abort it)
     rows = dict(
         conn.execute(
-            "SELECT key, value FROM rag.settings WHERE key IN ('schema_version', 'schema_ddl')"
+            sql.SQL("SELECT key, value FROM {}.settings WHERE key IN ('schema_version', 'schema_ddl')").format(
+                sql.Identifier(schema)
+            )
         ).fetchall()
     )
     if rows.get("schema_version") is not None and int(rows["schema_version"]) > SCHEMA_VERSION:
@@ -192,46 +208,117 @@ def _schema_is_current(conn: psycopg.Connection) -> bool:
     return rows.get("schema_ddl") == DDL_DIGEST
 
 
-def migrate(conn: psycopg.Connection) -> None:
-    """Create or upgrade the schema. Safe to call from many processes at once (advisory lock)."""
-    if _schema_is_current(conn):
+def _adopt_legacy_cache(conn: psycopg.Connection, schema: str) -> None:
+    """Move an index's own embedding cache (releases before several indexes per database) to ``rag_cache``.
+
+    The first index to upgrade hands its tables over whole (``ALTER TABLE ... SET SCHEMA``: no rows
+    copied, ids kept, so its generations' foreign keys stay valid). An index upgrading after the
+    shared cache exists merges: embedders are matched by fingerprint, the generations re-pointed,
+    cached vectors copied (existing entries win), and the old tables dropped.
+    """
+    s = sql.Identifier(schema)
+    if not conn.execute("SELECT to_regclass(%s)", (f'"{schema}".embedders',)).fetchone()[0]:
         return
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {CACHE_SCHEMA}")
+    if not conn.execute("SELECT to_regclass('rag_cache.embedders')").fetchone()[0]:
+        conn.execute(sql.SQL("ALTER TABLE {}.embedders SET SCHEMA rag_cache").format(s))
+        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".embedding_cache',)).fetchone()[0]:
+            conn.execute(sql.SQL("ALTER TABLE {}.embedding_cache SET SCHEMA rag_cache").format(s))
+        return
+    conn.execute(
+        sql.SQL(
+            """INSERT INTO rag_cache.embedders (fingerprint, provider, model, dims, created_at)
+               SELECT fingerprint, provider, model, dims, created_at FROM {}.embedders
+               ON CONFLICT (fingerprint) DO NOTHING"""
+        ).format(s)
+    )
+    fks = conn.execute(
+        """SELECT conname FROM pg_constraint
+           WHERE conrelid = to_regclass(%s) AND confrelid = to_regclass(%s) AND contype = 'f'""",
+        (f'"{schema}".generations', f'"{schema}".embedders'),
+    ).fetchall()
+    for (name,) in fks:
+        conn.execute(sql.SQL("ALTER TABLE {}.generations DROP CONSTRAINT {}").format(s, sql.Identifier(name)))
+    if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".generations',)).fetchone()[0]:
+        conn.execute(
+            sql.SQL(
+                """UPDATE {s}.generations g SET embedder_id = n.id
+                   FROM {s}.embedders o JOIN rag_cache.embedders n USING (fingerprint)
+                   WHERE g.embedder_id = o.id"""
+            ).format(s=s)
+        )
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {}.generations ADD FOREIGN KEY (embedder_id) REFERENCES rag_cache.embedders(id)"
+            ).format(s)
+        )
+    if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".embedding_cache',)).fetchone()[0]:
+        conn.execute(
+            sql.SQL(
+                """INSERT INTO rag_cache.embedding_cache (embedder_id, chunk_hash, embedding, n_tokens, created_at)
+                   SELECT n.id, c.chunk_hash, c.embedding, c.n_tokens, c.created_at
+                   FROM {s}.embedding_cache c JOIN {s}.embedders o ON o.id = c.embedder_id
+                   JOIN rag_cache.embedders n USING (fingerprint)
+                   ON CONFLICT DO NOTHING"""
+            ).format(s=s)
+        )
+        conn.execute(sql.SQL("DROP TABLE {}.embedding_cache").format(s))
+    conn.execute(sql.SQL("DROP TABLE {}.embedders").format(s))
+
+
+def migrate(conn: psycopg.Connection, schema: str = DEFAULT_SCHEMA) -> None:
+    """Create or upgrade one index's schema (and the shared cache). Safe from many processes at once."""
+    if _schema_is_current(conn, schema):
+        return
+    s = sql.Identifier(schema)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
         # Check again under the lock: a process that waited here while another migrated must not
         # run the DDL again (its CREATE INDEX IF NOT EXISTS still takes locks that queue behind,
         # and deadlock with, the first process's writes).
-        if _schema_is_current(conn):
+        if _schema_is_current(conn, schema):
             return
-        for stmt in DDL:
+        _adopt_legacy_cache(conn, schema)
+        for stmt in _ddl(schema):
             conn.execute(stmt)
         conn.execute(
-            "INSERT INTO rag.settings (key, value) VALUES ('schema_version', %s::jsonb) "
-            "ON CONFLICT (key) DO NOTHING",
+            sql.SQL(
+                "INSERT INTO {}.settings (key, value) VALUES ('schema_version', %s::jsonb) "
+                "ON CONFLICT (key) DO NOTHING"
+            ).format(s),
             (str(SCHEMA_VERSION),),
         )
         conn.execute(
-            "INSERT INTO rag.settings (key, value) VALUES ('schema_ddl', to_jsonb(%s::text)) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            sql.SQL(
+                "INSERT INTO {}.settings (key, value) VALUES ('schema_ddl', to_jsonb(%s::text)) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            ).format(s),
             (DDL_DIGEST,),
         )
-        row = conn.execute("SELECT value FROM rag.settings WHERE key = 'schema_version'").fetchone()
+        row = conn.execute(
+            sql.SQL("SELECT value FROM {}.settings WHERE key = 'schema_version'").format(s)
+        ).fetchone()
         if row and int(row[0]) > SCHEMA_VERSION:
             raise RuntimeError(
                 f"database schema version {row[0]} is newer than this rag_assets ({SCHEMA_VERSION}); upgrade rag_assets"
             )
 
 
+def lock_key(name: str) -> sql.Composed:
+    """An advisory-lock key pair private to the connection's index schema (``current_schema()``)."""
+    return sql.SQL("hashtext(current_schema() || {}), 0").format(sql.Literal(":" + name))
+
+
 def items_table(gen: int) -> sql.Identifier:
-    return sql.Identifier("rag", f"g{gen}_items")
+    return sql.Identifier(f"g{gen}_items")
 
 
 def pos_table(gen: int) -> sql.Identifier:
-    return sql.Identifier("rag", f"g{gen}_pos")
+    return sql.Identifier(f"g{gen}_pos")
 
 
 def docs_table(gen: int) -> sql.Identifier:
-    return sql.Identifier("rag", f"g{gen}_docs")
+    return sql.Identifier(f"g{gen}_docs")
 
 
 def create_generation_tables(conn: psycopg.Connection, gen: int, dims: int) -> None:
@@ -314,7 +401,7 @@ def create_vector_index(
         sql.SQL(
             "SELECT (SELECT count(*) FROM {items}),"
             " (SELECT atttypmod FROM pg_attribute WHERE attrelid = {reg}::regclass AND attname = 'embedding')"
-        ).format(items=items_table(gen), reg=sql.Literal(f"rag.g{gen}_items"))
+        ).format(items=items_table(gen), reg=sql.Literal(f"g{gen}_items"))
     ).fetchone()
     mem_mb = hnsw_build_memory_mb(int(rows), max(int(dims or 0), 1), int(m), memory_cap_mb)
     conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(f"{mem_mb}MB")))
@@ -346,10 +433,10 @@ def serving_rows_sql(gen: int) -> sql.Composed:
 
 
 def point_view_at(conn: psycopg.Connection, gen: int) -> None:
-    """(Re)define ``rag.items`` over generation ``gen``. Call inside the switching transaction."""
+    """(Re)define ``items`` over generation ``gen``. Call inside the switching transaction."""
     conn.execute(
         sql.SQL(
-            """CREATE OR REPLACE VIEW rag.items AS
+            """CREATE OR REPLACE VIEW items AS
                SELECT i.chunk_id, i.doc_id, i.shard, p.seq, i.text, d.metadata, i.embedding,
                       {gen}::integer AS generation
                FROM {items} i JOIN {pos} p ON p.chunk_id = i.chunk_id JOIN {docs} d ON d.doc_id = i.doc_id"""

@@ -21,8 +21,8 @@ from rag_assets.embedders.cache import fill_cache, find_misses
 from rag_assets.store import schema
 from rag_assets.store.db import analyze_if_changed, lock_shards
 
-GEN_LOCK = 0x52414732
-FINALIZE_LOCK = 0x52414733
+GEN_LOCK = schema.lock_key("generations")
+FINALIZE_LOCK = schema.lock_key("finalize")
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,13 @@ _GEN_COLS = "id, embedder_id, chunker_version, dims, state"
 
 def live_generation(conn: psycopg.Connection) -> Generation | None:
     row = conn.execute(
-        f"SELECT {_GEN_COLS} FROM rag.generations WHERE id = (SELECT generation FROM rag.live)"
+        f"SELECT {_GEN_COLS} FROM generations WHERE id = (SELECT generation FROM live)"
     ).fetchone()
     return Generation(*row) if row else None
 
 
 def get_generation(conn: psycopg.Connection, gen_id: int) -> Generation | None:
-    row = conn.execute(f"SELECT {_GEN_COLS} FROM rag.generations WHERE id = %s", (gen_id,)).fetchone()
+    row = conn.execute(f"SELECT {_GEN_COLS} FROM generations WHERE id = %s", (gen_id,)).fetchone()
     return Generation(*row) if row else None
 
 
@@ -89,14 +89,14 @@ def target_generation(
     the same token (the backfill id) and so writes into the same new generation.
     """
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (GEN_LOCK,))
+        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
         if fresh_token is None:
             # A building generation of this configuration comes first, even when the live one has the
             # same configuration: it is a rebuild (``--full``, a full-reindex backfill) that was
             # interrupted, possibly between its last shard sync and the switch. Writing into it and
             # finishing it is the only way it ever completes; left alone it would stay "building".
             row = conn.execute(
-                f"""SELECT {_GEN_COLS} FROM rag.generations WHERE state = 'building' AND embedder_id = %s
+                f"""SELECT {_GEN_COLS} FROM generations WHERE state = 'building' AND embedder_id = %s
                     AND chunker_version = %s AND dims = %s ORDER BY id DESC LIMIT 1""",
                 (embedder_id, chunker_version, dims),
             ).fetchone()
@@ -111,18 +111,18 @@ def target_generation(
                 return live
         else:
             row = conn.execute(
-                f"SELECT {_GEN_COLS} FROM rag.generations WHERE origin = %s AND embedder_id = %s"
+                f"SELECT {_GEN_COLS} FROM generations WHERE origin = %s AND embedder_id = %s"
                 " AND chunker_version = %s AND dims = %s ORDER BY id DESC LIMIT 1",
                 (fresh_token, embedder_id, chunker_version, dims),
             ).fetchone()
         if row:
             return Generation(*row)
         # Abandon older building generations: their tables are dropped, their ids kept for history.
-        for (old,) in conn.execute("SELECT id FROM rag.generations WHERE state = 'building'").fetchall():
+        for (old,) in conn.execute("SELECT id FROM generations WHERE state = 'building'").fetchall():
             schema.drop_generation_tables(conn, old)
-            conn.execute("UPDATE rag.generations SET state = 'dropped' WHERE id = %s", (old,))
+            conn.execute("UPDATE generations SET state = 'dropped' WHERE id = %s", (old,))
         gid = conn.execute(
-            """INSERT INTO rag.generations (embedder_id, chunker_version, dims, state, origin)
+            """INSERT INTO generations (embedder_id, chunker_version, dims, state, origin)
                VALUES (%s, %s, %s, 'building', %s) RETURNING id""",
             (embedder_id, chunker_version, dims, fresh_token or "index"),
         ).fetchone()[0]
@@ -134,8 +134,8 @@ def lagging_serving_shards(
     conn: psycopg.Connection, gen: Generation, shards: Iterable[int] | None = None
 ) -> set[int]:
     """Shards whose rows in ``gen`` do not reflect the current chunks."""
-    q = """SELECT s.shard FROM rag.shard_state s
-           LEFT JOIN rag.generation_shards g ON g.generation = %s AND g.shard = s.shard
+    q = """SELECT s.shard FROM shard_state s
+           LEFT JOIN generation_shards g ON g.generation = %s AND g.shard = s.shard
            WHERE g.chunks_version IS DISTINCT FROM s.chunks_version"""
     params: list = [gen.id]
     if shards is not None:
@@ -169,7 +169,7 @@ def sync_serving(
             fill_cache(conn, embedder, embedder_id, misses, estats, progress=progress)
             out.chunks_embedded += len(misses)
             out.tokens_embedded += estats.tokens - tokens_before
-            analyze_if_changed(conn, "rag.embedding_cache", len(misses))
+            analyze_if_changed(conn, "rag_cache.embedding_cache", len(misses))
         embedded_now = [m.chunk_hash for m in misses]
         t0 = time.perf_counter()
         try:
@@ -200,8 +200,8 @@ def _sync_rows(
     with conn.transaction(), conn.cursor() as cur:
         lock_shards(cur.connection, shards)
         cur.execute(
-            """SELECT count(*) FROM rag.chunks c WHERE c.shard = ANY(%s) AND NOT EXISTS (
-                   SELECT 1 FROM rag.embedding_cache e WHERE e.embedder_id = %s AND e.chunk_hash = c.chunk_hash)""",
+            """SELECT count(*) FROM chunks c WHERE c.shard = ANY(%s) AND NOT EXISTS (
+                   SELECT 1 FROM rag_cache.embedding_cache e WHERE e.embedder_id = %s AND e.chunk_hash = c.chunk_hash)""",
             (shards, embedder_id),
         )
         if cur.fetchone()[0]:
@@ -210,7 +210,7 @@ def _sync_rows(
             cur.execute(
                 sql.SQL(
                     """DELETE FROM {t} x WHERE x.shard = ANY(%s) AND NOT EXISTS (
-                           SELECT 1 FROM rag.chunks c WHERE c.chunk_id = x.chunk_id)"""
+                           SELECT 1 FROM chunks c WHERE c.chunk_id = x.chunk_id)"""
                 ).format(t=table),
                 (shards,),
             )
@@ -220,7 +220,7 @@ def _sync_rows(
             sql.SQL(
                 """WITH up AS (
                        INSERT INTO {pos} (chunk_id, doc_id, shard, seq)
-                       SELECT chunk_id, doc_id, shard, seq FROM rag.chunks WHERE shard = ANY(%s)
+                       SELECT chunk_id, doc_id, shard, seq FROM chunks WHERE shard = ANY(%s)
                        ON CONFLICT (chunk_id) DO UPDATE SET seq = EXCLUDED.seq WHERE {pos}.seq <> EXCLUDED.seq
                        RETURNING (xmax = 0) AS inserted)
                    SELECT count(*) FILTER (WHERE NOT inserted) FROM up"""
@@ -233,15 +233,15 @@ def _sync_rows(
                 """WITH ins AS (
                        INSERT INTO {items} (chunk_id, doc_id, shard, chunk_hash, text, embedding)
                        SELECT c.chunk_id, c.doc_id, c.shard, c.chunk_hash, c.text, e.embedding
-                       FROM rag.chunks c
-                       JOIN rag.embedding_cache e ON e.embedder_id = %s AND e.chunk_hash = c.chunk_hash
+                       FROM chunks c
+                       JOIN rag_cache.embedding_cache e ON e.embedder_id = %s AND e.chunk_hash = c.chunk_hash
                        WHERE c.shard = ANY(%s) AND NOT EXISTS (
                            SELECT 1 FROM {items} i WHERE i.chunk_id = c.chunk_id)
                        RETURNING chunk_hash)
                    SELECT count(*),
                           count(*) FILTER (WHERE NOT (ins.chunk_hash = ANY(%s))),
                           coalesce(sum(e.n_tokens) FILTER (WHERE NOT (ins.chunk_hash = ANY(%s))), 0)
-                   FROM ins JOIN rag.embedding_cache e ON e.embedder_id = %s AND e.chunk_hash = ins.chunk_hash"""
+                   FROM ins JOIN rag_cache.embedding_cache e ON e.embedder_id = %s AND e.chunk_hash = ins.chunk_hash"""
             ).format(items=items),
             (embedder_id, shards, embedded_now, embedded_now, embedder_id),
         )
@@ -251,7 +251,7 @@ def _sync_rows(
         out.tokens_reused += int(reused_tokens)
         cur.execute(
             sql.SQL(
-                """SELECT (SELECT count(*) FROM rag.chunks WHERE shard = ANY(%s)),
+                """SELECT (SELECT count(*) FROM chunks WHERE shard = ANY(%s)),
                           (SELECT count(*) FROM {items} WHERE shard = ANY(%s)),
                           (SELECT count(*) FROM {pos} WHERE shard = ANY(%s))"""
             ).format(items=items, pos=pos),
@@ -266,7 +266,7 @@ def _sync_rows(
         cur.execute(
             sql.SQL(
                 """DELETE FROM {docs} d WHERE d.shard = ANY(%s) AND NOT EXISTS (
-                       SELECT 1 FROM rag.chunk_docs c WHERE c.doc_id = d.doc_id)"""
+                       SELECT 1 FROM chunk_docs c WHERE c.doc_id = d.doc_id)"""
             ).format(docs=docs),
             (shards,),
         )
@@ -274,7 +274,7 @@ def _sync_rows(
         cur.execute(
             sql.SQL(
                 """INSERT INTO {docs} (doc_id, shard, meta_hash, metadata)
-                   SELECT doc_id, shard, meta_hash, metadata FROM rag.chunk_docs WHERE shard = ANY(%s)
+                   SELECT doc_id, shard, meta_hash, metadata FROM chunk_docs WHERE shard = ANY(%s)
                    ON CONFLICT (doc_id) DO UPDATE SET shard = EXCLUDED.shard, meta_hash = EXCLUDED.meta_hash,
                        metadata = EXCLUDED.metadata
                    WHERE {docs}.meta_hash <> EXCLUDED.meta_hash OR {docs}.shard <> EXCLUDED.shard"""
@@ -283,8 +283,8 @@ def _sync_rows(
         )
         out.docs_meta_written += cur.rowcount
         cur.execute(
-            """INSERT INTO rag.generation_shards (generation, shard, chunks_version)
-               SELECT %s, shard, chunks_version FROM rag.shard_state WHERE shard = ANY(%s)
+            """INSERT INTO generation_shards (generation, shard, chunks_version)
+               SELECT %s, shard, chunks_version FROM shard_state WHERE shard = ANY(%s)
                ON CONFLICT (generation, shard) DO UPDATE SET chunks_version = EXCLUDED.chunks_version,
                    synced_at = now()""",
             (gen.id, shards),
@@ -305,7 +305,7 @@ def finalize_generation(
     hnsw_memory_cap_mb: int = 2048,
 ) -> bool:
     """If ``gen`` is a complete building generation: index it, verify it, and switch to it."""
-    conn.execute("SELECT pg_advisory_lock(%s)", (FINALIZE_LOCK,))
+    conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(FINALIZE_LOCK))
     try:
         if not conn.autocommit:
             conn.commit()
@@ -323,7 +323,7 @@ def finalize_generation(
         retire_old_generations(conn, keep)
         return True
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (FINALIZE_LOCK,))
+        conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(FINALIZE_LOCK))
         if not conn.autocommit:
             conn.commit()
 
@@ -333,8 +333,8 @@ def verify_generation(conn: psycopg.Connection, gen: Generation) -> None:
     items, pos, docs = schema.items_table(gen.id), schema.pos_table(gen.id), schema.docs_table(gen.id)
     n_items, n_pos, n_chunks, n_docs, n_cdocs = conn.execute(
         sql.SQL(
-            """SELECT (SELECT count(*) FROM {items}), (SELECT count(*) FROM {pos}), (SELECT count(*) FROM rag.chunks),
-                      (SELECT count(*) FROM {docs}), (SELECT count(*) FROM rag.chunk_docs)"""
+            """SELECT (SELECT count(*) FROM {items}), (SELECT count(*) FROM {pos}), (SELECT count(*) FROM chunks),
+                      (SELECT count(*) FROM {docs}), (SELECT count(*) FROM chunk_docs)"""
         ).format(items=items, pos=pos, docs=docs)
     ).fetchone()
     if not n_items == n_pos == n_chunks or n_docs != n_cdocs:
@@ -348,19 +348,19 @@ def switch_live(conn: psycopg.Connection, gen_id: int) -> float:
     """Point readers at ``gen_id`` in one transaction. Returns the seconds the switch took."""
     t0 = time.perf_counter()
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (GEN_LOCK,))
-        conn.execute("DROP VIEW IF EXISTS rag.items")
+        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
+        conn.execute("DROP VIEW IF EXISTS items")
         schema.point_view_at(conn, gen_id)
         conn.execute(
-            "UPDATE rag.generations SET state = 'retired', retired_at = now() WHERE state = 'live' AND id <> %s",
+            "UPDATE generations SET state = 'retired', retired_at = now() WHERE state = 'live' AND id <> %s",
             (gen_id,),
         )
         conn.execute(
-            "UPDATE rag.generations SET state = 'live', live_since = now(), retired_at = NULL WHERE id = %s",
+            "UPDATE generations SET state = 'live', live_since = now(), retired_at = NULL WHERE id = %s",
             (gen_id,),
         )
         conn.execute(
-            """INSERT INTO rag.live (singleton, generation) VALUES (true, %s)
+            """INSERT INTO live (singleton, generation) VALUES (true, %s)
                ON CONFLICT (singleton) DO UPDATE SET generation = EXCLUDED.generation, switched_at = now()""",
             (gen_id,),
         )
@@ -370,13 +370,13 @@ def switch_live(conn: psycopg.Connection, gen_id: int) -> float:
 def retire_old_generations(conn: psycopg.Connection, keep: int) -> list[int]:
     """Drop the tables of retired generations beyond the ``keep`` most recent (live included)."""
     rows = conn.execute(
-        "SELECT id FROM rag.generations WHERE state IN ('live', 'retired') ORDER BY coalesce(live_since, created_at) DESC, id DESC"
+        "SELECT id FROM generations WHERE state IN ('live', 'retired') ORDER BY coalesce(live_since, created_at) DESC, id DESC"
     ).fetchall()
     dropped = []
     with conn.transaction():
         for (gid,) in rows[keep:]:
             schema.drop_generation_tables(conn, gid)
-            conn.execute("UPDATE rag.generations SET state = 'dropped' WHERE id = %s", (gid,))
+            conn.execute("UPDATE generations SET state = 'dropped' WHERE id = %s", (gid,))
             dropped.append(gid)
     return dropped
 

@@ -3,7 +3,7 @@
 Why: the sensors, the service applier and ``rag-assets dev`` used to read ``RAG_SOURCE_PATH``
 (default ``samples/corpus``, relative to the working directory). One webhook then deleted every real
 document and indexed the sample corpus instead. Now the first folder indexed is recorded in
-``rag.settings`` (absolute root, include and exclude globs); every path reads that record, and
+``settings`` (absolute root, include and exclude globs); every path reads that record, and
 pointing an existing index at another folder or other globs needs an explicit ``--change-source``.
 """
 
@@ -46,7 +46,7 @@ class SourceSpec:
 
 
 def load_binding(conn: psycopg.Connection) -> SourceSpec | None:
-    row = conn.execute("SELECT value FROM rag.settings WHERE key = %s", (KEY,)).fetchone()
+    row = conn.execute("SELECT value FROM settings WHERE key = %s", (KEY,)).fetchone()
     if row is None:
         return None
     v = row[0] if isinstance(row[0], dict) else json.loads(row[0])
@@ -60,7 +60,7 @@ def bind_source(conn: psycopg.Connection, spec: SourceSpec, *, change: bool = Fa
     is False. Concurrent first binds agree or one of them fails the same way.
     """
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('rag.source_binding'))")
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.source_binding'))")
         old = load_binding(conn)
         if old == spec:
             return old
@@ -71,7 +71,7 @@ def bind_source(conn: psycopg.Connection, spec: SourceSpec, *, change: bool = Fa
                 "RAG_INCLUDE/RAG_EXCLUDE, or pass --change-source to point the index at the new one on purpose"
             )
         conn.execute(
-            "INSERT INTO rag.settings (key, value) VALUES (%s, %s) "
+            "INSERT INTO settings (key, value) VALUES (%s, %s) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (KEY, Jsonb(spec.as_json())),
         )
@@ -79,7 +79,7 @@ def bind_source(conn: psycopg.Connection, spec: SourceSpec, *, change: bool = Fa
 
 
 def folder_documents(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM rag.manifest WHERE source = 'folder'").fetchone()[0]
+    return conn.execute("SELECT count(*) FROM manifest WHERE source = 'folder'").fetchone()[0]
 
 
 def bound_folder(conn: psycopg.Connection, settings) -> SourceSpec | None:

@@ -43,7 +43,7 @@ def _shown(s: str) -> str:
 
 
 def pending_inbox_shards(conn: psycopg.Connection) -> set[int]:
-    return {r[0] for r in conn.execute("SELECT DISTINCT shard FROM rag.inbox WHERE applied_at IS NULL")}
+    return {r[0] for r in conn.execute("SELECT DISTINCT shard FROM inbox WHERE applied_at IS NULL")}
 
 
 def apply_inbox(
@@ -65,7 +65,7 @@ def apply_inbox(
         events = conn.execute(
             f"""SELECT seq, event_id, event_type, doc_id, shard, {_USABLE.format(col="source_time")},
                        content, metadata, source_time::text
-               FROM rag.inbox WHERE applied_at IS NULL AND shard = ANY(%(shards)s) ORDER BY seq LIMIT %(limit)s""",
+               FROM inbox WHERE applied_at IS NULL AND shard = ANY(%(shards)s) ORDER BY seq LIMIT %(limit)s""",
             {**_BOUNDS, "shards": shards, "limit": limit},
         ).fetchall()
         if not events:
@@ -103,14 +103,14 @@ def apply_inbox(
             r[0]: (r[1], r[2])
             for r in conn.execute(
                 f"""SELECT doc_id, source, {_USABLE.format(col="source_time")}
-                    FROM rag.manifest WHERE doc_id = ANY(%(ids)s)""",
+                    FROM manifest WHERE doc_id = ANY(%(ids)s)""",
                 {**_BOUNDS, "ids": doc_ids},
             )
         }
         tombs = dict(
             conn.execute(
                 f"""SELECT doc_id, {_USABLE.format(col="source_time")}
-                    FROM rag.tombstones WHERE doc_id = ANY(%(ids)s)""",
+                    FROM tombstones WHERE doc_id = ANY(%(ids)s)""",
                 {**_BOUNDS, "ids": doc_ids},
             ).fetchall()
         )
@@ -130,10 +130,10 @@ def apply_inbox(
             if etype == "document.deleted":
                 deletes.append(doc_id)
                 conn.execute(
-                    """INSERT INTO rag.tombstones (doc_id, source_time) VALUES (%(doc)s, %(t)s)
+                    """INSERT INTO tombstones (doc_id, source_time) VALUES (%(doc)s, %(t)s)
                        ON CONFLICT (doc_id) DO UPDATE SET source_time = CASE
-                           WHEN rag.tombstones.source_time >= %(lo)s AND rag.tombstones.source_time < %(hi)s
-                           THEN greatest(rag.tombstones.source_time, EXCLUDED.source_time)
+                           WHEN tombstones.source_time >= %(lo)s AND tombstones.source_time < %(hi)s
+                           THEN greatest(tombstones.source_time, EXCLUDED.source_time)
                            ELSE EXCLUDED.source_time END""",
                     {**_BOUNDS, "doc": doc_id, "t": when},
                 )
@@ -156,7 +156,7 @@ def apply_inbox(
                 doc_id, shard, doc.content_hash, doc.meta_hash, doc.size, doc.mtime_ns, SOURCE
             )
             updates[doc_id] = DocUpdate(entry, doc.metadata, doc.text, when)
-            conn.execute("DELETE FROM rag.tombstones WHERE doc_id = %s", (doc_id,))
+            conn.execute("DELETE FROM tombstones WHERE doc_id = %s", (doc_id,))
             outcome[seq] = "applied"
         out["events_applied"] = sum(1 for v in outcome.values() if v == "applied")
         out["events_rejected"] = sum(1 for v in outcome.values() if v.startswith("rejected"))
@@ -167,7 +167,7 @@ def apply_inbox(
             out.update(diff.counts())
         with conn.cursor() as cur:
             cur.executemany(
-                "UPDATE rag.inbox SET applied_at = now(), outcome = %s WHERE seq = %s",
+                "UPDATE inbox SET applied_at = now(), outcome = %s WHERE seq = %s",
                 [(o, s) for s, o in outcome.items()],
             )
     return out
