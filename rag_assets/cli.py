@@ -22,7 +22,7 @@ def _print(obj: dict, as_json: bool, human) -> None:
 
 
 def cmd_index(args, settings: Settings) -> int:
-    path = Path(args.path)
+    path = Path(args.path) if args.path else settings.source_path
     if not path.is_dir():
         raise FileNotFoundError(f"source folder does not exist or is not a directory: {path}")
     settings = _with(settings, source_path=path)
@@ -257,9 +257,15 @@ def cmd_generations(args, settings: Settings) -> int:
 
 
 def cmd_serve(args, settings: Settings) -> int:
+    """One index (``--index`` or the RAG_* environment), or every index of ``--location``."""
     from rag_assets.service.server import serve
 
-    serve(settings, args.host, args.port)
+    indexes = None
+    if args.location and not args.index:
+        from rag_assets import registry
+
+        indexes = {n: s.with_secrets() for n, s in registry.load_location(args.location).items()}
+    serve(settings, args.host, args.port, indexes=indexes)
     return 0
 
 
@@ -290,7 +296,7 @@ def cmd_dev(args, settings: Settings) -> int:
             conn.close()
         env["RAG_SOURCE_PATH"] = str(src.resolve())
     exe = shutil.which("dagster") or "dagster"
-    cmd = [exe, "dev", "-m", "rag_assets.definitions", "-h", args.host, "-p", str(args.port)]
+    cmd = [exe, "dev", "-m", args.location or "rag_assets.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={home} {' '.join(cmd)}", file=sys.stderr)
     os.execvpe(exe, cmd, env)
     return 0  # not reached
@@ -307,6 +313,15 @@ def cmd_db(args, settings: Settings) -> int:
     return 0
 
 
+def _settings(args) -> Settings:
+    """The addressed index: ``--index NAME`` of the code location, else the RAG_* environment."""
+    if args.index:
+        from rag_assets import registry
+
+        return registry.find(args.index, args.location).with_secrets()
+    return Settings.from_env()
+
+
 def _with(settings: Settings, **kw) -> Settings:
     from dataclasses import replace
 
@@ -315,10 +330,21 @@ def _with(settings: Settings, **kw) -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag-assets", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--index",
+        metavar="NAME",
+        help="the index of the code location (--location) to address; default: the RAG_* environment's",
+    )
+    p.add_argument(
+        "--location",
+        metavar="MODULE",
+        help="code location module defining the indexes (default rag_assets.definitions; a dg project: "
+        "PKG.definitions, run from the project root)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("index", help="refresh the index from a folder (incremental by default)")
-    s.add_argument("path")
+    s.add_argument("path", nargs="?", help="the folder (default: the index's source path)")
     s.add_argument("--full", action="store_true", help="rebuild from scratch into a new generation")
     s.add_argument(
         "--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed"
@@ -406,20 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A failure ends with one line naming its cause; the exit code its kind
     (``rag_assets/failures.py``: 2 settings, 3 source, 4 database, 5 embedding, 6 indexing, 1 bug)."""
-    import os
 
     from rag_assets.failures import EXIT_CODES, classify, one_line
+    from rag_assets.settings import debug_enabled
 
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = _settings(args)
         return args.fn(args, settings)
     except KeyboardInterrupt:
         print(f"rag-assets {args.cmd}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
         kind = classify(e)
-        if os.environ.get("RAG_DEBUG"):
+        if debug_enabled():
             import traceback
 
             traceback.print_exc()

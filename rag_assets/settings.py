@@ -19,10 +19,18 @@ DEFAULT_INDEX = "default"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 RESERVED_SCHEMAS = ("rag_cache", "public", "information_schema")
+SECRET_FIELDS = ("database_url", "embedding_api_key", "webhook_secret", "query_api_key")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
+
+
+def debug_enabled(env: dict[str, str] | None = None) -> bool:
+    """``RAG_DEBUG``: failures print their traceback (read apart from ``Settings``: a command whose
+    settings are invalid still honours it)."""
+    return bool((os.environ if env is None else env).get("RAG_DEBUG"))
 
 
 def check_shards(shards: int) -> int:
@@ -138,6 +146,13 @@ class Settings:
     service_header_timeout_s: float = 10.0  # a client must send a request's headers within this
     service_body_timeout_s: float = 60.0  # ... and its body within this
 
+    # Where each secret comes from at run time (names of environment variables, not values): an index
+    # built by the component names its own, e.g. HANDBOOK_OPENAI_KEY; loading never reads them.
+    database_url_env: str = "RAG_DATABASE_URL"
+    embedding_api_key_env: str = "RAG_EMBEDDING_API_KEY"
+    webhook_secret_env: str = "RAG_WEBHOOK_SECRET"
+    query_api_key_env: str = "RAG_QUERY_API_KEY"
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
         """Read ``RAG_*`` variables (``env`` defaults to ``os.environ``); keyword overrides win."""
@@ -218,6 +233,10 @@ class Settings:
                 f"(not {', '.join(RESERVED_SCHEMAS)} nor pg_*)"
             )
         check_shards(self.shards)
+        for name in SECRET_FIELDS:
+            var = getattr(self, f"{name}_env")
+            if not _ENV_NAME.fullmatch(var or ""):
+                raise SettingsError(f"{name}_env={var!r}: must name an environment variable")
         if self.chunker not in ("structure", "fixed"):
             raise SettingsError(f"RAG_CHUNKER={self.chunker!r}: use 'structure' or 'fixed'")
         if self.embedder not in ("hashing", "openai", "local"):
@@ -233,6 +252,24 @@ class Settings:
             if not 0 < value < 86400:
                 raise SettingsError(f"{var}={value:g}: must be more than 0 and less than 86400 seconds")
 
+    def with_secrets(self, env: dict[str, str] | None = None) -> Settings:
+        """These settings with every unset secret read from its variable (``*_env``), at run time.
+
+        The one place besides :meth:`from_env` that reads the environment: definitions are built
+        without secrets, and the processes that need one (a run, the service) call this.
+        """
+        e = os.environ if env is None else env
+        over = {
+            name: e.get(getattr(self, f"{name}_env")) or None
+            for name in SECRET_FIELDS
+            if getattr(self, name) is None and e.get(getattr(self, f"{name}_env"))
+        }
+        return replace(self, **over) if over else self
+
+    def without_secrets(self) -> Settings:
+        """A copy safe to serialise into definitions (Dagster shows resource config in its UI)."""
+        return replace(self, **dict.fromkeys(SECRET_FIELDS))
+
     @property
     def snapshot_target(self) -> str:
         """Where snapshots go: ``RAG_SNAPSHOT_URI`` or a folder under ``RAG_HOME``."""
@@ -242,7 +279,7 @@ class Settings:
         """The settings without secrets, for logs, metadata and ``status``."""
         out: dict[str, object] = {}
         for f in fields(self):
-            if f.name in ("embedding_api_key", "webhook_secret", "query_api_key"):
+            if f.name in SECRET_FIELDS[1:]:
                 out[f.name] = "***" if getattr(self, f.name) else None
             elif f.name == "database_url":
                 from rag_assets.redact import redact_url
@@ -252,3 +289,114 @@ class Settings:
                 v = getattr(self, f.name)
                 out[f.name] = str(v) if isinstance(v, Path) else v
         return out
+
+
+# The component's attributes (``rag_assets.RagIndex``, ``build_rag_index_defs(**attributes)``) map
+# onto the same model as the environment: each scalar attribute names the RAG_* variable it stands
+# for, and is parsed and range-checked by ``Settings.from_env`` exactly like that variable.
+ATTRIBUTE_ENV: dict[str, str] = {
+    "name": "RAG_INDEX_NAME",
+    "home": "RAG_HOME",
+    "shards": "RAG_SHARDS",
+    "keep_generations": "RAG_KEEP_GENERATIONS",
+    "source.path": "RAG_SOURCE_PATH",
+    "source.max_doc_bytes": "RAG_MAX_DOC_BYTES",
+    "source.max_metadata_bytes": "RAG_MAX_METADATA_BYTES",
+    "source.max_delete_fraction": "RAG_MAX_DELETE_FRACTION",
+    "database.url": "RAG_DATABASE_URL",
+    "database.pg_schema": "RAG_PG_SCHEMA",
+    "chunker.kind": "RAG_CHUNKER",
+    "chunker.max_tokens": "RAG_CHUNK_MAX_TOKENS",
+    "embedder.provider": "RAG_EMBEDDER",
+    "embedder.model": "RAG_EMBEDDING_MODEL",
+    "embedder.dimensions": "RAG_EMBEDDING_DIMENSIONS",
+    "embedder.base_url": "RAG_EMBEDDING_BASE_URL",
+    "embedder.batch_size": "RAG_EMBEDDING_BATCH_SIZE",
+    "embedder.batch_tokens": "RAG_EMBEDDING_BATCH_TOKENS",
+    "embedder.concurrency": "RAG_EMBEDDING_CONCURRENCY",
+    "embedder.rpm": "RAG_EMBEDDING_RPM",
+    "embedder.tpm": "RAG_EMBEDDING_TPM",
+    "embedder.timeout_s": "RAG_EMBEDDING_TIMEOUT_S",
+    "embedder.max_retry_s": "RAG_EMBEDDING_MAX_RETRY_S",
+    "embedder.max_input_tokens": "RAG_EMBEDDING_MAX_INPUT_TOKENS",
+    "embedder.long_text": "RAG_EMBEDDING_LONG_TEXT",
+    "embedder.price_per_mtok": "RAG_EMBEDDING_PRICE_PER_MTOK",
+    "embedder.device": "RAG_EMBEDDING_DEVICE",
+    "snapshots.uri": "RAG_SNAPSHOT_URI",
+    "snapshots.keep": "RAG_SNAPSHOT_KEEP",
+    "hnsw.m": "RAG_HNSW_M",
+    "hnsw.ef_construction": "RAG_HNSW_EF_CONSTRUCTION",
+    "hnsw.ef_search": "RAG_HNSW_EF_SEARCH",
+    "hnsw.build_memory_mb": "RAG_HNSW_BUILD_MEMORY_MB",
+    "automation.source_sensor_interval_s": "RAG_SOURCE_SENSOR_INTERVAL_S",
+    "automation.inbox_sensor_interval_s": "RAG_INBOX_SENSOR_INTERVAL_S",
+    "automation.automation_interval_s": "RAG_AUTOMATION_INTERVAL_S",
+    "service.webhook_tolerance_s": "RAG_WEBHOOK_TOLERANCE_S",
+    "service.webhook_max_body": "RAG_WEBHOOK_MAX_BODY",
+    "service.webhook_signature_header": "RAG_WEBHOOK_SIGNATURE_HEADER",
+    "service.apply_interval_s": "RAG_SERVICE_APPLY_INTERVAL_S",
+    "service.header_timeout_s": "RAG_SERVICE_HEADER_TIMEOUT_S",
+    "service.body_timeout_s": "RAG_SERVICE_BODY_TIMEOUT_S",
+}
+# Attributes that are not one variable's string: lists, and the names of the secrets' variables.
+ATTRIBUTE_FIELD: dict[str, str] = {
+    "source.include": "include",
+    "source.exclude": "exclude",
+    "database.url_env": "database_url_env",
+    "embedder.api_key_env": "embedding_api_key_env",
+    "service.webhook_secret_env": "webhook_secret_env",
+    "service.query_api_key_env": "query_api_key_env",
+}
+
+
+def _flatten(attrs: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in attrs.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and path not in ATTRIBUTE_ENV and path not in ATTRIBUTE_FIELD:
+            out.update(_flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def _env_string(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def settings_from_attributes(attrs: dict) -> Settings:
+    """The settings of an index described by component attributes (nested, ``None`` = default).
+
+    Errors name the attribute (``embedder.batch_size``), not the variable. Nothing here reads the
+    environment: secrets are named (``embedder.api_key_env``) and read by the runs.
+    """
+    env: dict[str, str] = {}
+    overrides: dict[str, object] = {}
+    for path, value in _flatten(attrs).items():
+        if value is None:
+            continue
+        if path in ATTRIBUTE_ENV:
+            if isinstance(value, list | tuple | dict):
+                raise SettingsError(f"attribute {path}: expected a single value, got {type(value).__name__}")
+            env[ATTRIBUTE_ENV[path]] = _env_string(value)
+        elif path in ATTRIBUTE_FIELD:
+            field_name = ATTRIBUTE_FIELD[path]
+            if field_name in ("include", "exclude"):
+                if isinstance(value, str) or not all(isinstance(p, str) for p in value):  # type: ignore[union-attr]
+                    raise SettingsError(f"attribute {path}: expected a list of glob patterns")
+                value = tuple(value)  # type: ignore[arg-type]
+                if field_name == "include" and not value:
+                    raise SettingsError(f"attribute {path}: names no pattern (it would match no file)")
+            overrides[field_name] = value
+        else:
+            known = ", ".join(sorted([*ATTRIBUTE_ENV, *ATTRIBUTE_FIELD]))
+            raise SettingsError(f"unknown attribute {path!r} (known: {known})")
+    try:
+        return Settings.from_env(env, **overrides)
+    except SettingsError as e:
+        msg = str(e)
+        for path, var in ATTRIBUTE_ENV.items():
+            msg = re.sub(rf"\b{var}\b", f"attribute {path}", msg)
+        raise SettingsError(msg) from None

@@ -31,9 +31,9 @@ from rag_assets.pipeline import (
 )
 from rag_assets.settings import Settings
 
-from .resources import EmbedderResource, RagResource, stage_context
+from .names import IndexNames
+from .resources import stage_context_from
 
-GROUP = "rag"
 MANIFEST_CODE_VERSION = "manifest-v1"
 SERVING_CHECKS = ("rows_match_chunks", "no_orphan_rows", "vectors_valid")
 # React to new upstream data, and re-run every materialized shard when our own code version
@@ -86,7 +86,9 @@ def _fresh_token(
 
 
 def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefinition]]:
-    """The four assets for one configuration (partitions and code versions come from ``settings``)."""
+    """The four assets of one index (partitions, code versions and names come from ``settings``)."""
+    names = IndexNames.of(settings)
+    resource_keys = {names.rag_resource, names.embedder_resource}
     chunker_version = make_chunker(settings.chunker, settings.chunk_max_tokens).version
     # The fingerprint needs no secret: the API key reaches the runs through the embedder resource
     # (dg.EnvVar), so loading the definitions must not require it in the environment.
@@ -99,10 +101,11 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
     range_runs = dg.BackfillPolicy.single_run()
 
     raw_documents = dg.AssetSpec(
-        "raw_documents",
+        names.key("raw_documents"),
         partitions_def=shards_def,
-        group_name=GROUP,
+        group_name=names.group,
         kinds={"folder"},
+        tags={"rag/index": settings.index_name},
         description=(
             "The source documents of each shard (folder files and webhook pushes). Reported, not run: the "
             "source sensor records a materialization whose data version is the hash of the shard's file "
@@ -111,14 +114,16 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
     )
 
     @dg.asset(
+        key=names.key("document_manifest"),
+        required_resource_keys=resource_keys,
         partitions_def=shards_def,
         deps=[raw_documents],
-        group_name=GROUP,
+        group_name=names.group,
         kinds={"postgres"},
         code_version=MANIFEST_CODE_VERSION,
         backfill_policy=range_runs,
         automation_condition=dg.AutomationCondition.eager(),
-        check_specs=[dg.AssetCheckSpec("manifest_matches_source", asset="document_manifest")],
+        check_specs=[dg.AssetCheckSpec("manifest_matches_source", asset=names.key("document_manifest"))],
         description=(
             "Per shard: doc_id, content hash, metadata hash, size, mtime and source of every document, plus the "
             "normalised bodies. Only files whose (size, mtime) changed are re-read; webhook events for the shard are "
@@ -126,12 +131,12 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ),
     )
     def document_manifest(
-        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource, embedder: EmbedderResource
+        context: dg.AssetExecutionContext, config: RefreshConfig
     ) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         started = datetime.now(UTC)
         shards = _shards(context)
-        ctx = stage_context(context, rag, embedder)
+        ctx = stage_context_from(context, names)
         try:
             source = ctx.source()
             plan = plan_scan(
@@ -191,9 +196,11 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         )
 
     @dg.asset(
+        key=names.key("chunks"),
+        required_resource_keys=resource_keys,
         partitions_def=shards_def,
         deps=[document_manifest],
-        group_name=GROUP,
+        group_name=names.group,
         kinds={"postgres"},
         code_version=chunker_version,
         backfill_policy=range_runs,
@@ -205,12 +212,12 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ),
     )
     def chunks(
-        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource, embedder: EmbedderResource
+        context: dg.AssetExecutionContext, config: RefreshConfig
     ) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         started = datetime.now(UTC)
         shards = _shards(context)
-        ctx = stage_context(context, rag, embedder)
+        ctx = stage_context_from(context, names)
         try:
             out = chunk_stage(ctx, shards, force=_rebuild(context, config))
             out["seconds"] = time.perf_counter() - t0
@@ -242,16 +249,18 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         return dg.MaterializeResult(metadata=meta, data_version=version)
 
     @dg.asset(
+        key=names.key("embeddings"),
+        required_resource_keys=resource_keys,
         partitions_def=shards_def,
         deps=[chunks],
-        group_name=GROUP,
+        group_name=names.group,
         kinds={"pgvector", "postgres"},
         code_version=embedder_fingerprint,
         backfill_policy=range_runs,
         automation_condition=refresh_condition,
         pool="embedder",
         check_specs=[
-            dg.AssetCheckSpec(name, asset="embeddings", blocking=(name == "rows_match_chunks"))
+            dg.AssetCheckSpec(name, asset=names.key("embeddings"), blocking=(name == "rows_match_chunks"))
             for name in SERVING_CHECKS
         ],
         description=(
@@ -262,12 +271,12 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ),
     )
     def embeddings(
-        context: dg.AssetExecutionContext, config: RefreshConfig, rag: RagResource, embedder: EmbedderResource
+        context: dg.AssetExecutionContext, config: RefreshConfig
     ) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         started = datetime.now(UTC)
         shards = _shards(context)
-        ctx = stage_context(context, rag, embedder)
+        ctx = stage_context_from(context, names)
         try:
             token = _fresh_token(context, config, shards, settings.shards)
             gen = ctx.target(token)

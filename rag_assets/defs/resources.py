@@ -7,7 +7,6 @@ code location runs on the embedded defaults and in production; secrets arrive as
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import dagster as dg
 
 from rag_assets.embedders import Embedder, make_embedder
 from rag_assets.pipeline import StageContext
-from rag_assets.settings import Settings
+from rag_assets.settings import SECRET_FIELDS, Settings
+
+from .names import IndexNames
 
 
 class RagResource(dg.ConfigurableResource):
@@ -27,7 +28,8 @@ class RagResource(dg.ConfigurableResource):
     overrides: str | None = None  # JSON of further Settings fields (tests, the CLI's in-process runs)
 
     def settings(self) -> Settings:
-        s = Settings.from_env()
+        """The index's settings: the non-secret ones fixed when the definitions were built
+        (``overrides``), or the ``RAG_*`` environment when none were; secrets from their variables."""
         over = settings_from_json(self.overrides) if self.overrides else {}
         if self.database_url:
             over["database_url"] = self.database_url
@@ -35,7 +37,8 @@ class RagResource(dg.ConfigurableResource):
             over["source_path"] = Path(self.source_path)
         if self.home:
             over["home"] = Path(self.home)
-        return replace(s, **over) if over else s
+        s = Settings.from_env({}, **over) if self.overrides else Settings.from_env(**over)
+        return s.with_secrets()
 
 
 class EmbedderResource(dg.ConfigurableResource):
@@ -59,13 +62,29 @@ def stage_context(
     return StageContext.create(settings, embedder=emb, run_id=context.run.run_id, kind="dagster")
 
 
-def default_resources() -> dict[str, dg.ConfigurableResource]:
+def stage_context_from(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, names: IndexNames
+) -> StageContext:
+    """The stage context of the index ``names`` belongs to (its resources are bound under its names)."""
+    rag = getattr(context.resources, names.rag_resource)
+    embedder = getattr(context.resources, names.embedder_resource, None)
+    return stage_context(context, rag, embedder)
+
+
+def index_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The resources of one index built by the factory: its settings without secrets, fixed at load;
+    the database URL and the webhook/query secrets read from their variables at run time
+    (``Settings.with_secrets``), the embedding API key as a ``dg.EnvVar`` where the provider needs
+    one. Loading reads no variable and needs no secret."""
+    names = IndexNames.of(settings)
+    public = settings.without_secrets()
     return {
-        "rag": RagResource(
-            database_url=dg.EnvVar("RAG_DATABASE_URL") if os.environ.get("RAG_DATABASE_URL") else None
+        names.rag_resource: RagResource(
+            database_url=settings.database_url, overrides=settings_to_json(public)
         ),
-        "embedder": EmbedderResource(
-            api_key=dg.EnvVar("RAG_EMBEDDING_API_KEY") if os.environ.get("RAG_EMBEDDING_API_KEY") else None
+        names.embedder_resource: EmbedderResource(
+            api_key=settings.embedding_api_key
+            or (dg.EnvVar(settings.embedding_api_key_env) if settings.embedder == "openai" else None)
         ),
     }
 
@@ -73,7 +92,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
 def settings_to_json(settings: Settings) -> str:
     """The non-secret settings as JSON (secrets travel as EnvVar or explicit resource fields)."""
     d = {k: v for k, v in settings.public_dict().items() if v != "***"}
-    for k in ("embedding_api_key", "webhook_secret", "query_api_key"):
+    for k in SECRET_FIELDS:  # the URL travels in the resource's own field (it may hold a password)
         d.pop(k, None)
     return json.dumps(d)
 
@@ -91,12 +110,13 @@ def settings_from_json(text: str) -> dict:
 
 def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """Resources pinned to an explicit configuration (tests, the CLI's in-process runs)."""
+    names = IndexNames.of(settings)
     return {
-        "rag": RagResource(
+        names.rag_resource: RagResource(
             database_url=settings.database_url,
             source_path=str(settings.source_path),
             home=str(settings.home),
             overrides=settings_to_json(settings),
         ),
-        "embedder": EmbedderResource(api_key=settings.embedding_api_key),
+        names.embedder_resource: EmbedderResource(api_key=settings.embedding_api_key),
     }

@@ -107,7 +107,7 @@ def _materialize(
     raw_documents, assets = build_assets(settings)
     resources = resources_for(settings)
     conf = {"rebuild": full, "rehash": rehash, "allow_deletes": allow_deletes}
-    run_config = {"ops": {a.key.path[-1]: {"config": conf} for a in assets}}
+    run_config = {"ops": {a.op.name: {"config": conf} for a in assets}}
     token = uuid.uuid4().hex
     run_ids = []
     for lo, hi in contiguous_ranges(shards):

@@ -18,8 +18,7 @@ from rag_assets.sources import FolderSource
 from rag_assets.store.db import connect_index
 from rag_assets.store.source_binding import bound_folder
 
-from .assets import GROUP
-from .resources import RagResource
+from .names import IndexNames
 
 
 def shard_stat_versions(source: FolderSource, n_shards: int) -> tuple[dict[int, str], dict[int, int]]:
@@ -59,19 +58,24 @@ def pending_inbox(conn) -> list[tuple[int, int, float]]:
     ).fetchall()
 
 
-def build_sensors(settings: Settings) -> list:
-    """The source, inbox and automation sensors for one configuration."""
+def build_sensors(settings: Settings, finish_generation: dg.JobDefinition | None = None) -> list:
+    """The source, inbox, generation and automation sensors of one index."""
+    names = IndexNames.of(settings)
+    if finish_generation is None:
+        from .jobs import build_jobs
+
+        finish_generation = build_jobs(names)[1]
+    raw_key = names.key("raw_documents")
 
     @dg.sensor(
-        name="source_sensor",
+        name=names.name("source_sensor"),
+        required_resource_keys={names.rag_resource},
         minimum_interval_seconds=settings.source_sensor_interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Scans the source folder by file stats and reports the shards whose files changed (runless).",
     )
-    def source_sensor(
-        context: dg.SensorEvaluationContext, rag: RagResource
-    ) -> dg.SensorResult | dg.SkipReason:
-        settings = rag.settings()
+    def source_sensor(context: dg.SensorEvaluationContext, **_resources) -> dg.SensorResult | dg.SkipReason:
+        settings = getattr(context.resources, names.rag_resource).settings()
         conn = connect_index(settings)
         try:
             bound = bound_folder(conn, settings)  # the index's own folder, never a default path
@@ -87,7 +91,7 @@ def build_sensors(settings: Settings) -> list:
             return dg.SkipReason("no shard changed")
         events = [
             dg.AssetMaterialization(
-                asset_key="raw_documents",
+                asset_key=raw_key,
                 partition=shard_key(s),
                 tags={"dagster/data_version": versions[s]},
                 metadata={"files": counts[s]},
@@ -98,20 +102,19 @@ def build_sensors(settings: Settings) -> list:
         return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor, separators=(",", ":")))
 
     @dg.sensor(
-        name="inbox_sensor",
+        name=names.name("inbox_sensor"),
+        required_resource_keys={names.rag_resource},
         minimum_interval_seconds=settings.inbox_sensor_interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Reports the shards that have new webhook events in the inbox (runless).",
     )
-    def inbox_sensor(
-        context: dg.SensorEvaluationContext, rag: RagResource
-    ) -> dg.SensorResult | dg.SkipReason:
+    def inbox_sensor(context: dg.SensorEvaluationContext, **_resources) -> dg.SensorResult | dg.SkipReason:
         """Cursor: the high-water mark of reported inbox sequence numbers, plus when each shard was
         last reported. A shard is reported when it has events above the mark, and reported again if
         its events are still unapplied a while later (an event whose insert committed out of sequence
         order, or a failed run), so no acknowledged event can be stranded."""
         cur = json.loads(context.cursor) if context.cursor else {"hw": 0, "at": {}}
-        conn = connect_index(rag.settings())
+        conn = connect_index(getattr(context.resources, names.rag_resource).settings())
         try:
             rows = pending_inbox(conn)
         finally:
@@ -128,7 +131,7 @@ def build_sensors(settings: Settings) -> list:
         at.update({str(s): now for s, _ in report})
         events = [
             dg.AssetMaterialization(
-                asset_key="raw_documents",
+                asset_key=raw_key,
                 partition=shard_key(s),
                 tags={"dagster/data_version": f"inbox-{mx}"},
                 metadata={"inbox_seq": mx},
@@ -139,19 +142,16 @@ def build_sensors(settings: Settings) -> list:
             asset_events=events, cursor=json.dumps({"hw": hw, "at": at}, separators=(",", ":"))
         )
 
-    from .jobs import finish_generation
-
     @dg.sensor(
-        name="generation_sensor",
+        name=names.name("generation_sensor"),
+        required_resource_keys={names.rag_resource},
         job=finish_generation,
         minimum_interval_seconds=settings.source_sensor_interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Requests finish_generation when a building generation has every shard synced but was never switched.",
     )
-    def generation_sensor(
-        context: dg.SensorEvaluationContext, rag: RagResource
-    ) -> dg.RunRequest | dg.SkipReason:
-        conn = connect_index(rag.settings())
+    def generation_sensor(context: dg.SensorEvaluationContext, **_resources) -> dg.RunRequest | dg.SkipReason:
+        conn = connect_index(getattr(context.resources, names.rag_resource).settings())
         try:
             gen = complete_building_generation(conn)
         finally:
@@ -160,7 +160,7 @@ def build_sensors(settings: Settings) -> list:
             return dg.SkipReason("no complete building generation")
         active = context.instance.get_runs(
             dg.RunsFilter(
-                job_name="finish_generation",
+                job_name=finish_generation.name,
                 statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
             ),
             limit=1,
@@ -172,8 +172,8 @@ def build_sensors(settings: Settings) -> list:
         return dg.RunRequest(run_key=f"finish-{gen}-{int(time.time() // 600)}", tags={"rag/generation": str(gen)})
 
     automation_sensor = dg.AutomationConditionSensorDefinition(
-        "rag_automation",
-        target=dg.AssetSelection.groups(GROUP),
+        names.name("rag_automation"),
+        target=dg.AssetSelection.groups(names.group),
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=settings.automation_interval_s,
         description="Materializes only the stale shards (new source data or a new chunker/embedder version), in range runs.",

@@ -142,17 +142,20 @@ def serve(
     *,
     log_level: str = "info",
     access_log: bool = False,
+    indexes: dict[str, Settings] | None = None,
 ) -> None:
     """Build the app and serve it until interrupted (SIGINT/SIGTERM: graceful shutdown).
 
-    Raises ``SettingsError`` before binding anything when no webhook secret is configured, and
-    ``SystemExit(1)`` (uvicorn) when startup fails, e.g. the database cannot be reached.
+    ``indexes`` (name → settings, e.g. every index of a code location) serves each under
+    ``/indexes/{name}``; without it, ``settings`` is the one index. Raises ``SettingsError`` before
+    binding anything when an index has no webhook secret, and ``SystemExit(1)`` (uvicorn) when
+    startup fails, e.g. the database cannot be reached.
     """
     import uvicorn
 
-    from rag_assets.service.app import create_app
+    from rag_assets.service.indexes import create_indexes_app
 
-    app = create_app(settings)  # refuses to build without RAG_WEBHOOK_SECRET
+    app = create_indexes_app(indexes or {settings.index_name: settings})  # refuses without a webhook secret
     config = make_config(app, settings, host, port, log_level=log_level, access_log=access_log)
     server = uvicorn.Server(config)
     server.run()

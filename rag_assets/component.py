@@ -1,0 +1,159 @@
+"""``rag_assets.RagIndex``: one RAG index as a Dagster component (``dg scaffold defs rag_assets.RagIndex NAME``).
+
+The attributes are the index's settings, grouped as a user thinks of them (source, database,
+chunker, embedder, snapshots, automation, service, hnsw). Each scalar attribute stands for one
+``RAG_*`` variable and goes through the same parser and checks (``settings.settings_from_attributes``),
+so a bad value fails ``dg check defs`` with the attribute's name. Secrets never appear: attributes
+name the variables (``embedder.api_key_env``) that the runs read. Relative paths are resolved
+against the project root, where ``dg`` runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+
+class Source(dg.Model):
+    path: str | None = Field(None, description="Folder to index (relative to the project root).")
+    include: list[str] | None = Field(None, description="Glob patterns of the files to index.")
+    exclude: list[str] | None = Field(None, description="Glob patterns to leave out.")
+    max_doc_bytes: int | None = None
+    max_metadata_bytes: int | None = None
+    max_delete_fraction: float | None = Field(
+        None, description="A refresh deleting more than this fraction of the documents is refused."
+    )
+
+
+class Database(dg.Model):
+    url: str | None = Field(
+        None, description="PostgreSQL URL without a password (else use url_env). Unset: the embedded server."
+    )
+    url_env: str | None = Field(None, description="Variable holding the URL, read by the runs (default RAG_DATABASE_URL).")
+    pg_schema: str | None = Field(None, description="The index's own Postgres schema (default rag_<name>).")
+
+
+class Chunker(dg.Model):
+    kind: Literal["structure", "fixed"] | None = None
+    max_tokens: int | None = None
+
+
+class Embedder(dg.Model):
+    provider: Literal["hashing", "openai", "local"] | None = None
+    model: str | None = None
+    dimensions: int | None = None
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="Variable holding the API key (default RAG_EMBEDDING_API_KEY).")
+    batch_size: int | None = None
+    batch_tokens: int | None = None
+    concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout_s: float | None = None
+    max_retry_s: float | None = None
+    max_input_tokens: int | None = None
+    long_text: Literal["error", "split"] | None = None
+    price_per_mtok: float | None = None
+    device: str | None = None
+
+
+class Snapshots(dg.Model):
+    uri: str | None = Field(None, description="A folder or s3://bucket/prefix (default: <home>/snapshots).")
+    keep: int | None = None
+
+
+class Automation(dg.Model):
+    source_sensor_interval_s: int | None = None
+    inbox_sensor_interval_s: int | None = None
+    automation_interval_s: int | None = None
+
+
+class Service(dg.Model):
+    webhook_secret_env: str | None = None
+    query_api_key_env: str | None = None
+    webhook_tolerance_s: int | None = None
+    webhook_max_body: int | None = None
+    webhook_signature_header: str | None = None
+    apply_interval_s: float | None = None
+    header_timeout_s: float | None = None
+    body_timeout_s: float | None = None
+
+
+class Hnsw(dg.Model):
+    m: int | None = None
+    ef_construction: int | None = None
+    ef_search: int | None = None
+    build_memory_mb: int | None = None
+
+
+class RagIndexScaffolder(dg.Scaffolder):
+    """``dg scaffold defs rag_assets.RagIndex NAME``: a defs.yaml for an index named after its folder."""
+
+    def scaffold(self, request: dg.ScaffoldRequest) -> None:
+        from dagster.components.component_scaffolding import scaffold_component
+
+        name = _index_name(request.target_path.name)
+        scaffold_component(
+            request,
+            {
+                "name": name,
+                "source": {"path": f"docs/{name}", "include": ["**/*.md", "**/*.rst", "**/*.txt"]},
+                "database": {"pg_schema": f"rag_{name}"},
+                "shards": 16,
+                "embedder": {"provider": "hashing"},
+            },
+        )
+
+
+def _index_name(folder: str) -> str:
+    """A valid index name from a folder name (``support-tickets`` → ``support_tickets``)."""
+    import re
+
+    name = re.sub(r"[^a-z0-9_]", "_", folder.lower()).strip("_") or "index"
+    return name if name[0].isalpha() else f"i_{name}"
+
+
+@dg.scaffold_with(RagIndexScaffolder)
+class RagIndex(dg.Component, dg.Model, dg.Resolvable):
+    """A RAG index kept in step with its source: documents → manifest → chunks → embeddings → pgvector.
+
+    Each instance adds its own assets (keys prefixed by ``name``), asset checks, sensors, jobs and
+    schedules, in its own Postgres schema; the embedding cache is shared by the indexes of a database.
+    """
+
+    name: str = Field(description="Index name: prefixes asset keys and names; CLI: rag-assets --index NAME.")
+    source: Source = Field(default_factory=Source)
+    database: Database = Field(default_factory=Database)
+    shards: int | None = Field(None, description="Shard partitions (1-99); fixed once the index is built.")
+    chunker: Chunker = Field(default_factory=Chunker)
+    embedder: Embedder = Field(default_factory=Embedder)
+    snapshots: Snapshots = Field(default_factory=Snapshots)
+    automation: Automation = Field(default_factory=Automation)
+    service: Service = Field(default_factory=Service)
+    hnsw: Hnsw = Field(default_factory=Hnsw)
+    keep_generations: int | None = None
+    home: str | None = Field(None, description="Embedded server, snapshots and Dagster CLI runs (default .rag_home).")
+
+    def attributes(self, root: Path | None = None) -> dict:
+        """The attributes as ``settings_from_attributes`` takes them, paths resolved against ``root``."""
+        attrs = self.model_dump(exclude_none=True)
+        db = attrs.setdefault("database", {})
+        db.setdefault("pg_schema", f"rag_{self.name}" if self.name != "default" else "rag")
+        if root is not None:
+            for section, key in (("source", "path"), (None, "home")):
+                holder = attrs.get(section, {}) if section else attrs
+                if holder.get(key) and not Path(holder[key]).is_absolute():
+                    holder[key] = str((root / holder[key]).resolve())
+            if "home" not in attrs:
+                attrs["home"] = str((root / ".rag_home").resolve())
+        return attrs
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        from rag_assets.defs.factory import build_rag_index_defs
+        from rag_assets.settings import settings_from_attributes
+
+        settings = settings_from_attributes(self.attributes(Path(context.project_root)))
+        return build_rag_index_defs(settings=settings)

@@ -1,0 +1,1 @@
+"""A sample Dagster project with two RAG indexes (tests/test_integration_dg.py)."""
