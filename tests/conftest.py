@@ -31,7 +31,12 @@ def pg_server(tmp_path_factory) -> str:
     srv.cleanup()
 
 
-TEST_SEARCH_PATH = "rag,rag_cache,public"
+# The invariant tests (equivalence, minimal work, deletes, crashes, snapshots, webhooks) run on an
+# index with a non-default name and Postgres schema: nothing may assume the default index.
+TEST_INDEX = "kb_test"
+TEST_SCHEMA = "kb_test"
+# Tests' own raw connections see that index's tables unqualified, else the default index's.
+TEST_SEARCH_PATH = f"{TEST_SCHEMA},rag,rag_cache,public"
 
 
 def _db_url(server_url: str, name: str) -> str:
@@ -72,7 +77,13 @@ def db_url(make_db) -> str:
 def settings(db_url, tmp_path) -> Settings:
     """Embedded-default settings pointing at a fresh database and a temp RAG_HOME."""
     return Settings.from_env(
-        {}, home=tmp_path / "home", database_url=db_url, shards=8, source_path=tmp_path / "docs"
+        {},
+        index_name=TEST_INDEX,
+        pg_schema=TEST_SCHEMA,
+        home=tmp_path / "home",
+        database_url=db_url,
+        shards=8,
+        source_path=tmp_path / "docs",
     )
 
 

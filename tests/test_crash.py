@@ -18,8 +18,9 @@ import pytest
 
 from rag_assets.pipeline import Indexer
 from rag_assets.settings import Settings
-from rag_assets.store.db import connect
+from rag_assets.store.db import connect_index
 from rag_assets.store.serving import index_digest, shard_digests
+from tests.conftest import TEST_INDEX, TEST_SCHEMA
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import markdown_doc, write
 
@@ -31,6 +32,8 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(
         RAG_HOME=str(settings.home),
         RAG_DATABASE_URL=settings.database_url,
+        RAG_INDEX_NAME=settings.index_name,
+        RAG_PG_SCHEMA=settings.pg_schema,
         RAG_SHARDS=str(settings.shards),
         RAG_EMBEDDING_DIMENSIONS=str(settings.embedding_dimensions or 32),
         DAGSTER_HOME=str(settings.home / "dagster"),
@@ -89,6 +92,8 @@ def _assert_each_shard_old_or_new(
 def _settings(db_url, tmp_path, **kw) -> Settings:
     return Settings.from_env(
         {},
+        index_name=TEST_INDEX,
+        pg_schema=TEST_SCHEMA,
         home=tmp_path / "home",
         database_url=db_url,
         shards=8,
@@ -123,7 +128,7 @@ def test_sigkill_during_embedding_then_converge(db_url, make_db, tmp_path):
         p = _start_index(settings, env)
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
-        conn = connect(settings.database_url)
+        conn = connect_index(settings)
         old = shard_digests(conn)
         _corpus(settings.source_path, 60, seed=2)  # edits 40 docs and adds 20: every shard changes
 
@@ -168,7 +173,7 @@ def test_sigkill_during_shard_sync_then_converge(db_url, make_db, tmp_path, mark
     p = _start_index(settings, env, "--core")
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err.decode()[-2000:]
-    conn = connect(settings.database_url)
+    conn = connect_index(settings)
     assert shard_digests(conn) == digests["A"]
     watcher = psycopg.connect(settings.database_url, autocommit=True)
     current, killed = "A", False
@@ -238,7 +243,7 @@ def test_sigkill_during_hnsw_build_is_finished_by_the_default_path(db_url, make_
             break
     assert killed, "the HNSW build finished before it could be killed"
     time.sleep(0.5)
-    conn = connect(settings.database_url)
+    conn = connect_index(settings)
     building = conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0]
     assert building == 1
     p = _start_index(settings, env)  # the default path, no --core, no --full

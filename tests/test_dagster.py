@@ -22,7 +22,7 @@ from rag_assets.defs.sensors import build_sensors
 from rag_assets.manifest import shard_key, shard_of
 from rag_assets.pipeline import Indexer
 from rag_assets.settings import Settings
-from rag_assets.store.db import connect
+from rag_assets.store.db import connect_index
 from rag_assets.store.serving import index_digest, live_generation
 from tests.helpers import markdown_doc, write
 
@@ -129,7 +129,7 @@ def test_range_run_builds_the_index_with_checks_and_metadata(dset, make_db):
         ):
             assert key in meta, key
         assert meta["docs_added"].value == 24
-    conn = connect(dset.database_url)
+    conn = connect_index(dset)
     ref = Indexer(replace(dset, database_url=make_db()))
     ref.refresh(dset.source_path, full=True)
     assert index_digest(conn) == index_digest(ref.conn)
@@ -190,7 +190,7 @@ def test_a_b_a_edits_are_indexed_each_time(dset):
     f = dset.source_path / "d03.md"
     with dg.instance_for_test() as instance:
         assert _materialize_all(dset, instance).success
-        conn = connect(dset.database_url)
+        conn = connect_index(dset)
         texts = []
         for i, body in enumerate(["# A\n\nalpha text", "# B\n\nbeta text", "# A\n\nalpha text"]):
             write(f, body, mtime_ns=4 * 10**18 + i)
@@ -208,7 +208,7 @@ def test_a_b_a_edits_are_indexed_each_time(dset):
 
 def test_inbox_sensor_reports_shards_with_new_events(dset):
     inbox_sensor = next(s for s in build_sensors(dset) if s.name == "inbox_sensor")
-    conn = connect(dset.database_url)
+    conn = connect_index(dset)
     with dg.instance_for_test() as instance:
         assert _tick(inbox_sensor, instance, dset, None)[0] == []
         for i, doc in enumerate(["hook/a", "hook/b"]):
@@ -226,7 +226,7 @@ def test_inbox_sensor_reports_shards_with_new_events(dset):
 def test_full_reindex_job_builds_and_switches_a_new_generation(dset, defs):
     with dg.instance_for_test() as instance:
         assert _materialize_all(dset, instance).success
-        conn = connect(dset.database_url)
+        conn = connect_index(dset)
         before = live_generation(conn).id
         digest = index_digest(conn)
         job = defs.resolve_job_def("full_reindex")
@@ -239,7 +239,7 @@ def test_full_reindex_job_builds_and_switches_a_new_generation(dset, defs):
 def test_audit_finds_and_repairs_drift(dset, defs, make_db):
     with dg.instance_for_test() as instance:
         assert _materialize_all(dset, instance).success
-        conn = connect(dset.database_url)
+        conn = connect_index(dset)
         gen = live_generation(conn).id
         conn.execute(f"DELETE FROM g{gen}_items WHERE doc_id = 'd01.md'")  # missing rows
         conn.execute(  # stale text

@@ -40,6 +40,7 @@ from rag_assets.sources import (
 from rag_assets.store import inbox
 from rag_assets.store.db import connect
 from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
+from tests.conftest import TEST_SCHEMA
 from tests.helpers import RecordingEmbedder, markdown_doc, write
 
 WHEN = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
@@ -283,7 +284,7 @@ def test_hostile_webhook_metadata_in_the_inbox_is_rejected_without_blocking_othe
     """Inbox rows whose metadata jsonb holds what Python cannot send back (1e400 reads as inf), a
     number beyond 64 bits, or more than the bound: each event is rejected naming its document,
     and the other events of every shard apply (the COPY into the manifest used to fail them all)."""
-    conn = connect(db_url)
+    conn = connect(db_url, schema=TEST_SCHEMA)
     inbox.shard_count(conn, 8)
 
     def raw(event_id: str, doc_id: str, metadata_json: str) -> None:

@@ -17,6 +17,7 @@ from rag_assets.sources import FolderSource
 from rag_assets.store.db import connect
 from rag_assets.store.serving import index_digest, shard_digests
 from rag_assets.store.source_binding import SourceMismatch
+from tests.conftest import TEST_SCHEMA
 from tests.helpers import RecordingEmbedder, WrongDimEmbedder, full_rebuild, markdown_doc, paragraph, write
 
 
@@ -373,7 +374,7 @@ def test_concurrent_refreshes_do_not_corrupt(settings, docs_dir, db_url):
 
     def run():
         try:
-            i = Indexer(settings, conn=connect(db_url), embedder=RecordingEmbedder(32))
+            i = Indexer(settings, conn=connect(db_url, schema=TEST_SCHEMA), embedder=RecordingEmbedder(32))
             i.refresh(docs_dir)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)

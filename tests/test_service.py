@@ -30,7 +30,7 @@ from rag_assets.service.app import create_app
 from rag_assets.service.events import WebhookEvent
 from rag_assets.settings import SettingsError
 from rag_assets.store import inbox
-from rag_assets.store.db import connect
+from rag_assets.store.db import connect, connect_index
 from tests.helpers import RecordingEmbedder, write
 from tests.service_utils import (
     ROOT,
@@ -461,6 +461,8 @@ def test_refuses_to_start_without_a_secret(settings, tmp_path):
             create_app(replace(settings, webhook_secret=bad))
     env = {
         "RAG_DATABASE_URL": settings.database_url,
+        "RAG_INDEX_NAME": settings.index_name,
+        "RAG_PG_SCHEMA": settings.pg_schema,
         "RAG_HOME": str(tmp_path / "home"),
         "PYTHONPATH": str(ROOT),
     }
@@ -559,6 +561,8 @@ def test_openapi_fuzzing_finds_no_server_errors(svc_settings, secret, docs_dir, 
 def _service_env(settings, secret: str) -> dict[str, str]:
     return {
         "RAG_DATABASE_URL": settings.database_url,
+        "RAG_INDEX_NAME": settings.index_name,
+        "RAG_PG_SCHEMA": settings.pg_schema,
         "RAG_WEBHOOK_SECRET": secret,
         "RAG_SHARDS": str(settings.shards),
         "RAG_HOME": str(settings.home),
@@ -675,7 +679,7 @@ def test_e2e_created_then_deleted_then_late_update(client, secret, svc_settings,
     assert "e2e.md" not in {h["doc_id"] for h in hits}
     # every event was consumed exactly once; nothing is pending, so the lag is 0
     assert metric(client, "rag_inbox_pending") == 0 and metric(client, "rag_inbox_lag_seconds") == 0
-    with psycopg.connect(svc_settings.database_url) as c:
+    with connect_index(svc_settings) as c:
         assert c.execute("SELECT count(*) FROM inbox WHERE applied_at IS NULL").fetchone()[0] == 0
 
 
@@ -779,7 +783,7 @@ def test_non_canonical_id_cannot_shadow_a_folder_document(client, secret, svc_se
         )
     rep = Indexer(svc_settings).refresh(docs_dir)
     assert any(e["doc_id"] == "./d0.md" and "canonical" in e["error"] for e in rep.errors), rep.errors
-    with psycopg.connect(svc_settings.database_url) as c:
+    with connect_index(svc_settings) as c:
         ids = [d for (d,) in c.execute("SELECT doc_id FROM manifest ORDER BY doc_id")]
         assert ids == ["d0.md", "d1.md"]
         assert (
@@ -835,6 +839,8 @@ def test_slowloris_clients_are_cut_off_by_the_header_timeout(svc_settings, secre
 
     env = {
         "RAG_DATABASE_URL": svc_settings.database_url,
+        "RAG_INDEX_NAME": svc_settings.index_name,
+        "RAG_PG_SCHEMA": svc_settings.pg_schema,
         "RAG_HOME": str(svc_settings.home),
         "RAG_SHARDS": str(svc_settings.shards),
         "RAG_WEBHOOK_SECRET": secret,
@@ -877,6 +883,8 @@ def test_idle_connection_without_a_request_is_closed(svc_settings, secret, tmp_p
 
     env = {
         "RAG_DATABASE_URL": svc_settings.database_url,
+        "RAG_INDEX_NAME": svc_settings.index_name,
+        "RAG_PG_SCHEMA": svc_settings.pg_schema,
         "RAG_HOME": str(svc_settings.home),
         "RAG_SHARDS": str(svc_settings.shards),
         "RAG_WEBHOOK_SECRET": secret,

@@ -28,7 +28,7 @@ from rag_assets.embedders.hashing import HashingEmbedder
 from rag_assets.pipeline import Indexer, StageContext, manifest_stage, plan_scan
 from rag_assets.query import search
 from rag_assets.snapshot_store import FolderStore, SnapshotError, check_key, object_key, open_store
-from rag_assets.store.db import connect
+from rag_assets.store.db import connect, connect_index
 from rag_assets.store.serving import index_digest, live_generation, shard_digests
 from tests.helpers import RecordingEmbedder, markdown_doc, write
 
@@ -669,7 +669,7 @@ def test_create_and_prune_exclude_each_other(settings, docs_dir, folder_store):
 _RESTORE_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from rag_assets.store.db import connect
+    from rag_assets.store.db import connect, connect_index
     from rag_assets import snapshots as S
     conn = connect(sys.argv[1] + ("&" if "?" in sys.argv[1] else "?") + "application_name=rag-restore-victim")
     store = S.open_store(sys.argv[2])
@@ -746,9 +746,9 @@ def test_restore_killed_mid_load_leaves_the_live_generation_serving(
 class _Reader(threading.Thread):
     """Queries in a loop on its own connection and records anything that is not one whole generation."""
 
-    def __init__(self, url: str, dims: int, k: int = 5):
+    def __init__(self, settings, dims: int, k: int = 5):
         super().__init__(daemon=True)
-        self.conn = connect(url)
+        self.conn = connect_index(settings)
         self.vec = HashingEmbedder(dims).embed(["vector index shard snapshot"], EmbedStats())[0]
         self.k = k
         self.stop = threading.Event()
@@ -793,7 +793,7 @@ def test_readers_see_one_whole_generation_during_restore_and_rollback(settings, 
     n_old = idx.conn.execute("SELECT count(*) FROM items").fetchone()[0]
     assert n_old != n_snap
 
-    reader = _Reader(settings.database_url, 32)
+    reader = _Reader(settings, 32)
     reader.start()
     try:
         time.sleep(0.2)
@@ -872,7 +872,13 @@ def test_cli_prune_keep_zero_asks_for_confirmation(settings, docs_dir, tmp_path)
     idx.refresh(docs_dir)
     idx.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "DAGSTER_"))}
-    env.update(RAG_HOME=str(settings.home), RAG_DATABASE_URL=settings.database_url, RAG_SHARDS=str(settings.shards))
+    env.update(
+        RAG_HOME=str(settings.home),
+        RAG_DATABASE_URL=settings.database_url,
+        RAG_INDEX_NAME=settings.index_name,
+        RAG_PG_SCHEMA=settings.pg_schema,
+        RAG_SHARDS=str(settings.shards),
+    )
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "rag_assets.cli", "snapshot", *args], env=env,

@@ -138,7 +138,7 @@ def test_source_sensor_watches_the_bound_folder(settings, two_folders):
     idx.refresh(real)
     idx.close()
     moved = replace(settings, source_path=sample)
-    sensor = next(s for s in build_sensors(moved) if s.name == "source_sensor")
+    sensor = next(s for s in build_sensors(moved) if s.name == f"{moved.index_name}_source_sensor")
     with dg.instance_for_test() as instance:
         res = sensor(dg.build_sensor_context(instance=instance, resources=resources_for(moved)))
     files = sum(ev.metadata["files"].value for ev in res.asset_events)

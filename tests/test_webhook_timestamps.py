@@ -21,6 +21,7 @@ from rag_assets.service.events import WebhookEvent
 from rag_assets.store import inbox
 from rag_assets.store.db import connect
 from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
+from tests.conftest import TEST_SCHEMA
 from tests.service_utils import ThreadServer, event_body, new_secret, rfc3339, signed_headers
 
 HOOK = "/webhooks/documents"
@@ -86,7 +87,7 @@ def test_out_of_range_source_timestamps_get_400_naming_the_field(client, secret,
     r = _post(client, secret, "e", event_body("a.md", ts=ts))
     assert r.status_code == 400, r.text
     assert "timestamp" in r.json()["error"]
-    assert inbox.pending_count(connect(db_url)) == 0
+    assert inbox.pending_count(connect(db_url, schema=TEST_SCHEMA)) == 0
 
 
 def test_future_source_timestamp_is_refused_and_cannot_pin_a_document(client, secret, db_url):
@@ -100,7 +101,7 @@ def test_future_source_timestamp_is_refused_and_cannot_pin_a_document(client, se
     # 1e20 seconds from now, written out (the year overflows): refused, not a 500
     assert _post(client, secret, "far", event_body("pin.md", ts="+100000-01-01T00:00:00Z")).status_code == 400
 
-    conn = connect(db_url)
+    conn = connect(db_url, schema=TEST_SCHEMA)
     ok = _post(client, secret, "c", event_body("pin.md", ts=time.time() + TOLERANCE_S / 2, content="v1"))
     assert ok.status_code == 202
     assert _apply_all(conn)["errors"] == []
@@ -118,7 +119,7 @@ def test_future_source_timestamp_is_refused_and_cannot_pin_a_document(client, se
 
 def test_inbox_refuses_an_unusable_source_time(db_url):
     """The store's own entry point refuses what the HTTP door refuses (for callers other than the service)."""
-    conn = connect(db_url)
+    conn = connect(db_url, schema=TEST_SCHEMA)
     bad = WebhookEvent("x", "document.created", "a.md", datetime(9999, 6, 1, tzinfo=UTC), "x", {})
     with pytest.raises(inbox.InboxError, match="event 'x'.*source time"):
         inbox.insert_event(conn, bad, 8)
@@ -151,7 +152,7 @@ def test_apply_skips_and_reports_unusable_timestamps_without_blocking_others(set
     reported by doc_id and event, marked rejected, and every other event of every shard applies."""
     from rag_assets.pipeline import Indexer
 
-    conn = connect(db_url)
+    conn = connect(db_url, schema=TEST_SCHEMA)
     inbox.shard_count(conn, 8)
     _raw_event(conn, "ev-inf", "bad/inf.md", "infinity")
     _raw_event(conn, "ev-10k", "bad/10k.md", "10000-01-01 00:00:00+00")  # Python cannot read it back
@@ -225,7 +226,7 @@ header_offsets = st.one_of(st.just(0), st.integers(-2 * TOLERANCE_S, 2 * TOLERAN
 def test_property_hostile_timestamps_are_refused_or_applied_once(
     client, secret, db_url, ts, header_offset, etype
 ):
-    conn = connect(db_url)
+    conn = connect(db_url, schema=TEST_SCHEMA)
     n = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
     doc, eid = f"prop/{n}-{time.monotonic_ns()}.md", f"hostile-{n}-{time.monotonic_ns()}"
     etype = f"document.{etype}"
