@@ -46,7 +46,7 @@ from rag_assets import snapshots as S  # noqa: E402
 from rag_assets.embedders.hashing import HashingEmbedder  # noqa: E402
 from rag_assets.pipeline import Indexer  # noqa: E402
 from rag_assets.settings import Settings  # noqa: E402
-from rag_assets.snapshot_store import open_store  # noqa: E402
+from rag_assets.snapshots import open_store  # noqa: E402
 from rag_assets.store.serving import index_digest  # noqa: E402
 
 DJANGO_DOCS = Path("/work/corpora/Django-5.0.14/docs")

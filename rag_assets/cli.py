@@ -208,6 +208,7 @@ def cmd_snapshot(args, settings: Settings) -> int:
                 hnsw_m=settings.hnsw_m,
                 hnsw_ef_construction=settings.hnsw_ef_construction,
                 hnsw_memory_cap_mb=settings.hnsw_build_memory_mb,
+                memory_budget_mb=settings.snapshot_restore_memory_mb,
             )
     finally:
         conn.close()

@@ -43,6 +43,33 @@ def check_shards(shards: int) -> int:
     return shards
 
 
+def check_snapshot_transfer(
+    *,
+    concurrency: int,
+    sse: str | None,
+    kms_key_id: str | None,
+    s3_retry_mode: str,
+    s3_max_attempts: int,
+    multipart_mb: int,
+) -> None:
+    """The one check of how snapshot stores transfer (``Settings`` and ``StoreConfig`` both call it)."""
+    for name, lo, hi, value in (
+        ("RAG_SNAPSHOT_CONCURRENCY", 1, 256, concurrency),
+        ("RAG_SNAPSHOT_S3_MAX_ATTEMPTS", 1, 100, s3_max_attempts),
+        ("RAG_SNAPSHOT_MULTIPART_MB", 5, 5 * 1024, multipart_mb),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{name}={value!r} is not an integer")
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
+    if sse not in (None, "AES256", "aws:kms"):
+        raise SettingsError(f"RAG_SNAPSHOT_SSE={sse!r}: use 'AES256' or 'aws:kms'")
+    if kms_key_id and sse != "aws:kms":
+        raise SettingsError("RAG_SNAPSHOT_KMS_KEY_ID is set but RAG_SNAPSHOT_SSE is not 'aws:kms'")
+    if s3_retry_mode not in ("standard", "adaptive"):
+        raise SettingsError(f"RAG_SNAPSHOT_S3_RETRY_MODE={s3_retry_mode!r}: use 'standard' or 'adaptive'")
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
@@ -152,6 +179,14 @@ class Settings:
     embedding_api_key_env: str = "RAG_EMBEDDING_API_KEY"
     webhook_secret_env: str = "RAG_WEBHOOK_SECRET"
     query_api_key_env: str = "RAG_QUERY_API_KEY"
+    # snapshots: how stores transfer, and restore's memory budget (issue 13, snapshots)
+    snapshot_concurrency: int = 8  # parallel object transfers
+    snapshot_sse: str | None = None  # S3 server-side encryption: AES256 | aws:kms (None: bucket default)
+    snapshot_kms_key_id: str | None = None  # the KMS key for aws:kms (None: the AWS-managed key)
+    snapshot_s3_retry_mode: str = "standard"  # or "adaptive" (botocore retry modes)
+    snapshot_s3_max_attempts: int = 10  # total attempts per S3 request
+    snapshot_multipart_mb: int = 64  # multipart threshold and part size in MiB
+    snapshot_restore_memory_mb: int = 1024  # verified objects kept in memory up to this, else spooled to disk
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -205,6 +240,14 @@ class Settings:
             service_apply_interval_s=_float(e, "RAG_SERVICE_APPLY_INTERVAL_S", 0.0) or 0.0,
             service_header_timeout_s=_float(e, "RAG_SERVICE_HEADER_TIMEOUT_S", 10.0),  # type: ignore[arg-type]
             service_body_timeout_s=_float(e, "RAG_SERVICE_BODY_TIMEOUT_S", 60.0),  # type: ignore[arg-type]
+            # snapshots (issue 13, snapshots)
+            snapshot_concurrency=_int(e, "RAG_SNAPSHOT_CONCURRENCY", 8),  # ranges: check_snapshot_transfer
+            snapshot_sse=e.get("RAG_SNAPSHOT_SSE") or None,
+            snapshot_kms_key_id=e.get("RAG_SNAPSHOT_KMS_KEY_ID") or None,
+            snapshot_s3_retry_mode=e.get("RAG_SNAPSHOT_S3_RETRY_MODE") or "standard",
+            snapshot_s3_max_attempts=_int(e, "RAG_SNAPSHOT_S3_MAX_ATTEMPTS", 10),
+            snapshot_multipart_mb=_int(e, "RAG_SNAPSHOT_MULTIPART_MB", 64),
+            snapshot_restore_memory_mb=max(0, _int(e, "RAG_SNAPSHOT_RESTORE_MEMORY_MB", 1024)),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
@@ -251,6 +294,14 @@ class Settings:
         ):
             if not 0 < value < 86400:
                 raise SettingsError(f"{var}={value:g}: must be more than 0 and less than 86400 seconds")
+        check_snapshot_transfer(
+            concurrency=self.snapshot_concurrency,
+            sse=self.snapshot_sse,
+            kms_key_id=self.snapshot_kms_key_id,
+            s3_retry_mode=self.snapshot_s3_retry_mode,
+            s3_max_attempts=self.snapshot_s3_max_attempts,
+            multipart_mb=self.snapshot_multipart_mb,
+        )
 
     def with_secrets(self, env: dict[str, str] | None = None) -> Settings:
         """These settings with every unset secret read from its variable (``*_env``), at run time.

@@ -27,7 +27,11 @@ from rag_assets.embedders.base import EmbedStats
 from rag_assets.embedders.hashing import HashingEmbedder
 from rag_assets.pipeline import Indexer, StageContext, manifest_stage, plan_scan
 from rag_assets.query import search
-from rag_assets.snapshot_store import FolderStore, SnapshotError, check_key, object_key, open_store
+from rag_assets.settings import Settings, SettingsError
+from rag_assets.snapshots import FolderStore, SnapshotError, StoreConfig, check_key, object_key, open_store
+from rag_assets.snapshots import create as snapshot_create
+from rag_assets.snapshots import markers as snapshot_markers
+from rag_assets.snapshots import prune as snapshot_prune
 from rag_assets.store.db import connect, connect_index
 from rag_assets.store.serving import index_digest, live_generation, shard_digests
 from tests.helpers import RecordingEmbedder, markdown_doc, write
@@ -57,8 +61,7 @@ def s3_env(moto_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    for var in ("AWS_PROFILE", "RAG_SNAPSHOT_SSE", "RAG_SNAPSHOT_KMS_KEY_ID", "RAG_SNAPSHOT_MULTIPART_MB"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
     return moto_endpoint
 
 
@@ -218,17 +221,15 @@ def test_round_trip_restores_index_and_manifest_and_next_run_embeds_nothing(
     assert S.list_snapshots(store)[0]["note"] == "before the bad push"
 
 
-def test_restore_beyond_the_memory_budget_spools_or_rereads_verified_objects(
-    settings, docs_dir, store, monkeypatch
-):
+def test_restore_beyond_the_memory_budget_spools_or_rereads_verified_objects(settings, docs_dir, store):
     rng = _corpus(docs_dir, 16)
     idx = _indexer(settings)
     idx.refresh(docs_dir)
     snap = S.create_snapshot(idx.conn, store)
     _mutate(docs_dir, rng)
     idx.refresh(docs_dir)
-    monkeypatch.setenv("RAG_SNAPSHOT_RESTORE_MEMORY_MB", "0")  # S3: spool to disk; folder: re-read
-    S.restore_snapshot(idx.conn, store, snap["id"])
+    budget = Settings.from_env({"RAG_SNAPSHOT_RESTORE_MEMORY_MB": "0"}).snapshot_restore_memory_mb
+    S.restore_snapshot(idx.conn, store, snap["id"], memory_budget_mb=budget)  # S3: spool; folder: re-read
     assert index_digest(idx.conn) == snap["index_digest"]
 
 
@@ -497,12 +498,25 @@ def test_s3_missing_bucket_and_bad_names_are_clear_errors(s3_env):
         open_store(f"s3://{_new_bucket()}/a/../b")
 
 
-def test_s3_encryption_multipart_and_retry_configuration(s3_env, monkeypatch):
-    monkeypatch.setenv("RAG_SNAPSHOT_SSE", "AES256")
-    monkeypatch.setenv("RAG_SNAPSHOT_MULTIPART_MB", "5")
+def test_s3_encryption_multipart_and_retry_configuration(s3_env, tmp_path):
     bucket = _new_bucket()
-    store = open_store(f"s3://{bucket}/snaps")
-    assert store.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 10}
+    assert open_store(f"s3://{bucket}/snaps").client.meta.config.retries == {
+        "mode": "standard",
+        "total_max_attempts": 10,
+    }
+    env = {
+        "RAG_SNAPSHOT_URI": f"s3://{bucket}/snaps",
+        "RAG_SNAPSHOT_SSE": "AES256",
+        "RAG_SNAPSHOT_MULTIPART_MB": "5",
+        "RAG_SNAPSHOT_S3_RETRY_MODE": "adaptive",
+        "RAG_SNAPSHOT_S3_MAX_ATTEMPTS": "4",
+        "RAG_SNAPSHOT_CONCURRENCY": "3",
+    }
+    store = S.store_for_settings(Settings.from_env(env, home=tmp_path))
+    assert store.config == StoreConfig(
+        concurrency=3, sse="AES256", s3_retry_mode="adaptive", s3_max_attempts=4, multipart_mb=5
+    )
+    assert store.client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 4}
     import hashlib
 
     big = np.random.default_rng(0).bytes(6 * 1024 * 1024 + 123)  # above the threshold: multipart
@@ -512,9 +526,19 @@ def test_s3_encryption_multipart_and_retry_configuration(s3_env, monkeypatch):
     assert head["ServerSideEncryption"] == "AES256"
     assert "-" in head["ETag"]  # a multipart upload's ETag
     assert store.get(key) == big and not store.put_if_absent(key, big)
-    monkeypatch.setenv("RAG_SNAPSHOT_SSE", "rot13")
-    with pytest.raises(SnapshotError, match="RAG_SNAPSHOT_SSE"):
-        open_store(f"s3://{bucket}/snaps")
+    for var, bad, why in (
+        ("RAG_SNAPSHOT_SSE", "rot13", "use 'AES256' or 'aws:kms'"),
+        ("RAG_SNAPSHOT_KMS_KEY_ID", "key-1", "RAG_SNAPSHOT_SSE is not 'aws:kms'"),
+        ("RAG_SNAPSHOT_S3_RETRY_MODE", "eager", "use 'standard' or 'adaptive'"),
+        ("RAG_SNAPSHOT_S3_MAX_ATTEMPTS", "0", r"out of range \[1, 100\]"),
+        ("RAG_SNAPSHOT_MULTIPART_MB", "4", r"out of range \[5, 5120\]"),
+        ("RAG_SNAPSHOT_CONCURRENCY", "many", "is not an integer"),
+        ("RAG_SNAPSHOT_RESTORE_MEMORY_MB", "1GB", "is not an integer"),
+    ):
+        with pytest.raises(SettingsError, match=f"{var}.*{why}"):
+            Settings.from_env({var: bad})
+    with pytest.raises(SettingsError, match="RAG_SNAPSHOT_SSE='rot13'"):
+        open_store(f"s3://{bucket}/snaps", config=StoreConfig(sse="rot13"))
 
 
 # --- consistency of create -------------------------------------------------------------------
@@ -598,7 +622,7 @@ def test_interrupted_snapshot_leaves_no_record_and_the_next_one_works(
     def crash(store, record):
         raise RuntimeError("power cut before the record was written")
 
-    monkeypatch.setattr(S, "_write_record", crash)
+    monkeypatch.setattr(snapshot_create, "_write_record", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         S.create_snapshot(idx.conn, folder_store)
     monkeypatch.undo()
@@ -625,7 +649,7 @@ def test_prune_keeps_n_and_deletes_only_unreferenced_objects(settings, docs_dir,
     _mutate(docs_dir, rng, edit=(11, 12), delete=(), add=0)
     idx.refresh(docs_dir)
     s3 = S.create_snapshot(idx.conn, store)
-    refs = {sid: S._referenced(store, [sid]) for sid in (s1["id"], s2["id"], s3["id"])}
+    refs = {sid: snapshot_prune._referenced(store, [sid]) for sid in (s1["id"], s2["id"], s3["id"])}
     assert refs[s1["id"]] & refs[s3["id"]]  # unchanged pieces are shared
 
     out = S.prune_snapshots(store, keep=2)
@@ -651,13 +675,13 @@ def test_create_and_prune_exclude_each_other(settings, docs_dir, folder_store):
     orphan = object_key("ee" + "1" * 62, "parquet")
     folder_store.put_if_absent(orphan, b"left by a crashed create")
     # a create is running elsewhere: prune deletes records but defers deleting objects
-    marker = S._write_marker(folder_store, S.new_snapshot_id(), "create")
+    marker = snapshot_markers.write_marker(folder_store, S.new_snapshot_id(), "create")
     out = S.prune_snapshots(folder_store, keep=0)
     assert out["deferred"] and len(out["deleted_snapshots"]) == 1 and folder_store.exists(orphan)
     folder_store.delete(marker)
     assert S.prune_snapshots(folder_store, keep=0)["objects_deleted"] > 0 and not folder_store.exists(orphan)
     # a prune is running elsewhere: create refuses to reuse objects that may be vanishing
-    marker = S._write_marker(folder_store, S.new_snapshot_id("prune-"), "prune")
+    marker = snapshot_markers.write_marker(folder_store, S.new_snapshot_id("prune-"), "prune")
     with pytest.raises(SnapshotError, match="a prune of .* is running"):
         S.create_snapshot(idx.conn, folder_store)
     folder_store.delete(marker)

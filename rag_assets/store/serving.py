@@ -1,9 +1,10 @@
-"""Serving generations: the embed-and-sync stage, generation switches, and the index digest.
+"""The embed-and-sync stage of the serving rows, and the index digest that proves two indexes equal.
 
 A shard is synced in one transaction: afterwards its rows in the target generation are exactly
 the chunks of its current documents (checked by count before commit). Vectors come from the
 embedding cache through ``INSERT … SELECT`` inside the server, so they never travel back to the
-client; the cache itself is filled by binary COPY.
+client; the cache itself is filled by binary COPY. Which generation a run writes into, and the
+switches between generations, are :mod:`rag_assets.store.generations`.
 """
 
 from __future__ import annotations
@@ -21,17 +22,46 @@ from rag_assets.embedders.cache import fill_cache, find_misses
 from rag_assets.store import schema
 from rag_assets.store.db import analyze_if_changed, lock_shards
 
-GEN_LOCK = schema.lock_key("generations")
-FINALIZE_LOCK = schema.lock_key("finalize")
+# Generation lifecycle names used to live here; they stay importable from this module for code
+# (and parallel branches) that imports them from ``rag_assets.store.serving``.
+from rag_assets.store.generations import (
+    _GEN_COLS,
+    FINALIZE_LOCK,
+    GEN_LOCK,
+    ConsistencyError,
+    Generation,
+    finalize_generation,
+    generation_complete,
+    get_generation,
+    lagging_serving_shards,
+    live_generation,
+    retire_old_generations,
+    switch_live,
+    target_generation,
+    verify_generation,
+)
 
-
-@dataclass(frozen=True)
-class Generation:
-    id: int
-    embedder_id: int
-    chunker_version: str
-    dims: int
-    state: str
+__all__ = [
+    "FINALIZE_LOCK",
+    "GEN_LOCK",
+    "_GEN_COLS",
+    "ConsistencyError",
+    "Generation",
+    "ServingStats",
+    "combine_digests",
+    "finalize_generation",
+    "generation_complete",
+    "get_generation",
+    "index_digest",
+    "lagging_serving_shards",
+    "live_generation",
+    "retire_old_generations",
+    "shard_digests",
+    "switch_live",
+    "sync_serving",
+    "target_generation",
+    "verify_generation",
+]
 
 
 @dataclass
@@ -51,97 +81,6 @@ class ServingStats:
     def add(self, o: ServingStats) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(o, k))
-
-
-class ConsistencyError(RuntimeError):
-    """A shard sync would leave serving rows that do not match the chunks; nothing was committed."""
-
-
-_GEN_COLS = "id, embedder_id, chunker_version, dims, state"
-
-
-def live_generation(conn: psycopg.Connection) -> Generation | None:
-    row = conn.execute(
-        f"SELECT {_GEN_COLS} FROM generations WHERE id = (SELECT generation FROM live)"
-    ).fetchone()
-    return Generation(*row) if row else None
-
-
-def get_generation(conn: psycopg.Connection, gen_id: int) -> Generation | None:
-    row = conn.execute(f"SELECT {_GEN_COLS} FROM generations WHERE id = %s", (gen_id,)).fetchone()
-    return Generation(*row) if row else None
-
-
-def target_generation(
-    conn: psycopg.Connection,
-    embedder_id: int,
-    chunker_version: str,
-    dims: int,
-    *,
-    fresh_token: str | None = None,
-) -> Generation:
-    """The generation this run writes into.
-
-    The live one when it was built with the same embedder and chunker (plain incremental run);
-    otherwise a *building* generation for the new fingerprint, filled while the old one keeps
-    serving (blue/green), and switched to when complete. ``fresh_token`` asks for a new generation
-    for one full rebuild (``--full``, or a full-reindex backfill): every run of that rebuild passes
-    the same token (the backfill id) and so writes into the same new generation.
-    """
-    with conn.transaction():
-        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
-        if fresh_token is None:
-            # A building generation of this configuration comes first, even when the live one has the
-            # same configuration: it is a rebuild (``--full``, a full-reindex backfill) that was
-            # interrupted, possibly between its last shard sync and the switch. Writing into it and
-            # finishing it is the only way it ever completes; left alone it would stay "building".
-            row = conn.execute(
-                f"""SELECT {_GEN_COLS} FROM generations WHERE state = 'building' AND embedder_id = %s
-                    AND chunker_version = %s AND dims = %s ORDER BY id DESC LIMIT 1""",
-                (embedder_id, chunker_version, dims),
-            ).fetchone()
-            live = live_generation(conn)
-            if (
-                row is None
-                and live is not None
-                and live.embedder_id == embedder_id
-                and live.chunker_version == chunker_version
-                and live.dims == dims
-            ):
-                return live
-        else:
-            row = conn.execute(
-                f"SELECT {_GEN_COLS} FROM generations WHERE origin = %s AND embedder_id = %s"
-                " AND chunker_version = %s AND dims = %s ORDER BY id DESC LIMIT 1",
-                (fresh_token, embedder_id, chunker_version, dims),
-            ).fetchone()
-        if row:
-            return Generation(*row)
-        # Abandon older building generations: their tables are dropped, their ids kept for history.
-        for (old,) in conn.execute("SELECT id FROM generations WHERE state = 'building'").fetchall():
-            schema.drop_generation_tables(conn, old)
-            conn.execute("UPDATE generations SET state = 'dropped' WHERE id = %s", (old,))
-        gid = conn.execute(
-            """INSERT INTO generations (embedder_id, chunker_version, dims, state, origin)
-               VALUES (%s, %s, %s, 'building', %s) RETURNING id""",
-            (embedder_id, chunker_version, dims, fresh_token or "index"),
-        ).fetchone()[0]
-        schema.create_generation_tables(conn, gid, dims)
-        return Generation(gid, embedder_id, chunker_version, dims, "building")
-
-
-def lagging_serving_shards(
-    conn: psycopg.Connection, gen: Generation, shards: Iterable[int] | None = None
-) -> set[int]:
-    """Shards whose rows in ``gen`` do not reflect the current chunks."""
-    q = """SELECT s.shard FROM shard_state s
-           LEFT JOIN generation_shards g ON g.generation = %s AND g.shard = s.shard
-           WHERE g.chunks_version IS DISTINCT FROM s.chunks_version"""
-    params: list = [gen.id]
-    if shards is not None:
-        q += " AND s.shard = ANY(%s)"
-        params.append(sorted(set(shards)))
-    return {r[0] for r in conn.execute(q, params).fetchall()}
 
 
 def sync_serving(
@@ -289,96 +228,6 @@ def _sync_rows(
                    synced_at = now()""",
             (gen.id, shards),
         )
-
-
-def generation_complete(conn: psycopg.Connection, gen: Generation) -> bool:
-    return not lagging_serving_shards(conn, gen)
-
-
-def finalize_generation(
-    conn: psycopg.Connection,
-    gen: Generation,
-    keep: int = 3,
-    *,
-    hnsw_m: int = 16,
-    hnsw_ef_construction: int = 64,
-    hnsw_memory_cap_mb: int = 2048,
-) -> bool:
-    """If ``gen`` is a complete building generation: index it, verify it, and switch to it."""
-    conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(FINALIZE_LOCK))
-    try:
-        if not conn.autocommit:
-            conn.commit()
-        current = get_generation(conn, gen.id)
-        if current is None or current.state != "building" or not generation_complete(conn, current):
-            return False
-        with conn.transaction():
-            schema.create_vector_index(conn, gen.id, hnsw_m, hnsw_ef_construction, hnsw_memory_cap_mb)
-        with conn.transaction():
-            for t in (schema.items_table(gen.id), schema.pos_table(gen.id)):
-                conn.execute(sql.SQL("ANALYZE {}").format(t))
-            conn.execute(sql.SQL("ANALYZE {}").format(schema.docs_table(gen.id)))
-        verify_generation(conn, current)
-        switch_live(conn, gen.id)
-        retire_old_generations(conn, keep)
-        return True
-    finally:
-        conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(FINALIZE_LOCK))
-        if not conn.autocommit:
-            conn.commit()
-
-
-def verify_generation(conn: psycopg.Connection, gen: Generation) -> None:
-    """The generation holds exactly the current chunks and documents (run before a switch)."""
-    items, pos, docs = schema.items_table(gen.id), schema.pos_table(gen.id), schema.docs_table(gen.id)
-    n_items, n_pos, n_chunks, n_docs, n_cdocs = conn.execute(
-        sql.SQL(
-            """SELECT (SELECT count(*) FROM {items}), (SELECT count(*) FROM {pos}), (SELECT count(*) FROM chunks),
-                      (SELECT count(*) FROM {docs}), (SELECT count(*) FROM chunk_docs)"""
-        ).format(items=items, pos=pos, docs=docs)
-    ).fetchone()
-    if not n_items == n_pos == n_chunks or n_docs != n_cdocs:
-        raise ConsistencyError(
-            f"generation {gen.id} has {n_items} rows / {n_docs} documents but the chunk state has "
-            f"{n_chunks} chunks / {n_cdocs} documents; not switching"
-        )
-
-
-def switch_live(conn: psycopg.Connection, gen_id: int) -> float:
-    """Point readers at ``gen_id`` in one transaction. Returns the seconds the switch took."""
-    t0 = time.perf_counter()
-    with conn.transaction():
-        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
-        conn.execute("DROP VIEW IF EXISTS items")
-        schema.point_view_at(conn, gen_id)
-        conn.execute(
-            "UPDATE generations SET state = 'retired', retired_at = now() WHERE state = 'live' AND id <> %s",
-            (gen_id,),
-        )
-        conn.execute(
-            "UPDATE generations SET state = 'live', live_since = now(), retired_at = NULL WHERE id = %s",
-            (gen_id,),
-        )
-        conn.execute(
-            """INSERT INTO live (singleton, generation) VALUES (true, %s)
-               ON CONFLICT (singleton) DO UPDATE SET generation = EXCLUDED.generation, switched_at = now()""",
-            (gen_id,),
-        )
-    return time.perf_counter() - t0
-
-
-def retire_old_generations(conn: psycopg.Connection, keep: int) -> list[int]:
-    """Drop the tables of retired generations beyond the ``keep`` most recent (live included)."""
-    rows = conn.execute(
-        "SELECT id FROM generations WHERE state IN ('live', 'retired') ORDER BY coalesce(live_since, created_at) DESC, id DESC"
-    ).fetchall()
-    dropped = []
-    with conn.transaction():
-        for (gid,) in rows[keep:]:
-            schema.drop_generation_tables(conn, gid)
-            conn.execute("UPDATE generations SET state = 'dropped' WHERE id = %s", (gid,))
-            dropped.append(gid)
-    return dropped
 
 
 def shard_digests(conn: psycopg.Connection, gen_id: int | None = None) -> dict[int, str]:

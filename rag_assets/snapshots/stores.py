@@ -1,12 +1,9 @@
 """Where snapshots live: a local folder or an S3 (or S3-compatible) bucket, behind one small interface.
 
-The snapshot logic (``rag_assets.snapshots``) only ever calls :class:`SnapshotStore`'s five
-operations (``put_if_absent``, ``get``, ``exists``, ``list``, ``delete``), so the same code snapshots
-to a folder under ``RAG_HOME`` or to ``s3://bucket/prefix``.
-
-Every key is checked against the one grammar the snapshot layout uses (:func:`check_key`) before
-any I/O, in both implementations: a tampered record or a hostile id can never make a store read,
-write or delete outside its root/prefix (no ``..``, no absolute paths, no other prefix).
+The snapshot logic only ever calls :class:`SnapshotStore`'s five operations (``put_if_absent``,
+``get``, ``exists``, ``list``, ``delete``), so the same code snapshots to a folder under
+``RAG_HOME`` or to ``s3://bucket/prefix``. Every key is checked against the snapshot layout's
+grammar (:func:`rag_assets.snapshots.layout.check_key`) before any I/O, in both implementations.
 
 Folder writes are atomic: the bytes go to a temporary file in the destination directory, are
 fsynced, then linked into place (``link`` fails if the name exists, so "if absent" holds even
@@ -18,14 +15,12 @@ S3 goes through boto3 with its standard configuration chain (credentials, region
 ``AWS_ENDPOINT_URL`` for S3-compatible stores), retries with botocore's ``standard``/``adaptive``
 mode (throttling and 5xx are retried with backoff), multipart uploads above a threshold
 (``TransferConfig`` + ``upload_fileobj``), and optional server-side encryption.
-Environment variables read here (candidates for ``Settings``):
 
-- ``RAG_SNAPSHOT_SSE``: ``AES256`` or ``aws:kms`` (unset: the bucket's default encryption)
-- ``RAG_SNAPSHOT_KMS_KEY_ID``: the KMS key for ``aws:kms`` (unset: the AWS-managed key)
-- ``RAG_SNAPSHOT_S3_RETRY_MODE``: ``standard`` (default) or ``adaptive``
-- ``RAG_SNAPSHOT_S3_MAX_ATTEMPTS``: total attempts per request (default 10)
-- ``RAG_SNAPSHOT_MULTIPART_MB``: multipart threshold and part size in MiB (default 64)
-- ``RAG_SNAPSHOT_CONCURRENCY``: parallel object transfers (default 8)
+How a store transfers is a :class:`StoreConfig` (parallel transfers, encryption, retries, multipart
+size), passed in explicitly; :func:`store_for_settings` builds it from ``Settings``
+(``RAG_SNAPSHOT_CONCURRENCY``, ``RAG_SNAPSHOT_SSE``, ``RAG_SNAPSHOT_KMS_KEY_ID``,
+``RAG_SNAPSHOT_S3_RETRY_MODE``, ``RAG_SNAPSHOT_S3_MAX_ATTEMPTS``, ``RAG_SNAPSHOT_MULTIPART_MB``).
+Nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -35,90 +30,64 @@ import io
 import os
 import re
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from rag_assets.settings import Settings, check_snapshot_transfer
+from rag_assets.snapshots.layout import KEY_RE, SnapshotError, check_key
 
-class SnapshotError(RuntimeError):
-    """A snapshot operation failed; the message names the snapshot, object, shard or bucket at fault."""
-
-
-SNAPSHOT_ID_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
-_SHA = r"[0-9a-f]{64}"
-# The only keys a snapshot store ever holds. Objects are content-addressed (sha256 of their bytes).
-_KEY_RE = re.compile(
-    r"(?:objects/(?P<dir>[0-9a-f]{2})/(?P<sha>" + _SHA + r")\.(?:parquet|json)"
-    r"|(?:snapshots|pending)/(?P<id>[0-9A-Za-z][0-9A-Za-z._-]{0,127})\.json)"
-)
 _BUCKET_RE = re.compile(r"(?!xn--)(?!.*\.\.)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_SEG_RE = re.compile(r"[0-9A-Za-z!_.*'()=+,-]+")
 
 
-def check_snapshot_id(snapshot_id: object) -> str:
-    """A valid snapshot id, or :class:`SnapshotError` (no path separators, ``..``, NUL, or > 128 chars)."""
-    if not isinstance(snapshot_id, str) or not SNAPSHOT_ID_RE.fullmatch(snapshot_id) or ".." in snapshot_id:
-        shown = repr(snapshot_id)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        raise SnapshotError(
-            f"invalid snapshot id {shown}: use 1-128 characters [0-9A-Za-z._-], starting with a letter or digit"
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a store transfers objects; the defaults are the ``Settings`` defaults.
+
+    Passed explicitly (built from ``Settings`` by :func:`store_for_settings`) so a store never
+    reads the environment; checked on construction by ``settings.check_snapshot_transfer``,
+    whose errors name the ``RAG_SNAPSHOT_*`` variable.
+    """
+
+    concurrency: int = 8  # parallel object transfers (create's uploads, restore's downloads)
+    sse: str | None = None  # S3 server-side encryption: "AES256" or "aws:kms"; None: the bucket's default
+    kms_key_id: str | None = None  # the KMS key for "aws:kms"; None: the AWS-managed key
+    s3_retry_mode: str = "standard"  # botocore retry mode: "standard" or "adaptive"
+    s3_max_attempts: int = 10  # total attempts per S3 request
+    multipart_mb: int = 64  # multipart threshold and part size in MiB
+
+    def __post_init__(self) -> None:
+        check_snapshot_transfer(
+            concurrency=self.concurrency,
+            sse=self.sse,
+            kms_key_id=self.kms_key_id,
+            s3_retry_mode=self.s3_retry_mode,
+            s3_max_attempts=self.s3_max_attempts,
+            multipart_mb=self.multipart_mb,
         )
-    return snapshot_id
 
-
-def check_key(key: object) -> str:
-    """``key`` if it follows the snapshot layout, else :class:`SnapshotError` naming it."""
-    if not isinstance(key, str):
-        raise SnapshotError(f"invalid object key {key!r}: not a string")
-    m = _KEY_RE.fullmatch(key)
-    if (
-        m is None
-        or (m.group("sha") and not m.group("sha").startswith(m.group("dir")))
-        or (m.group("id") and ".." in m.group("id"))
-    ):
-        shown = repr(key)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        raise SnapshotError(f"invalid object key {shown}: outside the snapshot layout")
-    return key
-
-
-def object_key(sha256_hex: str, ext: str) -> str:
-    return f"objects/{sha256_hex[:2]}/{sha256_hex}.{ext}"
-
-
-def key_sha256(key: str) -> str:
-    """The sha256 an object key promises (objects are named by the hash of their bytes)."""
-    m = _KEY_RE.fullmatch(check_key(key))
-    if not m or not m.group("sha"):
-        raise SnapshotError(f"{key!r} is not a content-addressed object key")
-    return m.group("sha")
-
-
-def _env_int(name: str, default: int, lo: int, hi: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise SnapshotError(f"{name}={raw!r} is not an integer") from None
-    if not lo <= v <= hi:
-        raise SnapshotError(f"{name}={v} is out of range [{lo}, {hi}]")
-    return v
-
-
-def transfer_concurrency() -> int:
-    return _env_int("RAG_SNAPSHOT_CONCURRENCY", 8, 1, 256)
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StoreConfig:
+        return cls(
+            concurrency=settings.snapshot_concurrency,
+            sse=settings.snapshot_sse,
+            kms_key_id=settings.snapshot_kms_key_id,
+            s3_retry_mode=settings.snapshot_s3_retry_mode,
+            s3_max_attempts=settings.snapshot_s3_max_attempts,
+            multipart_mb=settings.snapshot_multipart_mb,
+        )
 
 
 class SnapshotStore(ABC):
     """A flat key → bytes store. Keys are checked by :func:`check_key` before any I/O."""
 
     uri: str
+    config: StoreConfig = StoreConfig()
 
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes, *, known_absent: bool = False) -> bool:
@@ -167,7 +136,8 @@ def _check_prefix(prefix: str) -> str:
 class FolderStore(SnapshotStore):
     """Snapshots in a local folder (the embedded default: ``RAG_HOME/snapshots``)."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, *, config: StoreConfig | None = None):
+        self.config = config or StoreConfig()
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
         self._dirty: set[Path] = set()
@@ -255,7 +225,7 @@ class FolderStore(SnapshotStore):
                 if f.startswith(".tmp-"):
                     continue
                 key = f"{rel}/{f}"
-                if _KEY_RE.fullmatch(key):
+                if KEY_RE.fullmatch(key):
                     try:
                         out[key] = os.stat(os.path.join(dirpath, f)).st_size
                     except FileNotFoundError:
@@ -280,8 +250,6 @@ class FolderStore(SnapshotStore):
 
     def stale_temp_files(self, older_than_s: float) -> list[Path]:
         """Leftovers of interrupted writes (removed by prune)."""
-        import time
-
         now = time.time()
         out = []
         for dirpath, _dirs, files in os.walk(self.root):
@@ -312,7 +280,16 @@ def _fsync_dir(path: Path) -> None:
 class S3Store(SnapshotStore):
     """Snapshots under ``s3://bucket/prefix`` (AWS S3 or any S3-compatible store)."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, client=None, check: bool = True):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client=None,
+        check: bool = True,
+        config: StoreConfig | None = None,
+    ):
+        self.config = config or StoreConfig()
         if not _BUCKET_RE.fullmatch(bucket or ""):
             raise SnapshotError(f"invalid S3 bucket name {bucket!r}")
         segs = [s for s in prefix.split("/") if s]
@@ -322,14 +299,10 @@ class S3Store(SnapshotStore):
         self.bucket = bucket
         self.prefix = "/".join(segs) + "/" if segs else ""
         self.uri = f"s3://{bucket}/{self.prefix}"
-        self.sse = os.environ.get("RAG_SNAPSHOT_SSE") or None
-        self.kms_key_id = os.environ.get("RAG_SNAPSHOT_KMS_KEY_ID") or None
-        if self.sse not in (None, "AES256", "aws:kms"):
-            raise SnapshotError(f"RAG_SNAPSHOT_SSE={self.sse!r}: use 'AES256' or 'aws:kms'")
-        if self.kms_key_id and self.sse != "aws:kms":
-            raise SnapshotError("RAG_SNAPSHOT_KMS_KEY_ID is set but RAG_SNAPSHOT_SSE is not 'aws:kms'")
-        self.client = client or self._make_client()
-        part = _env_int("RAG_SNAPSHOT_MULTIPART_MB", 64, 5, 5 * 1024) * 1024 * 1024
+        self.sse = self.config.sse
+        self.kms_key_id = self.config.kms_key_id
+        self.client = client or self._make_client(self.config)
+        part = self.config.multipart_mb * 1024 * 1024
         from boto3.s3.transfer import TransferConfig
 
         self.transfer_config = TransferConfig(
@@ -339,18 +312,13 @@ class S3Store(SnapshotStore):
             self._check_bucket()
 
     @staticmethod
-    def _make_client():
+    def _make_client(config: StoreConfig):
         import boto3
         from botocore.config import Config
 
-        mode = os.environ.get("RAG_SNAPSHOT_S3_RETRY_MODE") or "standard"
-        if mode not in ("standard", "adaptive"):
-            raise SnapshotError(f"RAG_SNAPSHOT_S3_RETRY_MODE={mode!r}: use 'standard' or 'adaptive'")
-        attempts = _env_int("RAG_SNAPSHOT_S3_MAX_ATTEMPTS", 10, 1, 100)
-        conc = transfer_concurrency()
         cfg = Config(
-            retries={"mode": mode, "total_max_attempts": attempts},
-            max_pool_connections=max(10, conc * 2),
+            retries={"mode": config.s3_retry_mode, "total_max_attempts": config.s3_max_attempts},
+            max_pool_connections=max(10, config.concurrency * 2),
             connect_timeout=10,
             read_timeout=120,
         )
@@ -477,7 +445,7 @@ class S3Store(SnapshotStore):
             ):
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][len(self.prefix) :]
-                    if _KEY_RE.fullmatch(key):
+                    if KEY_RE.fullmatch(key):
                         out[key] = int(obj["Size"])
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, f"LIST {prefix}") from None
@@ -515,10 +483,14 @@ class S3Store(SnapshotStore):
         return n
 
 
-def open_store(uri: str | os.PathLike, *, client=None) -> SnapshotStore:
-    """The store for ``uri``: ``s3://bucket/prefix``, ``file:///path`` or a plain folder path."""
+def open_store(uri: str | os.PathLike, *, client=None, config: StoreConfig | None = None) -> SnapshotStore:
+    """The store for ``uri``: ``s3://bucket/prefix``, ``file:///path`` or a plain folder path.
+
+    ``config`` says how it transfers (the defaults when None; :func:`store_for_settings` passes
+    the one built from ``Settings``).
+    """
     if isinstance(uri, os.PathLike):
-        return FolderStore(Path(uri))
+        return FolderStore(Path(uri), config=config)
     if not isinstance(uri, str) or not uri or "\x00" in uri:
         raise SnapshotError(f"invalid snapshot URI {uri!r}")
     parts = urlsplit(uri)
@@ -526,9 +498,15 @@ def open_store(uri: str | os.PathLike, *, client=None) -> SnapshotStore:
     if scheme == "s3":
         if parts.query or parts.fragment:
             raise SnapshotError(f"invalid snapshot URI {uri!r}: no query or fragment allowed")
-        return S3Store(parts.netloc, parts.path, client=client)
+        return S3Store(parts.netloc, parts.path, client=client, config=config)
     if scheme == "file":
-        return FolderStore(Path(parts.path))
+        return FolderStore(Path(parts.path), config=config)
     if scheme and len(scheme) > 1:  # "C:\..." on Windows has a one-letter "scheme"
         raise SnapshotError(f"unsupported snapshot URI {uri!r}: use a folder path or s3://bucket/prefix")
-    return FolderStore(Path(uri))
+    return FolderStore(Path(uri), config=config)
+
+
+def store_for_settings(settings: Settings) -> SnapshotStore:
+    """The store ``Settings.snapshot_target`` names (``RAG_SNAPSHOT_URI``, else ``RAG_HOME/snapshots``),
+    transferring as the ``RAG_SNAPSHOT_*`` settings say."""
+    return open_store(settings.snapshot_target, config=StoreConfig.from_settings(settings))
