@@ -80,6 +80,12 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
 
 
+def _prices(raw: str | None) -> tuple[tuple[str, float], ...]:
+    from rag_assets.embedders.pricing import prices_setting  # lazy: the embedders package imports settings
+
+    return prices_setting(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the embedded defaults. Build with :meth:`from_env`."""
@@ -138,6 +144,9 @@ class Settings:
     service_header_timeout_s: float = 10.0  # a client must send a request's headers within this
     service_body_timeout_s: float = 60.0  # ... and its body within this
 
+    # embedders: RAG_EMBEDDING_PRICES as (model, USD per million tokens) pairs
+    embedding_prices: tuple[tuple[str, float], ...] = ()
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
         """Read ``RAG_*`` variables (``env`` defaults to ``os.environ``); keyword overrides win."""
@@ -190,6 +199,8 @@ class Settings:
             service_apply_interval_s=_float(e, "RAG_SERVICE_APPLY_INTERVAL_S", 0.0) or 0.0,
             service_header_timeout_s=_float(e, "RAG_SERVICE_HEADER_TIMEOUT_S", 10.0),  # type: ignore[arg-type]
             service_body_timeout_s=_float(e, "RAG_SERVICE_BODY_TIMEOUT_S", 60.0),  # type: ignore[arg-type]
+            # embedders
+            embedding_prices=_prices(e.get("RAG_EMBEDDING_PRICES")),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
