@@ -63,6 +63,13 @@ class Embedder(dg.Model):
 class Snapshots(dg.Model):
     uri: str | None = Field(None, description="A folder or s3://bucket/prefix (default: <home>/snapshots).")
     keep: int | None = None
+    concurrency: int | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    s3_retry_mode: Literal["standard", "adaptive"] | None = None
+    s3_max_attempts: int | None = None
+    multipart_mb: int | None = None
+    restore_memory_mb: int | None = None
 
 
 class Automation(dg.Model):

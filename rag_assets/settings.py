@@ -115,6 +115,12 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
 
 
+def _prices(raw: str | None) -> tuple[tuple[str, float], ...]:
+    from rag_assets.embedders.pricing import prices_setting  # lazy: the embedders package imports settings
+
+    return prices_setting(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the embedded defaults. Build with :meth:`from_env`."""
@@ -187,6 +193,8 @@ class Settings:
     snapshot_s3_max_attempts: int = 10  # total attempts per S3 request
     snapshot_multipart_mb: int = 64  # multipart threshold and part size in MiB
     snapshot_restore_memory_mb: int = 1024  # verified objects kept in memory up to this, else spooled to disk
+    # embedders: RAG_EMBEDDING_PRICES as (model, USD per million tokens) pairs
+    embedding_prices: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -248,6 +256,8 @@ class Settings:
             snapshot_s3_max_attempts=_int(e, "RAG_SNAPSHOT_S3_MAX_ATTEMPTS", 10),
             snapshot_multipart_mb=_int(e, "RAG_SNAPSHOT_MULTIPART_MB", 64),
             snapshot_restore_memory_mb=max(0, _int(e, "RAG_SNAPSHOT_RESTORE_MEMORY_MB", 1024)),
+            # embedders
+            embedding_prices=_prices(e.get("RAG_EMBEDDING_PRICES")),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
@@ -375,6 +385,13 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "embedder.device": "RAG_EMBEDDING_DEVICE",
     "snapshots.uri": "RAG_SNAPSHOT_URI",
     "snapshots.keep": "RAG_SNAPSHOT_KEEP",
+    "snapshots.concurrency": "RAG_SNAPSHOT_CONCURRENCY",
+    "snapshots.sse": "RAG_SNAPSHOT_SSE",
+    "snapshots.kms_key_id": "RAG_SNAPSHOT_KMS_KEY_ID",
+    "snapshots.s3_retry_mode": "RAG_SNAPSHOT_S3_RETRY_MODE",
+    "snapshots.s3_max_attempts": "RAG_SNAPSHOT_S3_MAX_ATTEMPTS",
+    "snapshots.multipart_mb": "RAG_SNAPSHOT_MULTIPART_MB",
+    "snapshots.restore_memory_mb": "RAG_SNAPSHOT_RESTORE_MEMORY_MB",
     "hnsw.m": "RAG_HNSW_M",
     "hnsw.ef_construction": "RAG_HNSW_EF_CONSTRUCTION",
     "hnsw.ef_search": "RAG_HNSW_EF_SEARCH",

@@ -231,7 +231,7 @@ class FakeOpenAI:
         self._thread.start()
         # A new server is a new endpoint, even on a port an earlier one used: the client must not
         # start from a batch size limit it learned from that one.
-        from rag_assets.embedders.openai_compat import forget_batch_size_limits
+        from rag_assets.embedders.batch_limit import forget_batch_size_limits
 
         forget_batch_size_limits(self.url)
         return self

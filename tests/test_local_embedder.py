@@ -7,6 +7,8 @@ when sentence-transformers is not installed (``pip install 'rag-assets[local]'``
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 from rag_assets.embedders.base import EmbeddingError, EmbedStats, TextTooLongError
 from rag_assets.embedders.local import LocalEmbedder
-from rag_assets.embedders.openai_compat import combine_pieces, split_text
+from rag_assets.embedders.long_texts import combine_pieces, split_text
 from rag_assets.settings import Settings
 
 
@@ -25,6 +27,27 @@ def test_identity_without_loading_the_model() -> None:
     assert LocalEmbedder(batch_size=8, device="cpu").fingerprint == e.fingerprint
     assert e.price_per_mtok() == 0.0
     assert not e.loaded
+
+
+def test_fingerprint_needs_no_torch_and_no_model() -> None:
+    """The code location reads the local model's fingerprint without importing torch or loading it."""
+    code = (
+        "import sys\n"
+        "class Refuse:\n"  # any attempt to import the heavy stack fails the run, installed or not
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'sentence_transformers', 'transformers'):\n"
+        "            raise ImportError('imported ' + name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from rag_assets.settings import Settings\n"
+        "from rag_assets.embedders import embedder_fingerprint, make_embedder\n"
+        "s = Settings.from_env({'RAG_EMBEDDER': 'local'})\n"
+        "fp = embedder_fingerprint(s)\n"
+        "e = make_embedder(s)\n"
+        "heavy = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]\n"
+        "print(fp, e.fingerprint == fp, e.loaded, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81", "True", "False", "[]"]
 
 
 def test_from_settings() -> None:

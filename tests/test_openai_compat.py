@@ -20,17 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag_assets.embedders.base import EmbeddingDimensionError, EmbeddingError, EmbedStats, TextTooLongError
-from rag_assets.embedders.openai_compat import (
-    BatchSizeLimit,
-    OpenAICompatEmbedder,
-    RateLimiter,
-    batch_too_large,
-    combine_pieces,
-    parse_retry_after,
-    shared_batch_limit,
-    shared_limiter,
-    split_text,
-)
+from rag_assets.embedders.batch_limit import BatchSizeLimit, shared_batch_limit
+from rag_assets.embedders.long_texts import combine_pieces, split_text
+from rag_assets.embedders.openai_compat import OpenAICompatEmbedder
+from rag_assets.embedders.openai_protocol import batch_too_large
+from rag_assets.embedders.rate_limit import RateLimiter, parse_retry_after, shared_limiter
 from rag_assets.settings import Settings
 
 try:
@@ -563,9 +557,11 @@ def test_split_text_pieces_fit_and_lose_nothing(text: str, limit: int) -> None:
 def test_unknown_model_dims_are_probed_before_the_first_batch(srv: FakeOpenAI) -> None:
     emb = make(srv)
     assert not emb.dims_known and srv.request_count == 0
-    fp = emb.fingerprint  # reading the fingerprint needs dims: one small probe request
-    assert emb.dims == 8 and ":8:" in fp
+    fp = emb.fingerprint  # a pure function of the configuration: no request
+    assert fp.startswith(f"openai:{MODEL}:native:norm:") and srv.request_count == 0
+    assert emb.dims == 8  # reading dims needs them: one small probe request
     assert srv.request_count == 1 and srv.requests[0].inputs == ["dimension probe"]
+    assert emb.fingerprint == fp  # learning the size does not change the identity
     assert emb.probe() == 8
     # Once learned, the dimension is enforced.
     srv.faults.append(Fault.wrong_dims(9))

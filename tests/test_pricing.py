@@ -12,6 +12,7 @@ from rag_assets.embedders.pricing import (
     parse_prices,
     price_per_mtok,
 )
+from rag_assets.settings import Settings, SettingsError
 
 
 @pytest.mark.parametrize(
@@ -19,30 +20,29 @@ from rag_assets.embedders.pricing import (
     [("text-embedding-3-small", 0.02), ("text-embedding-3-large", 0.13), ("text-embedding-ada-002", 0.10)],
 )
 def test_table_prices(model: str, price: float) -> None:
-    assert price_per_mtok("openai", model, env={}) == price
-    p = lookup_price("openai", model, env={})
+    assert price_per_mtok("openai", model) == price
+    p = lookup_price("openai", model)
     assert p == Price(price, True, "table")
 
 
 def test_gateway_prefix_uses_the_table() -> None:
-    assert price_per_mtok("openai", "openai/text-embedding-3-small", env={}) == 0.02
+    assert price_per_mtok("openai", "openai/text-embedding-3-small") == 0.02
 
 
 def test_free_providers_are_known_zero() -> None:
     for provider, model in [("local", "all-MiniLM-L6-v2"), ("hashing", "feature-hash-v1")]:
-        p = lookup_price(provider, model, env={})
+        p = lookup_price(provider, model)
         assert p.per_mtok == 0.0 and p.known and p.source == "free"
 
 
 def test_unknown_paid_model_is_zero_but_flagged() -> None:
-    p = lookup_price("openai", "some-gateway-model", env={})
+    p = lookup_price("openai", "some-gateway-model")
     assert p.per_mtok == 0.0
     assert not p.known and p.source == "unknown"
 
 
 def test_override_wins_over_everything() -> None:
-    env = {PRICES_ENV: "text-embedding-3-small=0.5"}
-    p = lookup_price("openai", "text-embedding-3-small", override=0.07, env=env)
+    p = lookup_price("openai", "text-embedding-3-small", override=0.07, prices={"text-embedding-3-small": 0.5})
     assert p == Price(0.07, True, "override")
 
 
@@ -50,15 +50,44 @@ def test_env_list_and_json() -> None:
     assert parse_prices("my-model=0.05, other=0.1") == {"my-model": 0.05, "other": 0.1}
     assert parse_prices('{"my-model": 0.05, "other": 1}') == {"my-model": 0.05, "other": 1.0}
     assert parse_prices("") == {} and parse_prices(None) == {}
-    env = {PRICES_ENV: "my-model=0.05,text-embedding-3-small=0.01"}
-    assert lookup_price("openai", "my-model", env=env) == Price(0.05, True, "env")
-    # The environment overrides the table (negotiated prices, gateway mark-ups).
-    assert lookup_price("openai", "text-embedding-3-small", env=env) == Price(0.01, True, "env")
+    prices = parse_prices("my-model=0.05,text-embedding-3-small=0.01")
+    assert lookup_price("openai", "my-model", prices=prices) == Price(0.05, True, "setting")
+    # The setting overrides the table (negotiated prices, gateway mark-ups).
+    assert lookup_price("openai", "text-embedding-3-small", prices=prices) == Price(0.01, True, "setting")
 
 
-def test_env_is_read_from_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prices_are_a_setting_not_read_from_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAG_EMBEDDING_PRICES is read once, by Settings, in the same two formats; pricing reads no environment."""
     monkeypatch.setenv(PRICES_ENV, "custom-embed=0.25")
-    assert price_per_mtok("openai", "custom-embed") == 0.25
+    assert lookup_price("openai", "custom-embed") == Price(0.0, False, "unknown")
+    s = Settings.from_env({PRICES_ENV: "custom-embed=0.25, other=1"})
+    assert s.embedding_prices == (("custom-embed", 0.25), ("other", 1.0))
+    assert Settings.from_env({PRICES_ENV: '{"custom-embed": 0.25}'}).embedding_prices == (("custom-embed", 0.25),)
+    assert Settings.from_env({}).embedding_prices == ()
+    assert price_per_mtok("openai", "custom-embed", prices=dict(s.embedding_prices)) == 0.25
+
+
+def test_bad_prices_setting_fails_when_settings_are_read() -> None:
+    with pytest.raises(SettingsError, match=f"{PRICES_ENV}: price for 'm' is not a number"):
+        Settings.from_env({PRICES_ENV: "m=abc"})
+
+
+def test_openai_embedder_prices_come_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rag_assets.embedders import make_embedder
+
+    monkeypatch.delenv(PRICES_ENV, raising=False)
+    env = {
+        "RAG_EMBEDDER": "openai",
+        "RAG_EMBEDDING_API_KEY": "k",
+        "RAG_EMBEDDING_BASE_URL": "http://127.0.0.1:9/v1",
+        "RAG_EMBEDDING_MODEL": "gateway-embed",
+        PRICES_ENV: "gateway-embed=0.04",
+    }
+    emb = make_embedder(Settings.from_env(env))
+    assert emb.price() == Price(0.04, True, "setting")
+    # The explicit per-model override still wins over the table.
+    emb = make_embedder(Settings.from_env({**env, "RAG_EMBEDDING_PRICE_PER_MTOK": "0.5"}))
+    assert emb.price() == Price(0.5, True, "override")
 
 
 @pytest.mark.parametrize("raw", ["my-model", "=0.1", "m=abc", "m=-1", "m=nan", "[1, 2]", "{bad json"])

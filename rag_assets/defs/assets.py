@@ -10,14 +10,13 @@ resource annotations at definition time and cannot resolve string annotations.
 """
 
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 
 import dagster as dg
 
 from rag_assets.checks import manifest_matches_source, serving_checks
 from rag_assets.chunking import make_chunker
-from rag_assets.embedders import make_embedder
+from rag_assets.embedders import embedder_fingerprint
 from rag_assets.manifest import shard_key
 from rag_assets.pipeline import (
     StageContext,
@@ -90,13 +89,8 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
     names = IndexNames.of(settings)
     resource_keys = {names.rag_resource, names.embedder_resource}
     chunker_version = make_chunker(settings.chunker, settings.chunk_max_tokens).version
-    # The fingerprint needs no secret: the API key reaches the runs through the embedder resource
-    # (dg.EnvVar), so loading the definitions must not require it in the environment.
-    probe = make_embedder(replace(settings, embedding_api_key=settings.embedding_api_key or "unused-at-load"))
-    try:
-        embedder_fingerprint = probe.fingerprint
-    finally:
-        probe.close()
+    # Computed offline: loading the definitions needs no API key, opens no socket, loads no model.
+    fingerprint = embedder_fingerprint(settings)
     shards_def = dg.StaticPartitionsDefinition([shard_key(i) for i in range(settings.shards)])
     range_runs = dg.BackfillPolicy.single_run()
 
@@ -255,7 +249,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         deps=[chunks],
         group_name=names.group,
         kinds={"pgvector", "postgres"},
-        code_version=embedder_fingerprint,
+        code_version=fingerprint,
         backfill_policy=range_runs,
         automation_condition=refresh_condition,
         pool="embedder",

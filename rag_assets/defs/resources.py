@@ -105,6 +105,8 @@ def settings_from_json(text: str) -> dict:
     for k in ("include", "exclude"):
         if d.get(k) is not None:
             d[k] = tuple(d[k])
+    if d.get("embedding_prices") is not None:
+        d["embedding_prices"] = tuple((str(m), float(p)) for m, p in d["embedding_prices"])
     return d
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,15 +129,7 @@ class Embedder(ABC):
 
     @property
     def fingerprint(self) -> str:
-        spec = {
-            "provider": self.provider,
-            "model": self.model,
-            "dims": self.dims,
-            "normalize": self.normalize,
-            "options": self.fingerprint_options(),
-        }
-        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        return f"{self.provider}:{self.model}:{self.dims}:{'norm' if self.normalize else 'raw'}:{digest}"
+        return fingerprint_of(self.provider, self.model, self.dims, self.normalize, self.fingerprint_options())
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts as the provider bills them (a conservative estimate when unknown)."""
@@ -162,6 +154,42 @@ class Embedder(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections or models."""
+
+
+# The dimension a fingerprint names when the configuration leaves it to the provider (an unknown
+# model without ``dimensions``): the size is learned at the first request, not known offline.
+NATIVE_DIMS = "native"
+
+
+def fingerprint_of(
+    provider: str, model: str, dims: int | str, normalize: bool, options: Mapping[str, object]
+) -> str:
+    """The fingerprint string of an embedder configuration (a pure function: no model, no network).
+
+    ``provider:model:dims:norm|raw:digest``, the digest covering every input, so two configurations
+    that can give different vectors never share a fingerprint (and so never share cached vectors).
+    This exact format is stored by existing indexes (embedding cache, generations, Dagster code
+    versions): changing it would re-embed every index, so it must stay byte-identical.
+    """
+    spec = {"provider": provider, "model": model, "dims": dims, "normalize": normalize, "options": dict(options)}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{provider}:{model}:{dims}:{'norm' if normalize else 'raw'}:{digest}"
+
+
+def check_recorded_dims(fingerprint: str, recorded: int, dims: int) -> None:
+    """Refuse to mix vector sizes under one fingerprint.
+
+    A fingerprint naming "native" dimensions does not pin the size, so the size the provider
+    actually returns (learned at the first request) is compared with the size the index recorded
+    for that fingerprint; a provider that changed its model behind the same name must not write
+    vectors of a new size next to the old ones.
+    """
+    if recorded != dims:
+        raise EmbeddingDimensionError(
+            f"embedder {fingerprint}: the provider now returns {dims}-dimensional vectors, but this index "
+            f"recorded {recorded} for the same configuration (the model behind RAG_EMBEDDING_MODEL changed); "
+            "set RAG_EMBEDDING_DIMENSIONS or another RAG_EMBEDDING_MODEL to build a new generation"
+        )
 
 
 def estimate_tokens(text: str) -> int:

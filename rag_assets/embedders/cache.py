@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from rag_assets.embedders.base import Embedder, EmbedStats, check_vectors
+from rag_assets.embedders.base import Embedder, EmbedStats, check_recorded_dims, check_vectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +26,19 @@ class Miss:
 
 
 def ensure_embedder(conn: psycopg.Connection, embedder: Embedder) -> int:
-    """The id of the embedder's fingerprint row (created on first use)."""
+    """The id of the embedder's fingerprint row (created on first use).
+
+    A fingerprint with "native" dimensions does not pin the vector size: the size the provider
+    returns now must be the size recorded for it, or nothing is written (``check_recorded_dims``).
+    """
     row = conn.execute(
         """INSERT INTO rag_cache.embedders (fingerprint, provider, model, dims) VALUES (%s, %s, %s, %s)
-           ON CONFLICT (fingerprint) DO UPDATE SET dims = rag_cache.embedders.dims RETURNING id""",
+           ON CONFLICT (fingerprint) DO UPDATE SET dims = rag_cache.embedders.dims RETURNING id, dims""",
         (embedder.fingerprint, embedder.provider, embedder.model, embedder.dims),
     ).fetchone()
     if not conn.autocommit:
         conn.commit()
+    check_recorded_dims(embedder.fingerprint, int(row[1]), embedder.dims)
     return int(row[0])
 
 

@@ -15,10 +15,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rag_assets.embedders.base import Embedder, EmbedStats, check_vectors
+from rag_assets.embedders.base import Embedder, EmbedStats, check_vectors, fingerprint_of
 
 _TOKEN_RE = re.compile(r"\w+", re.UNICODE)
 _VOCAB_LIMIT = 2_000_000
+DEFAULT_DIMS = 256
+
+
+def _check_dims(dims: int) -> None:
+    if dims < 8:
+        raise ValueError(f"hashing embedder needs at least 8 dimensions, got {dims}")
 
 
 class HashingEmbedder(Embedder):
@@ -26,12 +32,31 @@ class HashingEmbedder(Embedder):
     model = "feature-hash-v1"
     normalize = True
 
-    def __init__(self, dims: int = 256):
-        if dims < 8:
-            raise ValueError(f"hashing embedder needs at least 8 dimensions, got {dims}")
+    def __init__(self, dims: int = DEFAULT_DIMS):
+        _check_dims(dims)
         self.dims = dims
         self._vocab: dict[str, int] = {}  # token -> signed bucket (bucket + 1, negated for sign)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings) -> HashingEmbedder:
+        """From :class:`rag_assets.settings.Settings`: ``RAG_EMBEDDING_DIMENSIONS`` (256 when unset)."""
+        return cls(dims=settings.embedding_dimensions or DEFAULT_DIMS)
+
+    @classmethod
+    def fingerprint_for(cls, dims: int) -> str:
+        """The fingerprint of a hashing embedder of ``dims`` dimensions (nothing is built)."""
+        _check_dims(dims)
+        return fingerprint_of(cls.provider, cls.model, dims, cls.normalize, {})
+
+    @classmethod
+    def fingerprint_from_settings(cls, settings) -> str:
+        """The fingerprint :meth:`from_settings` would record."""
+        return cls.fingerprint_for(settings.embedding_dimensions or DEFAULT_DIMS)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprint_for(self.dims)
 
     def _bucket(self, token: str) -> int:
         h = int.from_bytes(

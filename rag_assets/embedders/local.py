@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors
-from rag_assets.embedders.openai_compat import LONG_TEXT_POLICIES, assemble, plan_inputs
+from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors, fingerprint_of
+from rag_assets.embedders.long_texts import LONG_TEXT_POLICIES, assemble, plan_inputs
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DIMS = 384
@@ -109,6 +109,22 @@ class LocalEmbedder(Embedder):
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def fingerprint_for(cls, model: str = DEFAULT_MODEL, dims: int = DEFAULT_DIMS) -> str:
+        """The fingerprint of the model ``model`` of ``dims`` dimensions, without importing torch or
+        loading the model (the model's size is checked against ``dims`` when it loads)."""
+        return fingerprint_of(cls.provider, model, dims, cls.normalize, {})
+
+    @classmethod
+    def fingerprint_from_settings(cls, settings) -> str:
+        """The fingerprint :meth:`from_settings` would record: the packaged model, whatever the
+        batch size, device or long-text policy."""
+        return cls.fingerprint_for()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprint_for(self.model, self.dims)
 
     def __repr__(self) -> str:
         return f"LocalEmbedder(model={self.model!r}, dims={self.dims}, device={self.device!r}, loaded={self.loaded})"

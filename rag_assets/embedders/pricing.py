@@ -4,7 +4,9 @@ Lookup order (first hit wins):
 
 1. an explicit override (``RAG_EMBEDDING_PRICE_PER_MTOK``, passed in as ``override``);
 2. ``RAG_EMBEDDING_PRICES``: a JSON object ``{"model": price}`` or a list ``model=price,other=price``
-   (for gateway or self-hosted models, Azure deployment names, negotiated prices);
+   (for gateway or self-hosted models, Azure deployment names, negotiated prices), read by
+   :class:`rag_assets.settings.Settings` (``embedding_prices``, parsed by :func:`prices_setting`)
+   and passed in as ``prices``;
 3. the built-in table below (OpenAI list prices; a ``openai/`` gateway prefix is ignored);
 4. free providers (``local``, ``hashing``): 0.0;
 5. otherwise the price is unknown: 0.0 with ``known=False`` so reports can say "price unknown"
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from rag_assets.settings import SettingsError
 
 # USD per 1M input tokens (OpenAI list prices for the standard, non-batch API).
 PRICES_PER_MTOK: dict[str, float] = {
@@ -41,7 +44,7 @@ class Price:
 
     per_mtok: float
     known: bool
-    source: str  # "override" | "env" | "table" | "free" | "unknown"
+    source: str  # "override" | "setting" (RAG_EMBEDDING_PRICES) | "table" | "free" | "unknown"
 
     def cost_usd(self, tokens: int) -> float:
         return cost_usd(tokens, self.per_mtok)
@@ -82,6 +85,18 @@ def parse_prices(raw: str | None) -> dict[str, float]:
     return out
 
 
+def prices_setting(raw: str | None) -> tuple[tuple[str, float], ...]:
+    """``RAG_EMBEDDING_PRICES`` as the settings hold it: ``(model, price)`` pairs, in the given order.
+
+    Parsed when the settings are read, so a bad value fails at start-up naming the variable, not
+    after a paid run when its cost is reported.
+    """
+    try:
+        return tuple(parse_prices(raw).items())
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 def _table_key(model: str) -> str:
     for prefix in _GATEWAY_PREFIXES:
         if model.startswith(prefix):
@@ -93,16 +108,18 @@ def lookup_price(
     provider: str,
     model: str,
     override: float | None = None,
-    env: Mapping[str, str] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> Price:
-    """The price of ``provider``/``model`` and its source (see the module docstring for the order)."""
+    """The price of ``provider``/``model`` and its source (see the module docstring for the order).
+
+    ``prices``: the ``RAG_EMBEDDING_PRICES`` table (``Settings.embedding_prices``), model -> price.
+    """
     if override is not None:
         return Price(_check_price(model, override), True, "override")
-    environ = os.environ if env is None else env
-    extra = parse_prices(environ.get(PRICES_ENV))
+    extra = dict(prices or {})
     for key in (model, f"{provider}/{model}", _table_key(model)):
         if key in extra:
-            return Price(extra[key], True, "env")
+            return Price(_check_price(key, extra[key]), True, "setting")
     key = _table_key(model)
     if key in PRICES_PER_MTOK:
         return Price(PRICES_PER_MTOK[key], True, "table")
@@ -115,10 +132,10 @@ def price_per_mtok(
     provider: str,
     model: str,
     override: float | None = None,
-    env: Mapping[str, str] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> float:
     """USD per million input tokens; 0.0 when unknown (use :func:`lookup_price` to tell the difference)."""
-    return lookup_price(provider, model, override, env).per_mtok
+    return lookup_price(provider, model, override, prices).per_mtok
 
 
 def cost_usd(tokens: int, price_per_mtok: float) -> float:
