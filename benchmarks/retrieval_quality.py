@@ -3,7 +3,9 @@
 Indexes each corpus with the core pipeline (``Indexer.refresh``, the stages ``rag-assets index --core``
 runs; the Dagster path builds the same index) under the settings of README command 1 (embedded
 defaults: hashing embedder, structure chunker, 64 shards), each in its own Postgres schema of one
-temporary embedded server, then runs ``rag_assets.eval.evaluate`` on the dev and report splits.
+temporary embedded server, then runs ``rag_assets.eval.evaluate`` on the dev and report splits, through the
+HNSW index as queries are served (``hnsw``), and by exact distance (``exact``: the embedder and chunker
+without the graph's approximation, which differs between two builds of the same corpus).
 
 - ``samples``: ``samples/corpus`` with ``samples/questions/corpus.jsonl``;
 - ``django-5.0``: the ``docs/`` folder of the newest Django 5.0 sdist (``pip download --no-deps
@@ -62,9 +64,9 @@ def measure(name: str, folder: Path, questions_path: Path, home: Path) -> dict:
         "index_s": round(time.perf_counter() - t0, 2),
         "splits": {},
     }
-    for split in ("dev", "report"):
-        ev = evaluate(settings, questions, k=10, split=split)
-        out["splits"][split] = {
+    for split, search in (("dev", "hnsw"), ("dev", "exact"), ("report", "hnsw"), ("report", "exact")):
+        ev = evaluate(settings, questions, k=10, split=split, exact=search == "exact")
+        out["splits"][f"{split} {search}"] = {
             "n": ev.n,
             "recall@5": round(ev.at(5).recall, 3),
             "recall@10": round(ev.docs.recall, 3),
@@ -93,7 +95,7 @@ def main() -> None:
             runs.append(measure("django-5.0", folder, ROOT / "benchmarks/questions/django-5.0.jsonl", home))
     finally:
         stop_embedded(home)
-    print("| corpus | split | n | recall@5 | recall@10 | MRR@10 | nDCG@10 |")
+    print("| corpus | split, search | n | recall@5 | recall@10 | MRR@10 | nDCG@10 |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in runs:
         for split, m in r["splits"].items():

@@ -118,6 +118,7 @@ def cmd_eval(args, settings: Settings) -> int:
         mode=args.mode,
         generation=args.generation,
         split=args.split,
+        exact=args.exact,
     )
     d = rep.as_dict()
     for qid, doc in rep.missing:  # labelled but not in this generation: the set or the index is off
@@ -129,7 +130,7 @@ def cmd_eval(args, settings: Settings) -> int:
     def human(d: dict) -> None:
         print(
             f"{args.questions}: {d['n']} questions (split {d['split'] or 'all'}), "
-            f"generation {d['generation']}, mode {d['mode']}"
+            f"generation {d['generation']}, mode {d['mode']}{' (exact)' if d['exact'] else ''}"
         )
         chunks = d["chunk_metrics"] or {}
         print(f"{'metric':<12}{'by doc':>8}" + (f"{'by chunk':>10}" if chunks else ""))
@@ -388,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="vector", help="ranking: vector (the only one the query path has)")
     s.add_argument("--generation", type=int, default=None, help="a generation other than the live one")
     s.add_argument("--split", choices=("dev", "report"), default=None, help="only this part of the set")
+    s.add_argument("--exact", action="store_true", help="rank by exact distance, not through the HNSW index")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
 

@@ -225,6 +225,8 @@ def test_chunk_labels_are_scored_by_passage(settings, docs_dir):
     assert rep.chunks == bark.chunks
     assert len(set(bark.ranked_docs)) == len(bark.ranked_docs)
     assert evaluate(settings, load_questions(q), k=2, split="dev").n == 1
+    exact = evaluate(settings, load_questions(q), k=2, exact=True)
+    assert exact.exact and [r.ranked_docs for r in exact.results] == [r.ranked_docs for r in rep.results]
     with pytest.raises(EvalError, match="mode 'hybrid' is not supported"):
         evaluate(settings, load_questions(q), mode="hybrid")
     with pytest.raises(EvalError, match="generation 7 does not exist"):
@@ -280,6 +282,10 @@ def test_eval_cli_on_the_samples_index(cli):
     r = out["results"][0]
     assert {"id", "split", "question", "relevant_docs", "ranked_docs", "hits", "metrics", "seconds"} <= set(r)
     assert len(r["ranked_docs"]) == len(set(r["ranked_docs"])) == 10
+
+    exact = json.loads(cli("eval", str(SAMPLE_SET), "--split", "report", "--exact", "--json").stdout)
+    assert exact["exact"] is True and out["exact"] is False and exact["n"] == n_report
+    assert all(0.0 <= v <= 1.0 for v in exact["metrics"].values())
 
     table = cli("eval", str(SAMPLE_SET), "-k", "5").stdout
     assert "recall@5" in table and "mrr@5" in table and "ndcg@5" in table

@@ -100,6 +100,7 @@ class EvalReport:
     docs: Scores  # means over every question
     chunks: Scores | None  # means over the questions that label chunks; None when none does
     missing: list[tuple[str, str]] = field(default_factory=list)  # (question, doc) labelled but not indexed
+    exact: bool = False  # ranked by exact distance rather than through the HNSW index
 
     @property
     def n(self) -> int:
@@ -121,6 +122,7 @@ class EvalReport:
             "mode": self.mode,
             "generation": self.generation,
             "split": self.split,
+            "exact": self.exact,
             "n": self.n,
             "metrics": self.docs.as_dict(self.k),
             "n_chunk_labelled": self.n_chunk_labelled,
@@ -201,11 +203,14 @@ def evaluate(
     mode: str | None = None,
     generation: int | None = None,
     split: str | None = None,
+    exact: bool = False,
 ) -> EvalReport:
     """Score ``questions`` (only those of ``split`` when given) against the index ``settings`` name.
 
     ``mode`` is the ranking to use (``vector``, the only one the query path has today); ``generation``
-    a generation other than the live one, e.g. one a backfill has just built.
+    a generation other than the live one, e.g. one a backfill has just built. ``exact`` ranks by exact
+    distance instead of the HNSW index: the embedder's and chunker's own quality, without the graph's
+    approximation (two builds of one corpus can rank a few questions differently; docs/benchmarks.md).
     """
     mode = mode or "vector"
     if mode not in MODES:
@@ -230,10 +235,12 @@ def evaluate(
             t0 = time.perf_counter()
             try:
                 if is_live:
-                    res = search(conn, embedder, q.question, fetch, ef_search=settings.hnsw_ef_search)
+                    res = search(
+                        conn, embedder, q.question, fetch, ef_search=settings.hnsw_ef_search, exact=exact
+                    )
                 else:
                     vec = embed_query(embedder, q.question)
-                    res = search_vector(conn, vec, fetch, ef_search=settings.hnsw_ef_search)
+                    res = search_vector(conn, vec, fetch, ef_search=settings.hnsw_ef_search, exact=exact)
             except QueryError as e:
                 raise EvalError(f"question {q.id!r}: {e}") from None
             seconds = time.perf_counter() - t0
@@ -270,4 +277,5 @@ def evaluate(
         docs=Scores.mean([r.docs for r in results]),
         chunks=Scores.mean(labelled) if labelled else None,
         missing=missing,
+        exact=exact,
     )
