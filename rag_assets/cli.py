@@ -106,6 +106,42 @@ def cmd_query(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_eval(args, settings: Settings) -> int:
+    """Score a labelled question set against the index: recall, MRR and nDCG at k, by document
+    (and by chunk where the set labels chunks)."""
+    from rag_assets.eval import evaluate, load_questions
+
+    rep = evaluate(
+        settings,
+        load_questions(args.questions),
+        k=args.k,
+        mode=args.mode,
+        generation=args.generation,
+        split=args.split,
+        exact=args.exact,
+    )
+    d = rep.as_dict()
+    for qid, doc in rep.missing:  # labelled but not in this generation: the set or the index is off
+        print(
+            f"warning: {qid}: relevant document {doc!r} is not in generation {rep.generation}",
+            file=sys.stderr,
+        )
+
+    def human(d: dict) -> None:
+        print(
+            f"{args.questions}: {d['n']} questions (split {d['split'] or 'all'}), "
+            f"generation {d['generation']}, mode {d['mode']}{' (exact)' if d['exact'] else ''}"
+        )
+        chunks = d["chunk_metrics"] or {}
+        print(f"{'metric':<12}{'by doc':>8}" + (f"{'by chunk':>10}" if chunks else ""))
+        for name, value in d["metrics"].items():
+            print(f"{name:<12}{value:>8.3f}" + (f"{chunks[name]:>10.3f}" if chunks else ""))
+        print(f"{'n':<12}{d['n']:>8}" + (f"{d['n_chunk_labelled']:>10}" if chunks else ""))
+
+    _print(d, args.json, human)
+    return 0
+
+
 def cmd_status(args, settings: Settings) -> int:
     from rag_assets.status import index_status
     from rag_assets.store.db import connect_index
@@ -373,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-score", type=float, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("eval", help="retrieval quality on a labelled question set (recall, MRR, nDCG at k)")
+    s.add_argument("questions", metavar="QUESTIONS.jsonl")
+    s.add_argument("-k", type=int, default=10, help="documents ranked per question (default 10)")
+    s.add_argument("--mode", default="vector", help="ranking: vector (the only one the query path has)")
+    s.add_argument("--generation", type=int, default=None, help="a generation other than the live one")
+    s.add_argument("--split", choices=("dev", "report"), default=None, help="only this part of the set")
+    s.add_argument("--exact", action="store_true", help="rank by exact distance, not through the HNSW index")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("status", help="counts, last run, live generation and index digest")
     s.add_argument("--json", action="store_true")
