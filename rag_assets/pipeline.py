@@ -25,6 +25,7 @@ from rag_assets.embedders.cache import ensure_embedder
 from rag_assets.manifest import ManifestDiff, ManifestEntry, shard_of
 from rag_assets.settings import Settings
 from rag_assets.sources import DocumentError, DocumentGone, FolderSource, ScanResult
+from rag_assets.stage_results import ChunkResult, EmbedResult, ManifestResult, StageResult
 from rag_assets.store.chunk_stage import lagging_chunk_shards, sync_chunks
 from rag_assets.store.db import connect_index, lock_shards
 from rag_assets.store.manifest_store import DocUpdate, apply_manifest, load_manifest, manifest_versions
@@ -112,8 +113,10 @@ class RefreshReport:
         self.docs_metadata_only += len(d.metadata_only)
         self.docs_deleted += len(d.deleted)
 
-    def merge(self, other: dict) -> None:
+    def merge(self, other: dict | StageResult) -> None:
         """Add another (stage) report's counters into this one."""
+        if isinstance(other, StageResult):
+            other = other.stats()
         for k in self._SUMMED:
             if k in other and other[k] is not None:
                 setattr(self, k, getattr(self, k) + other[k])
@@ -291,7 +294,7 @@ class StageContext:
 
 def manifest_stage(
     ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource | None
-) -> dict:
+) -> ManifestResult:
     """Read the changed files of ``shards`` and record their new manifest (one transaction).
 
     The plan was made without the shard lock; another writer may have changed these shards since.
@@ -314,24 +317,20 @@ def manifest_stage(
                 ctx.conn, source.name, plan, errors, [d for d, u in updates.items() if u.body is not None]
             )
             diff, versions = apply_manifest(ctx.conn, shards, updates, source=source.name)
-    out = diff.counts()
-    changed = diff.changed
+    out = ManifestResult(**diff.counts(), changed=diff.changed)
     # documents pushed by webhooks into these shards
     hooks = apply_inbox(ctx.conn, shards, max_metadata_bytes=ctx.settings.max_metadata_bytes)
     for k in ("docs_added", "docs_modified", "docs_metadata_only", "docs_deleted"):
-        out[k] += hooks.get(k, 0)
-        changed = changed or bool(hooks.get(k))
+        setattr(out, k, getattr(out, k) + hooks.get(k, 0))
+        out.changed = out.changed or bool(hooks.get(k))
     errors.extend(hooks["errors"])
     if not versions:
         versions = {s: v for s, v in manifest_versions(ctx.conn).items() if s in shards}
-    out.update(
-        errors=errors,
-        events_applied=hooks["events_applied"],
-        events_stale=hooks["events_stale"],
-        seconds_manifest=time.perf_counter() - t0,
-        versions=versions,
-        changed=changed,
-    )
+    out.errors = errors
+    out.events_applied = hooks["events_applied"]
+    out.events_stale = hooks["events_stale"]
+    out.seconds_manifest = time.perf_counter() - t0
+    out.versions = versions
     return out
 
 
@@ -400,16 +399,16 @@ def _record_source_errors(
                 )
 
 
-def chunk_stage(ctx: StageContext, shards: Iterable[int], *, force: bool = False) -> dict:
+def chunk_stage(ctx: StageContext, shards: Iterable[int], *, force: bool = False) -> ChunkResult:
     t0 = time.perf_counter()
     st = sync_chunks(ctx.conn, shards, ctx.chunker, force=force)
-    return {
-        "shards_rechunked": st.shards,
-        "docs_rechunked": st.docs_rechunked,
-        "chunks_written": st.chunks_written,
-        "chunks_deleted": st.chunks_deleted,
-        "seconds_chunks": time.perf_counter() - t0,
-    }
+    return ChunkResult(
+        shards_rechunked=st.shards,
+        docs_rechunked=st.docs_rechunked,
+        chunks_written=st.chunks_written,
+        chunks_deleted=st.chunks_deleted,
+        seconds_chunks=time.perf_counter() - t0,
+    )
 
 
 def embed_stage(
@@ -420,21 +419,23 @@ def embed_stage(
     fresh_token: str | None = None,
     force: bool = False,
     finalize: bool = True,
-) -> dict:
+) -> EmbedResult:
     """Embed cache misses and sync the serving rows of ``shards``; switch a completed new generation."""
     gen = gen or ctx.target(fresh_token)
     estats = EmbedStats()
     sst = sync_serving(ctx.conn, shards, gen, ctx.embedder, ctx.embedder_id, estats, force=force)
-    out = asdict(sst)
-    out.pop("shards")
-    out["shards_synced"] = sst.shards
-    out["seconds_embed"] = estats.seconds
-    out["embedding"] = estats.as_dict()
-    out["generation_switched"] = False
+    counts = asdict(sst)
+    counts.pop("shards")
+    out = EmbedResult(
+        **counts,
+        shards_synced=sst.shards,
+        seconds_embed=estats.seconds,
+        embedding=estats.as_dict(),
+        generation=gen.id,
+        cost_usd=sst.tokens_embedded * ctx.embedder.price_per_mtok() / 1e6,
+    )
     if finalize:
-        out["generation_switched"] = finish_generation(ctx, gen)
-    price = ctx.embedder.price_per_mtok()
-    out["cost_usd"] = sst.tokens_embedded * price / 1e6
+        out.generation_switched = finish_generation(ctx, gen)
     return out
 
 
@@ -467,11 +468,13 @@ def record_stage(
     stage: str,
     shards: Iterable[int],
     started_at: datetime,
-    stats: dict,
+    stats: dict | StageResult,
     *,
     full_reembed_tokens: int = 0,
 ) -> None:
     """One row in ``runs`` per stage run: what ``status`` and ``cost`` read."""
+    if isinstance(stats, StageResult):
+        stats = stats.stats()
     price = ctx.embedder.price_per_mtok()
     tokens = int(stats.get("tokens_embedded") or 0)
     ctx.conn.execute(
@@ -609,8 +612,8 @@ class Indexer:
                 e = embed_stage(ctx, batch, gen=gen, finalize=False)
                 for part in (m, c, e):
                     rep.merge(part)
-                rep.embedding = _merge_embedding(rep.embedding, e["embedding"])
-                if m["changed"] or c["shards_rechunked"] or e["shards_synced"]:
+                rep.embedding = _merge_embedding(rep.embedding, e.embedding)
+                if m.changed or c.shards_rechunked or e.shards_synced:
                     rep.shards_refreshed += len(batch)
                 if bar is not None:
                     bar.update(len(batch))

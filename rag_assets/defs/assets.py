@@ -57,17 +57,6 @@ def _shards(context: dg.AssetExecutionContext) -> list[int]:
     return sorted(int(k) for k in context.partition_keys)
 
 
-def _numeric(d: dict, keys: tuple[str, ...]) -> dict[str, float | int]:
-    out: dict[str, float | int] = {}
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, bool):
-            out[k] = int(v)
-        elif isinstance(v, int | float):
-            out[k] = round(v, 4) if isinstance(v, float) else v
-    return out
-
-
 def _rebuild(context: dg.AssetExecutionContext, config: RefreshConfig) -> bool:
     """A rebuild is asked by run config or by the ``rag/mode=rebuild`` tag of the full_reindex job."""
     return config.rebuild or context.run.tags.get("rag/mode") == "rebuild"
@@ -138,8 +127,8 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             )
             check_deletes(plan, source, ctx.settings.max_delete_fraction, allow=config.allow_deletes)
             out = manifest_stage(ctx, shards, plan, source)
-            out["seconds_scan"] = plan.seconds
-            out["seconds"] = time.perf_counter() - t0
+            out.seconds_scan = plan.seconds
+            out.seconds = time.perf_counter() - t0
             record_stage(ctx, "manifest", shards, started, out)
             check = manifest_matches_source(ctx.conn, source, shards, sample=100)
             docs = dict(
@@ -151,31 +140,16 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             ctx.conn.close()
         for s in shards:
             context.add_asset_metadata(
-                {"shard_documents": docs.get(s, 0), "manifest_version": out["versions"].get(s, "")},
+                {"shard_documents": docs.get(s, 0), "manifest_version": out.versions.get(s, "")},
                 partition_key=shard_key(s),
             )
-        for e in out["errors"][:20]:
+        for e in out.errors[:20]:
             context.log.warning(f"skipped {e['doc_id']}: {e['error']}")
-        meta = _numeric(
-            out,
-            (
-                "docs_added",
-                "docs_modified",
-                "docs_metadata_only",
-                "docs_deleted",
-                "docs_unchanged",
-                "events_applied",
-                "events_stale",
-                "seconds_scan",
-                "seconds_manifest",
-                "seconds",
-            ),
-        )
-        meta["errors"] = len(out["errors"])
+        meta: dict = out.metadata()
         meta["shards_in_run"] = len(shards)
-        if out["errors"]:
-            meta["error_list"] = dg.MetadataValue.json(out["errors"][:50])
-        version = dg.DataVersion(out["versions"][shards[0]]) if len(shards) == 1 else None
+        if out.errors:
+            meta["error_list"] = dg.MetadataValue.json(out.errors[:50])
+        version = dg.DataVersion(out.versions[shards[0]]) if len(shards) == 1 else None
         return dg.MaterializeResult(
             metadata=meta,
             data_version=version,
@@ -214,7 +188,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ctx = stage_context_from(context, names)
         try:
             out = chunk_stage(ctx, shards, force=_rebuild(context, config))
-            out["seconds"] = time.perf_counter() - t0
+            out.seconds = time.perf_counter() - t0
             record_stage(ctx, "chunks", shards, started, out)
             per_shard = dict(
                 ctx.conn.execute(
@@ -230,9 +204,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             ctx.conn.close()
         for s in shards:
             context.add_asset_metadata({"shard_chunks": per_shard.get(s, 0)}, partition_key=shard_key(s))
-        meta = _numeric(
-            out, ("docs_rechunked", "chunks_written", "chunks_deleted", "seconds_chunks", "seconds")
-        )
+        meta: dict = out.metadata()
         meta["chunks_total"] = sum(per_shard.values())
         meta["shards_in_run"] = len(shards)
         version = (
@@ -277,51 +249,27 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             out = embed_stage(ctx, shards, gen=gen, force=_rebuild(context, config) and token is None)
             results = serving_checks(ctx.conn, gen, shards)
             _, chunks_total, full_tokens = totals(ctx.conn)
-            out["seconds"] = time.perf_counter() - t0
-            out["generation"] = gen.id
+            out.seconds = time.perf_counter() - t0
             record_stage(ctx, "embeddings", shards, started, out, full_reembed_tokens=full_tokens)
-            out.update(
-                _docs_counts(ctx, context.run.run_id)
-            )  # for the plots only; recorded by the manifest step
-            emb = out["embedding"]
+            docs_counts = _docs_counts(ctx, context.run.run_id)  # for the plots only; recorded by the manifest step
+            emb = out.embedding
         finally:
             ctx.conn.close()
-        if out["generation_switched"]:
+        if out.generation_switched:
             context.log.info(f"generation {gen.id} complete and verified: now live")
-        needed = out["chunks_embedded"] + out["chunks_reused"]
-        meta = _numeric(
-            out,
-            (
-                "docs_added",
-                "docs_modified",
-                "docs_metadata_only",
-                "docs_deleted",
-                "chunks_embedded",
-                "chunks_reused",
-                "tokens_embedded",
-                "tokens_reused",
-                "rows_written",
-                "rows_deleted",
-                "docs_meta_written",
-                "seconds_embed",
-                "seconds_sync",
-                "cost_usd",
-                "generation",
-                "generation_switched",
-                "seconds",
-            ),
-        )
+        needed = out.chunks_embedded + out.chunks_reused
+        meta: dict = {**out.metadata(), **docs_counts}
         meta.update(
             chunks_total=chunks_total,
-            cache_hit_rate=round(out["chunks_reused"] / needed, 4) if needed else 1.0,
-            embed_seconds=round(out["seconds_embed"], 4),
+            cache_hit_rate=round(out.chunks_reused / needed, 4) if needed else 1.0,
+            embed_seconds=round(out.seconds_embed, 4),
             embed_requests=emb.get("requests") or 0,
             embed_retries=emb.get("retries") or 0,
             throttled_429=emb.get("throttled_429") or 0,
             rate_limit_wait_s=emb.get("rate_limit_wait_s") or 0.0,
             embed_batch_splits=emb.get("batch_splits") or 0,
             cost_avoided_usd=round(
-                max(0, full_tokens - out["tokens_embedded"]) * ctx.embedder.price_per_mtok() / 1e6, 6
+                max(0, full_tokens - out.tokens_embedded) * ctx.embedder.price_per_mtok() / 1e6, 6
             ),
             shards_in_run=len(shards),
         )

@@ -1,0 +1,86 @@
+"""What each stage did, as typed results: the manifest, chunk and embed stages return these.
+
+One definition serves every consumer: ``RefreshReport`` sums them, ``record_stage`` stores
+``stats()`` in the ``runs`` table, the Dagster assets publish ``metadata()`` (every numeric field,
+under its field name: the keys the UI plots are the field names, never a hand-copied list).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class StageResult:
+    seconds: float = 0.0
+
+    _PRIVATE = frozenset()  # fields kept out of stats() (not JSON, or not meaningful in the runs table)
+
+    def stats(self) -> dict:
+        """The result as a JSON-able dict (what the ``runs`` table stores)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._PRIVATE}
+
+    def metadata(self) -> dict[str, int | float]:
+        """Numeric fields for Dagster materialization metadata (booleans as 0/1, floats rounded)."""
+        out: dict[str, int | float] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                out[f.name] = int(v)
+            elif isinstance(v, int):
+                out[f.name] = v
+            elif isinstance(v, float):
+                out[f.name] = round(v, 4)
+        return out
+
+
+@dataclass
+class ManifestResult(StageResult):
+    docs_added: int = 0
+    docs_modified: int = 0
+    docs_metadata_only: int = 0
+    docs_deleted: int = 0
+    docs_unchanged: int = 0
+    events_applied: int = 0
+    events_stale: int = 0
+    seconds_scan: float = 0.0
+    seconds_manifest: float = 0.0
+    changed: bool = False
+    errors: list[dict] = field(default_factory=list)  # {"doc_id", "error"}: reported, never raised
+    versions: dict[int, str] = field(default_factory=dict)  # per shard: the manifest version written
+
+    _PRIVATE = frozenset({"versions"})
+
+    def metadata(self) -> dict[str, int | float]:
+        meta = super().metadata()
+        meta["errors"] = len(self.errors)
+        return meta
+
+
+@dataclass
+class ChunkResult(StageResult):
+    shards_rechunked: int = 0
+    docs_rechunked: int = 0
+    chunks_written: int = 0
+    chunks_deleted: int = 0
+    seconds_chunks: float = 0.0
+
+
+@dataclass
+class EmbedResult(StageResult):
+    shards_synced: int = 0
+    chunks_embedded: int = 0
+    tokens_embedded: int = 0
+    chunks_reused: int = 0
+    tokens_reused: int = 0
+    rows_written: int = 0
+    rows_deleted: int = 0
+    rows_moved: int = 0
+    docs_meta_written: int = 0
+    doc_rows_deleted: int = 0
+    seconds_sync: float = 0.0
+    seconds_embed: float = 0.0
+    cost_usd: float = 0.0
+    generation: int | None = None
+    generation_switched: bool = False
+    embedding: dict = field(default_factory=dict)  # EmbedStats.as_dict(): requests, retries, latency...
