@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import platform
 import re
 import zipfile
 from pathlib import Path
@@ -31,7 +32,7 @@ from rag_assets.formats import (
     pages_for_span,
 )
 from rag_assets.formats.conversion import PAGE_SEPARATOR
-from rag_assets.settings import Settings
+from rag_assets.settings import Settings, SettingsError
 from rag_assets.sources import DocumentError
 from rag_assets.store.db import connect
 
@@ -94,6 +95,10 @@ def test_limits_come_from_settings():
     limits = FormatLimits.from_settings(s)
     assert (limits.max_cells, limits.timeout_s, limits.max_pages) == (10, 5.0, 3)
     assert FormatLimits.from_settings(Settings.from_env({})) == FormatLimits()
+    with pytest.raises(SettingsError, match="RAG_FORMAT_TIMEOUT_S=0"):
+        Settings.from_env({"RAG_FORMAT_TIMEOUT_S": "0"})
+    with pytest.raises(SettingsError, match="RAG_FORMAT_MAX_CELLS"):
+        Settings.from_env({"RAG_FORMAT_MAX_CELLS": "lots"})
 
 
 # ---------------------------------------------------------------- PDF
@@ -291,6 +296,36 @@ def test_worker_times_out_then_recovers_with_a_new_process():
         with pytest.raises(FormatError) as e:  # errors cross the process boundary unchanged
             slow.convert("locked.pdf", _read("encrypted-file.pdf"), "pdf")
         assert e.value.kind == "encrypted" and e.value.doc_id == "locked.pdf" and slow.started == 2
+
+
+def test_worker_whose_process_dies_reports_crashed_naming_the_doc():
+    # 40 MB of address space cannot even start Python: the child dies, the document gets an error
+    with ConversionWorker(FormatLimits(memory_mb=40, timeout_s=60)) as tiny:
+        with pytest.raises(FormatError) as e:
+            tiny.convert("reports/q3.pdf", _read("crazyones.pdf"), "pdf")
+        assert e.value.kind == "crashed" and str(e.value).startswith("reports/q3.pdf: the converter process died")
+        tiny.limits = FormatLimits()
+        assert tiny.convert("reports/q3.pdf", _read("crazyones.pdf"), "pdf").text.startswith("The Crazy Ones")
+        assert tiny.started == 2
+
+
+# ---------------------------------------------------------------- portability (invariant 8)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="decodes x86-64 machine code")
+def test_pdfium_uses_avx512_only_in_functions_chosen_at_run_time():
+    """PDFium is the one native library this package adds with hand-vectorised code: its AVX-512
+    must sit in Highway's per-target namespaces (N_AVX3*, N_AVX10*) or libyuv's *_AVX512* row
+    functions, both selected by CPUID at run time, so it runs on CPUs without AVX-512."""
+    import pypdfium2_raw
+
+    from tests.binscan import scan_elf
+
+    lib = Path(pypdfium2_raw.__file__).parent / "libpdfium.so"
+    result = scan_elf(lib)
+    assert result.instructions > 100_000
+    undispatched = [f for f in result.avx512_by_function if not re.search(r"N_AVX(3|10)|_AVX512", f)]
+    assert undispatched == []
 
 
 # ---------------------------------------------------------------- parse cache (real Postgres)

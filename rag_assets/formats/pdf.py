@@ -8,6 +8,8 @@ PDFium's reading order; a PDF without a text layer is refused (NO_TEXT_LAYER), n
 
 from __future__ import annotations
 
+import threading
+
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from pypdfium2.version import PDFIUM_INFO, PYPDFIUM_INFO
@@ -21,9 +23,16 @@ GLUE_VERSION = "1"  # bump when this module's output for the same library versio
 VERSION = f"{PYPDFIUM_INFO}+pdfium.{PDFIUM_INFO.build}+glue.{GLUE_VERSION}"
 OPTIONS = "text=bounded,pages=join-blank-line"
 MIN_CHARS_PER_PAGE = 8  # less than this on average, with images on the pages: a scan (page numbers only)
+_PDFIUM = threading.Lock()  # PDFium is not thread-safe: one document at a time per process
 
 
 def convert_pdf(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
+    """The text layer of every page; sources calling from several threads are serialised here."""
+    with _PDFIUM:
+        return _convert(doc_id, data, limits)
+
+
+def _convert(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
     try:
         doc = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
