@@ -13,12 +13,10 @@ import io
 import warnings
 from importlib.metadata import version
 
-import openpyxl
-
 from rag_assets.formats.conversion import Conversion, join_pages
 from rag_assets.formats.errors import NO_TEXT, TOO_LARGE, FormatError
 from rag_assets.formats.limits import FormatLimits
-from rag_assets.formats.markdown import table
+from rag_assets.formats.tables import table
 from rag_assets.formats.zipguard import check_zip
 
 NAME = "xlsx-openpyxl"
@@ -29,6 +27,8 @@ OPTIONS = "values=cached,header=first-row,sections=sheet"
 
 def convert_xlsx(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
     check_zip(doc_id, data, limits, "xl/workbook.xml", "XLSX")
+    import openpyxl  # imported on first use: importing rag_assets.formats stays cheap for the CLI
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # openpyxl warns about styles/extensions it does not read
         wb = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)

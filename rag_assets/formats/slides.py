@@ -11,13 +11,10 @@ from __future__ import annotations
 import io
 from importlib.metadata import version
 
-from pptx import Presentation
-from pptx.enum.shapes import MSO_SHAPE_TYPE
-
 from rag_assets.formats.conversion import Conversion, join_pages
 from rag_assets.formats.errors import NO_TEXT, TOO_LARGE, FormatError
 from rag_assets.formats.limits import FormatLimits
-from rag_assets.formats.markdown import table
+from rag_assets.formats.tables import table
 from rag_assets.formats.zipguard import check_zip
 
 NAME = "pptx-python-pptx"
@@ -28,6 +25,8 @@ OPTIONS = "sections=slide,notes=yes"
 
 def convert_pptx(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
     check_zip(doc_id, data, limits, "ppt/presentation.xml", "PPTX")
+    from pptx import Presentation  # imported on first use: importing rag_assets.formats stays cheap
+
     prs = Presentation(io.BytesIO(data))
     slides = list(prs.slides)
     if len(slides) > limits.max_pages:
@@ -57,6 +56,8 @@ def convert_pptx(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
 
 
 def _shape_blocks(shape) -> list[str]:
+    from pptx.enum.shapes import MSO_SHAPE_TYPE
+
     if shape.shape_type == MSO_SHAPE_TYPE.GROUP:
         return [b for s in shape.shapes for b in _shape_blocks(s)]
     if getattr(shape, "has_table", False) and shape.has_table:

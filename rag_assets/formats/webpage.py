@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from bs4 import BeautifulSoup
-
 from rag_assets.formats.conversion import Conversion, clean_text
 from rag_assets.formats.errors import NO_TEXT, FormatError
 from rag_assets.formats.limits import FormatLimits
-from rag_assets.formats.markdown import html_to_markdown
 
 NAME = "html-bs4-markdownify"
 GLUE_VERSION = "1"
@@ -36,6 +33,10 @@ DROP_ROLES = ("navigation", "banner", "contentinfo", "search", "complementary")
 
 
 def convert_html(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
+    from bs4 import BeautifulSoup  # imported on first use: importing rag_assets.formats stays cheap
+
+    from rag_assets.formats.markdown import html_to_markdown
+
     soup = BeautifulSoup(data, "lxml")
     title_tag = soup.find("title")
     title = " ".join(title_tag.get_text().split()) if title_tag else ""

@@ -10,13 +10,9 @@ from __future__ import annotations
 import io
 from importlib.metadata import version
 
-import mammoth
-from bs4 import BeautifulSoup
-
 from rag_assets.formats.conversion import Conversion, clean_text
 from rag_assets.formats.errors import NO_TEXT, FormatError
 from rag_assets.formats.limits import FormatLimits
-from rag_assets.formats.markdown import html_to_markdown
 from rag_assets.formats.zipguard import check_zip
 
 NAME = "docx-mammoth"
@@ -31,6 +27,11 @@ def _no_image(image) -> dict:
 
 def convert_docx(doc_id: str, data: bytes, limits: FormatLimits) -> Conversion:
     check_zip(doc_id, data, limits, "word/document.xml", "DOCX")
+    import mammoth  # imported on first use: importing rag_assets.formats stays cheap for the CLI
+    from bs4 import BeautifulSoup
+
+    from rag_assets.formats.markdown import html_to_markdown
+
     result = mammoth.convert_to_html(io.BytesIO(data), convert_image=mammoth.images.img_element(_no_image))
     soup = BeautifulSoup(result.value, "lxml")
     text = clean_text(html_to_markdown(soup))
