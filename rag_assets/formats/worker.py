@@ -11,6 +11,7 @@ TIMEOUT, a child that dies (a native crash) as CRASHED, and the child's address 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
 from multiprocessing.connection import Connection
 
@@ -20,6 +21,10 @@ from rag_assets.formats.limits import FormatLimits
 
 
 def _serve(conn: Connection, memory_mb: int) -> None:
+    # openpyxl imports numpy, whose OpenBLAS reserves buffers per CPU core: on a many-core host that
+    # alone would exceed the address-space limit. The worker converts one document at a time.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
     if memory_mb > 0:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -80,6 +85,8 @@ class ConversionWorker:
                 )
             status, value = conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
+            if self._proc is not None:
+                self._proc.join(5)
             code = self._proc.exitcode if self._proc is not None else None
             self._stop()
             raise FormatError(doc_id, CRASHED, f"the converter process died (exit code {code})") from None
