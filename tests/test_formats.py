@@ -274,6 +274,14 @@ def test_html_full_of_scripts_is_an_error():
     assert e.value.kind == "no_text" and str(e.value).startswith("spa/index.html: HTML has no text")
 
 
+def test_html_nested_beyond_reason_is_an_error_not_a_crash():
+    nested = ("<div>" * 2000 + "deep" + "</div>" * 2000).encode()
+    with pytest.raises(FormatError) as e:
+        convert("deep.html", nested, "html")
+    assert e.value.kind == "too_large" and "nested too deeply" in str(e.value)
+    assert convert("ok.html", ("<div>" * 200 + "deep" + "</div>" * 200).encode(), "html").text == "deep"
+
+
 def test_html_encoding_from_meta_and_article_main():
     html = '<html><head><meta charset="iso-8859-1"><title>T</title></head><body><nav>menu</nav>' \
            "<article><header><h2>Caf\xe9</h2></header><p>cr\xe8me</p></article><footer>c</footer></body></html>"

@@ -5,7 +5,9 @@ unless inside an article or section,
 ARIA navigation/banner/contentinfo/search regions, Sphinx's "¶" header links) are removed; the
 main content is ``<main>``, else ``[role=main]``, else a single ``<article>``, else ``<body>``.
 Headings stay ``#`` headings; when the content has no ``<h1>``, the page ``<title>`` becomes one.
-The encoding is detected from the bytes (BOM, ``<meta charset>``, then statistics).
+The encoding is detected from the bytes (BOM, ``<meta charset>``, then statistics). Markup
+nested deeper than about 330 elements is refused (TOO_LARGE: markdownify recurses per element;
+real pages stay far below), never a crash of the run.
 """
 
 from __future__ import annotations
