@@ -178,6 +178,13 @@ class Settings:
     service_apply_interval_s: float = 0.0  # > 0: `rag-assets serve` applies acknowledged events itself
     service_header_timeout_s: float = 10.0  # a client must send a request's headers within this
     service_body_timeout_s: float = 60.0  # ... and its body within this
+    # formats (issue 12): bounds on converting one PDF/DOCX/PPTX/XLSX/HTML document (rag_assets.formats)
+    format_max_pages: int = 5000
+    format_max_cells: int = 1_000_000
+    format_max_unzipped_bytes: int = 512 * 1024 * 1024
+    format_max_zip_ratio: int = 200
+    format_timeout_s: float = 120.0
+    format_memory_mb: int = 2048
 
     # Where each secret comes from at run time (names of environment variables, not values): an index
     # built by the component names its own, e.g. HANDBOOK_OPENAI_KEY; loading never reads them.
@@ -258,6 +265,13 @@ class Settings:
             snapshot_restore_memory_mb=max(0, _int(e, "RAG_SNAPSHOT_RESTORE_MEMORY_MB", 1024)),
             # embedders
             embedding_prices=_prices(e.get("RAG_EMBEDDING_PRICES")),
+            # formats (issue 12)
+            format_max_pages=_int(e, "RAG_FORMAT_MAX_PAGES", 5000, 1),
+            format_max_cells=_int(e, "RAG_FORMAT_MAX_CELLS", 1_000_000, 1),
+            format_max_unzipped_bytes=_int(e, "RAG_FORMAT_MAX_UNZIPPED_BYTES", 512 * 1024 * 1024, 1),
+            format_max_zip_ratio=_int(e, "RAG_FORMAT_MAX_ZIP_RATIO", 200, 1),
+            format_timeout_s=_float(e, "RAG_FORMAT_TIMEOUT_S", 120.0),  # type: ignore[arg-type]
+            format_memory_mb=_int(e, "RAG_FORMAT_MEMORY_MB", 2048, 0),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
@@ -301,6 +315,7 @@ class Settings:
         for var, value in (
             ("RAG_SERVICE_HEADER_TIMEOUT_S", self.service_header_timeout_s),
             ("RAG_SERVICE_BODY_TIMEOUT_S", self.service_body_timeout_s),
+            ("RAG_FORMAT_TIMEOUT_S", self.format_timeout_s),
         ):
             if not 0 < value < 86400:
                 raise SettingsError(f"{var}={value:g}: must be more than 0 and less than 86400 seconds")

@@ -170,6 +170,19 @@ DDL = [
         stats jsonb NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS runs_run_id ON {s}.runs (run_id)",
     "CREATE INDEX IF NOT EXISTS runs_started ON {s}.runs (started_at)",
+    # The parse cache (rag_assets/formats/cache.py): Markdown of a binary document (PDF, Office, HTML)
+    # per (SHA-256 of its raw bytes, converter name + version + options), shared by every index.
+    """CREATE TABLE IF NOT EXISTS rag_cache.parse_cache (
+        content_sha256 text COLLATE "C" NOT NULL,
+        converter_key text COLLATE "C" NOT NULL,
+        converter text NOT NULL,
+        converter_version text NOT NULL,
+        text text NOT NULL,
+        page_numbers integer[] NOT NULL,
+        page_starts integer[] NOT NULL,
+        page_ends integer[] NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (content_sha256, converter_key))""",
 ]
 
 
