@@ -348,8 +348,12 @@ class Settings:
 
     @property
     def snapshot_target(self) -> str:
-        """Where snapshots go: ``RAG_SNAPSHOT_URI`` or a folder under ``RAG_HOME``."""
-        return self.snapshot_uri or str((self.home / "snapshots").resolve())
+        """Where snapshots go: ``RAG_SNAPSHOT_URI``, or a folder under ``RAG_HOME`` (its own per index:
+        indexes sharing a home must never list, restore or prune each other's snapshots)."""
+        if self.snapshot_uri:
+            return self.snapshot_uri
+        base = self.home / "snapshots"
+        return str((base if self.index_name == DEFAULT_INDEX else base / self.index_name).resolve())
 
     def public_dict(self) -> dict[str, object]:
         """The settings without secrets, for logs, metadata and ``status``."""

@@ -217,3 +217,11 @@ def test_loading_an_openai_index_makes_no_network_call(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "5"
     assert accepted == []  # not a single connection to the embedding API
+
+
+def test_indexes_sharing_a_home_keep_their_own_snapshot_folders(two):
+    hb, sp = two
+    assert hb.snapshot_target != sp.snapshot_target
+    assert hb.snapshot_target.endswith("snapshots/handbook") and sp.snapshot_target.endswith("snapshots/support")
+    default = Settings.from_env({}, home=hb.home)
+    assert default.snapshot_target.endswith("/snapshots")  # the default index keeps its folder

@@ -64,4 +64,7 @@ def create_indexes_app(indexes: Mapping[str, Settings], **app_kw) -> Starlette:
     routes += [Mount(f"/indexes/{n}", app=a) for n, a in apps.items()]
     if root is not None:
         routes.append(Mount("/", app=apps[root]))
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    # the server's own settings (header and body timeouts) come from the root or first index
+    app.state.service = apps[root or next(iter(apps))].state.service
+    return app
