@@ -225,3 +225,19 @@ def test_indexes_sharing_a_home_keep_their_own_snapshot_folders(two):
     assert hb.snapshot_target.endswith("snapshots/handbook") and sp.snapshot_target.endswith("snapshots/support")
     default = Settings.from_env({}, home=hb.home)
     assert default.snapshot_target.endswith("/snapshots")  # the default index keeps its folder
+
+
+def test_nothing_but_settings_reads_rag_variables():
+    """One configuration model: no module reads a RAG_* variable on its own (settings.py reads them all)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "rag_assets"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "settings.py" and path.parent == root:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"(environ|getenv)\b.*[\"']RAG_", line):
+                offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert offenders == []
