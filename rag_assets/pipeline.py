@@ -8,6 +8,7 @@ is simply behind and is caught up next time).
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import uuid
@@ -32,6 +33,7 @@ from rag_assets.store.manifest_store import DocUpdate, apply_manifest, load_mani
 from rag_assets.store.serving import (
     Generation,
     finalize_generation,
+    generation_complete,
     get_generation,
     lagging_serving_shards,
     live_generation,
@@ -235,6 +237,7 @@ class StageContext:
     embedder_id: int
     run_id: str
     kind: str = "cli"
+    last_gate: object | None = None  # the quality gate's decision on the last switch attempt (quality_gate.py)
 
     @classmethod
     def create(
@@ -453,6 +456,28 @@ def finish_generation(ctx: StageContext, gen: Generation | None = None) -> bool:
     if current.state != "building":
         return False
     s = ctx.settings
+    if s.quality_questions and generation_complete(ctx.conn, current):
+        from rag_assets.quality_gate import judge, record_decision
+
+        decision = judge(s, ctx.conn, current)
+        ctx.last_gate = decision
+        if not decision.passed:
+            record_decision(ctx.conn, decision, s.quality_questions)
+            logging.getLogger("rag_assets").warning(
+                "switch to generation %s refused by the quality gate: %s", current.id, decision.reason
+            )
+            return False
+        switched = finalize_generation(
+            ctx.conn,
+            current,
+            s.keep_generations,
+            hnsw_m=s.hnsw_m,
+            hnsw_ef_construction=s.hnsw_ef_construction,
+            hnsw_memory_cap_mb=s.hnsw_build_memory_mb,
+        )
+        if switched:
+            record_decision(ctx.conn, decision, s.quality_questions)
+        return switched
     return finalize_generation(
         ctx.conn,
         current,

@@ -202,6 +202,10 @@ class Settings:
     snapshot_restore_memory_mb: int = 1024  # verified objects kept in memory up to this, else spooled to disk
     # embedders: RAG_EMBEDDING_PRICES as (model, USD per million tokens) pairs
     embedding_prices: tuple[tuple[str, float], ...] = ()
+    # the quality gate on generation switches (quality_gate.py)
+    quality_questions: str | None = None  # JSONL question set; unset: switches are not gated
+    quality_k: int = 5
+    quality_tolerance: float = 0.02  # largest drop of recall@k a new generation may show
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -265,6 +269,9 @@ class Settings:
             snapshot_restore_memory_mb=max(0, _int(e, "RAG_SNAPSHOT_RESTORE_MEMORY_MB", 1024)),
             # embedders
             embedding_prices=_prices(e.get("RAG_EMBEDDING_PRICES")),
+            quality_questions=e.get("RAG_QUALITY_QUESTIONS") or None,
+            quality_k=_int(e, "RAG_QUALITY_K", 5, 1, 100),
+            quality_tolerance=_fraction(e, "RAG_QUALITY_TOLERANCE", 0.02),
             # formats (issue 12)
             format_max_pages=_int(e, "RAG_FORMAT_MAX_PAGES", 5000, 1),
             format_max_cells=_int(e, "RAG_FORMAT_MAX_CELLS", 1_000_000, 1),
@@ -411,6 +418,9 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "snapshots.s3_max_attempts": "RAG_SNAPSHOT_S3_MAX_ATTEMPTS",
     "snapshots.multipart_mb": "RAG_SNAPSHOT_MULTIPART_MB",
     "snapshots.restore_memory_mb": "RAG_SNAPSHOT_RESTORE_MEMORY_MB",
+    "quality.questions": "RAG_QUALITY_QUESTIONS",
+    "quality.k": "RAG_QUALITY_K",
+    "quality.tolerance": "RAG_QUALITY_TOLERANCE",
     "hnsw.m": "RAG_HNSW_M",
     "hnsw.ef_construction": "RAG_HNSW_EF_CONSTRUCTION",
     "hnsw.ef_search": "RAG_HNSW_EF_SEARCH",

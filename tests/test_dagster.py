@@ -110,6 +110,7 @@ def test_range_run_builds_the_index_with_checks_and_metadata(dset, make_db):
             "rows_match_chunks",
             "no_orphan_rows",
             "vectors_valid",
+            "quality_gate",
         }
         assert all(e.passed for e in evals)
         mats = [e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("embeddings")]

@@ -35,6 +35,7 @@ from .resources import stage_context_from
 
 MANIFEST_CODE_VERSION = "manifest-v1"
 SERVING_CHECKS = ("rows_match_chunks", "no_orphan_rows", "vectors_valid")
+QUALITY_CHECK = "quality_gate"  # recall@k of a new generation against the live one, at each switch attempt
 # React to new upstream data, and re-run every materialized shard when our own code version
 # (chunker or embedder fingerprint) changes — but never shards whose parents are missing.
 refresh_condition = dg.AutomationCondition.eager() | (
@@ -226,8 +227,16 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         automation_condition=refresh_condition,
         pool="embedder",
         check_specs=[
-            dg.AssetCheckSpec(name, asset=names.key("embeddings"), blocking=(name == "rows_match_chunks"))
-            for name in SERVING_CHECKS
+            *(
+                dg.AssetCheckSpec(name, asset=names.key("embeddings"), blocking=(name == "rows_match_chunks"))
+                for name in SERVING_CHECKS
+            ),
+            dg.AssetCheckSpec(
+                QUALITY_CHECK,
+                asset=names.key("embeddings"),
+                description="recall@k of a new generation vs the live one (RAG_QUALITY_QUESTIONS); a drop "
+                "beyond RAG_QUALITY_TOLERANCE refuses the switch and the old generation keeps serving",
+            ),
         ],
         description=(
             "The serving rows: one per chunk with its vector (HNSW, cosine) and its document's metadata, in the live "
@@ -285,10 +294,23 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
                     check_name=r.name, passed=r.passed, metadata={**r.details, "violations": r.violations}
                 )
                 for r in results
-            ],
+            ]
+            + [_quality_check(ctx.last_gate)],
         )
 
     return raw_documents, [document_manifest, chunks, embeddings]
+
+
+def _quality_check(decision) -> dg.AssetCheckResult:
+    """The quality gate's figures when this run attempted a switch; else a pass saying none was judged."""
+    if decision is None:
+        return dg.AssetCheckResult(
+            check_name=QUALITY_CHECK, passed=True, metadata={"note": "no generation switch judged in this run"}
+        )
+    meta = {k: v for k, v in decision.as_dict().items() if v is not None and k != "key"}
+    return dg.AssetCheckResult(
+        check_name=QUALITY_CHECK, passed=decision.passed, metadata=meta, severity=dg.AssetCheckSeverity.WARN
+    )
 
 
 def _docs_counts(ctx: StageContext, run_id: str) -> dict:

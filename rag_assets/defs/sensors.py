@@ -43,10 +43,12 @@ def complete_building_generation(conn) -> int | None:
     rows = conn.execute(
         f"SELECT {_GEN_COLS} FROM generations WHERE state = 'building' ORDER BY id DESC"
     ).fetchall()
+    from rag_assets.quality_gate import refusal
+
     for row in rows:
         gen = Generation(*row)
-        if not lagging_serving_shards(conn, gen):
-            return gen.id
+        if refusal(conn, gen.id) is None and not lagging_serving_shards(conn, gen):
+            return gen.id  # (a switch the quality gate refused is not requested again)
     return None
 
 
