@@ -306,6 +306,15 @@ def cmd_serve(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_mcp(args, settings: Settings) -> int:
+    """The index as an MCP server on stdin/stdout (search and fetch tools), for agents that spawn
+    it; `serve` offers the same over HTTP at /indexes/NAME/mcp."""
+    from rag_assets.service.mcp_server import serve_stdio
+
+    serve_stdio(settings)
+    return 0
+
+
 def cmd_dev(args, settings: Settings) -> int:
     """`dagster dev` on the same instance and database as the CLI (so CLI runs show in the UI)."""
     import os
@@ -462,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("mcp", help="serve the index to agents over MCP on stdio (tools: search, fetch)")
+    s.set_defaults(fn=cmd_mcp)
 
     s = sub.add_parser("dev", help="run `dagster dev` (UI, sensors, automation) on this index")
     s.add_argument("--source", help="folder to watch (default: the folder this index was built from)")
