@@ -293,6 +293,30 @@ def cmd_generations(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_plan(args, settings: Settings) -> int:
+    """What a switch to the configured embedder/chunker will embed and cost, before any backfill."""
+    from rag_assets.plan import plan_switch
+    from rag_assets.store.db import connect_index
+
+    conn = connect_index(settings)
+    try:
+        plan = plan_switch(conn, settings)
+    finally:
+        conn.close()
+
+    def human(d: dict) -> None:
+        what = "a new generation" if d["new_generation"] else "no new generation (the live one matches)"
+        price = f"${d['cost_usd']:.4f}" if d["price_known"] else "unknown (no price for this model: RAG_EMBEDDING_PRICE_PER_MTOK)"
+        print(
+            f"{what}: {d['embedder']} / {d['chunker']}{' (re-chunks every document)' if d['rechunk'] else ''}\n"
+            f"  {d['documents']} documents, {d['chunks']} chunks; {d['texts_to_embed']} texts to embed "
+            f"({d['tokens_to_embed']} tokens), {d['texts_cached']} already cached; cost {price}"
+        )
+
+    _print(plan.as_dict(), args.json, human)
+    return 0
+
+
 def cmd_serve(args, settings: Settings) -> int:
     """One index (``--index`` or the RAG_* environment), or every index of ``--location``."""
     from rag_assets.service.server import serve
@@ -466,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generations", help="index generations (live, retired, building) and their sizes")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_generations)
+
+    s = sub.add_parser("plan", help="texts, tokens and cost a switch to the configured embedder/chunker will embed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("serve", help="the HTTP service: signed webhooks in, queries out")
     s.add_argument("--host", default="127.0.0.1")

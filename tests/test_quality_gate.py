@@ -84,3 +84,27 @@ def test_without_a_question_set_switches_are_not_gated(settings):
     write(settings.source_path / "a.md", "# A\n\nalpha beta gamma")
     assert _refresh(settings).generation_switched
     assert _refresh(replace(settings, embedding_dimensions=8)).generation_switched
+
+
+def test_plan_shows_what_a_model_or_chunker_switch_will_embed_and_cost(settings):
+    """`rag-assets plan`: before any backfill, the texts and tokens a switch will embed, and the price."""
+    from rag_assets.plan import plan_switch
+
+    for name, words in TOPICS.items():
+        write(settings.source_path / f"{name}.md", f"# {name.title()}\n\n{words}\n")
+    write(settings.source_path / "copy.md", f"# Volcano\n\n{TOPICS['volcano']}\n")  # same text as volcano.md
+    _refresh(settings)
+    with connect_index(settings) as c:
+        same = plan_switch(c, settings)
+        assert not same.new_generation and same.texts_to_embed == 0 and same.tokens_to_embed == 0
+        n_texts, n_tokens = c.execute("SELECT count(DISTINCT chunk_hash), sum(n_tokens) FILTER (WHERE doc_id <> 'copy.md') FROM chunks").fetchone()
+        other = replace(settings, embedder="openai", embedding_model="text-embedding-3-small", embedding_dimensions=256)
+        p = plan_switch(c, other)
+        assert p.new_generation and not p.rechunk
+        assert p.texts_to_embed == n_texts == len(TOPICS)  # the duplicate text is embedded once
+        assert p.tokens_to_embed == n_tokens and p.price_known and p.cost_usd == round(n_tokens * p.price_per_mtok / 1e6, 6)
+        rechunked = plan_switch(c, replace(settings, chunker="fixed"))
+        # one-paragraph documents chunk to the same texts either way: a chunker switch re-chunks all,
+        # and embeds nothing the cache already holds
+        assert rechunked.rechunk and rechunked.new_generation and rechunked.chunks == 7
+        assert (rechunked.texts_to_embed, rechunked.texts_cached) == (0, 6)
