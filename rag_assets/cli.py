@@ -22,10 +22,16 @@ def _print(obj: dict, as_json: bool, human) -> None:
 
 
 def cmd_index(args, settings: Settings) -> int:
-    path = Path(args.path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"source folder does not exist or is not a directory: {path}")
-    settings = _with(settings, source_path=path)
+    from rag_assets.sources import is_s3_uri
+
+    if is_s3_uri(args.path):  # a bucket prefix: its listing is checked by the scan (one clear error)
+        path = args.path
+        settings = _with(settings, source_uri=path)
+    else:
+        path = Path(args.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"source folder does not exist or is not a directory: {path}")
+        settings = _with(settings, source_path=path)
     if args.core:
         from rag_assets.pipeline import Indexer
 
@@ -317,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag-assets", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("index", help="refresh the index from a folder (incremental by default)")
-    s.add_argument("path")
+    s = sub.add_parser("index", help="refresh the index from a folder or s3:// prefix (incremental by default)")
+    s.add_argument("path", help="a folder, or s3://bucket/prefix (boto3's standard configuration)")
     s.add_argument("--full", action="store_true", help="rebuild from scratch into a new generation")
     s.add_argument(
         "--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed"

@@ -137,6 +137,10 @@ class Settings:
     service_apply_interval_s: float = 0.0  # > 0: `rag-assets serve` applies acknowledged events itself
     service_header_timeout_s: float = 10.0  # a client must send a request's headers within this
     service_body_timeout_s: float = 60.0  # ... and its body within this
+    # sources (object store): RAG_SOURCE_URI, RAG_S3_GET_CONCURRENCY, RAG_S3_MAX_ATTEMPTS
+    source_uri: str | None = None  # a folder or s3://bucket/prefix a new index binds; wins over source_path
+    s3_get_concurrency: int = 16  # parallel GetObject requests of one manifest stage
+    s3_max_attempts: int = 10  # botocore standard-mode retries (throttling, 5xx, connection errors)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -190,6 +194,10 @@ class Settings:
             service_apply_interval_s=_float(e, "RAG_SERVICE_APPLY_INTERVAL_S", 0.0) or 0.0,
             service_header_timeout_s=_float(e, "RAG_SERVICE_HEADER_TIMEOUT_S", 10.0),  # type: ignore[arg-type]
             service_body_timeout_s=_float(e, "RAG_SERVICE_BODY_TIMEOUT_S", 60.0),  # type: ignore[arg-type]
+            # sources (object store)
+            source_uri=e.get("RAG_SOURCE_URI") or None,
+            s3_get_concurrency=_int(e, "RAG_S3_GET_CONCURRENCY", 16, 1, 256),
+            s3_max_attempts=_int(e, "RAG_S3_MAX_ATTEMPTS", 10, 1, 50),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")

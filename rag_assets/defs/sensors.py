@@ -14,7 +14,7 @@ import dagster as dg
 
 from rag_assets.manifest import shard_key, shard_of
 from rag_assets.settings import Settings
-from rag_assets.sources import FolderSource
+from rag_assets.sources import FolderSource, Source
 from rag_assets.store.db import connect_index
 from rag_assets.store.source_binding import bound_folder
 
@@ -22,17 +22,20 @@ from .assets import GROUP
 from .resources import RagResource
 
 
-def shard_stat_versions(source: FolderSource, n_shards: int) -> tuple[dict[int, str], dict[int, int]]:
-    """Per shard: a hash of its files' (path, size, mtime) — the fast path's view — and a file count.
+def shard_stat_versions(source: Source, n_shards: int) -> tuple[dict[int, str], dict[int, int]]:
+    """Per shard: a hash of its documents' change tokens — the fast path's view: a file's (path,
+    size, mtime), an object's (key, size, LastModified, ETag/version) — and a document count.
 
     Any edit, add, delete, rename or touch changes the version of the shards involved, without
-    reading a single file (the manifest stage decides later whether content really changed).
+    reading a single document (the manifest stage decides later whether content really changed).
+    A folder's hash input is as it always was (no token), so an upgrade reports no shard changed.
     """
     hashes: dict[int, hashlib._Hash] = {s: hashlib.sha256() for s in range(n_shards)}
     counts = dict.fromkeys(range(n_shards), 0)
     for doc_id, st in sorted(source.scan().stats.items()):
         s = shard_of(doc_id, n_shards)
-        hashes[s].update(f"{doc_id}\0{st.size}\0{st.mtime_ns}\n".encode("utf-8", "surrogatepass"))
+        token = "" if st.token is None else f"\0{st.token}"
+        hashes[s].update(f"{doc_id}\0{st.size}\0{st.mtime_ns}{token}\n".encode("utf-8", "surrogatepass"))
         counts[s] += 1
     return {s: h.hexdigest()[:24] for s, h in hashes.items()}, counts
 

@@ -170,6 +170,9 @@ DDL = [
         stats jsonb NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS runs_run_id ON {s}.runs (run_id)",
     "CREATE INDEX IF NOT EXISTS runs_started ON {s}.runs (started_at)",
+    # A failing object's change token beyond (size, mtime_ns): its ETag and version id (sources/s3.py),
+    # so a broken object rewritten within the same second is read again. NULL for files.
+    "ALTER TABLE {s}.source_errors ADD COLUMN IF NOT EXISTS token text",
 ]
 
 
