@@ -175,26 +175,30 @@ class S3Source:
 
     @property
     def versioned(self) -> bool:
-        """Whether the bucket has (or had) versioning on: one GetBucketVersioning per source object."""
+        """Whether the bucket has (or had) versioning on: one GetBucketVersioning per source object.
+
+        A missing bucket or an unreachable endpoint is a :class:`SourceError`; any other refusal (a
+        role without ``s3:GetBucketVersioning``, a store without the versioning API such as R2)
+        means the plain listing (see the module docstring), whose own errors name the bucket.
+        """
         if self._versioned is None:
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import BotoCoreError, ClientError
 
             try:
                 status = self.client.get_bucket_versioning(Bucket=self.location.bucket).get("Status")
             except ClientError as e:
-                code = _code(e)
-                if code in _MISSING_BUCKET:
+                if _code(e) in _MISSING_BUCKET:
                     raise self._source_error(e) from None
-                if code not in _DENIED:
-                    raise self._source_error(e) from None
-                status = None  # no s3:GetBucketVersioning: the listing alone (see the module docstring)
-            except Exception as e:  # noqa: BLE001 - endpoint unreachable, no credentials: one clear error
+                status = None
+            except BotoCoreError as e:  # endpoint unreachable, no credentials: one clear error
                 raise self._source_error(e) from None
             self._versioned = status in ("Enabled", "Suspended")
         return self._versioned
 
     def scan(self) -> ScanResult:
         """List the prefix once (paginated) and return each matching key's change token."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         loc = self.location
         versioned = self.versioned
         stats: dict[str, FileStat] = {}
@@ -214,9 +218,7 @@ class S3Source:
                     errors.append((e.doc_id, e.reason))
                     continue
                 stats[rel] = FileStat(int(size), _seconds_ns(modified), _token(etag, version, versioned))
-        except SourceError:
-            raise
-        except Exception as e:  # noqa: BLE001 - botocore's errors: one clear error naming the bucket
+        except (ClientError, BotoCoreError) as e:  # one clear error naming the bucket
             raise self._source_error(e) from None
         return ScanResult(stats, errors)
 
@@ -224,7 +226,7 @@ class S3Source:
         """One GET of the object. ``expected`` (the listing's stat): an object over the size limit is
         refused without a GET; the GET is conditional on the listed ETag, so an object rewritten
         since the listing raises :class:`DocumentChanging` (read on the next run)."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         loc = self.location
         key = loc.prefix + doc_id
@@ -246,7 +248,7 @@ class S3Source:
             if code in _MISSING_BUCKET:
                 raise self._source_error(e) from None
             raise DocumentError(doc_id, f"cannot read {loc.uri}{doc_id}: {code} {_message(e)}") from None
-        except Exception as e:  # noqa: BLE001 - a connection error after retries: this document only
+        except BotoCoreError as e:  # a connection error after the retries: this document only
             raise DocumentError(doc_id, f"cannot read {loc.uri}{doc_id}: {e}") from None
         body = resp["Body"]
         try:
@@ -260,7 +262,10 @@ class S3Source:
                 raise DocumentError(
                     doc_id, f"content type {content_type} is not a text format this source reads; skipped"
                 )
-            data = body.read(self.max_doc_bytes + 1)
+            try:
+                data = body.read(self.max_doc_bytes + 1)
+            except (BotoCoreError, OSError) as e:  # the connection broke mid-body: this document only
+                raise DocumentError(doc_id, f"cannot read {loc.uri}{doc_id}: {e}") from None
         finally:
             body.close()
         if len(data) > self.max_doc_bytes:
