@@ -319,7 +319,7 @@ def main() -> None:
     if server_url is None:
         from rag_assets.store.embedded import embedded_url
 
-        server_url = embedded_url(work / "server")
+        server_url = embedded_url(work / "server")  # stopped at the end (it outlives processes by design)
 
     def fresh_settings() -> Settings:
         from urllib.parse import urlsplit, urlunsplit
@@ -348,6 +348,10 @@ def main() -> None:
     finally:
         child.stdin.close()
         child.wait(timeout=60)
+        if args.database_url is None:
+            from rag_assets.store.embedded import stop_embedded
+
+            stop_embedded(work / "server")
     print_table(result)
     print(json.dumps(result, ensure_ascii=False))
     if args.json:

@@ -476,3 +476,13 @@ def test_property_incremental_equals_full_rebuild(settings, s3, make_db, ops, se
         assert _rows(idx.conn) == _rows(ref.conn)
         ref.close()
     idx.close()
+
+
+def test_fast_timestamp_parser_agrees_with_botocores():
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+    from rag_assets.sources.s3 import _fast_timestamp
+
+    for v in ("2026-12-02T01:38:20.000Z", "2026-12-02T01:38:20Z", "Wed, 02 Dec 2026 01:38:20 GMT", "1700000000"):
+        assert _fast_timestamp(v) == DEFAULT_TIMESTAMP_PARSER(v)
+        assert _fast_timestamp(v).timestamp() == DEFAULT_TIMESTAMP_PARSER(v).timestamp()
