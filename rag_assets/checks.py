@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from rag_assets.sources import DocumentError, DocumentGone, FolderSource
+from rag_assets.sources import DocumentError, DocumentGone, Source
 from rag_assets.store import schema
 from rag_assets.store.serving import Generation
 
@@ -96,14 +96,15 @@ def vectors_valid(conn: psycopg.Connection, gen: Generation, shards: Iterable[in
 
 def manifest_matches_source(
     conn: psycopg.Connection,
-    source: FolderSource | None,
+    source: Source | None,
     shards: Iterable[int],
     *,
     sample: int = 200,
     seed: int = 0,
 ) -> CheckResult:
-    """Re-read a sample of the shards' files and compare their hashes with the manifest."""
-    if source is None:  # no folder recorded for this index: nothing to compare against
+    """Re-read a sample of the shards' documents (files or objects) and compare their hashes with
+    the manifest."""
+    if source is None:  # no source recorded for this index: nothing to compare against
         return CheckResult("manifest_matches_source", 0, {"checked": 0, "documents": 0, "folder": "none"})
     shards = sorted(set(shards))
     rows = conn.execute(

@@ -44,6 +44,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from rag_assets.front_matter import front_matter_end
 from rag_assets.tokens import count_tokens_batch, tokenizer_name
 
 __all__ = [
@@ -261,33 +262,6 @@ def count_tokens(text: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Structure: front matter, flavour, fences, headings, blocks
 # --------------------------------------------------------------------------------------------
-
-_FM_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*$", re.M)
-_YAML_KEY = re.compile(r"^[ \t]*[\w\"'$@-][^:\n]*:(?:[ \t]|$)", re.M)
-
-
-def _front_matter_end(text: str) -> int:
-    """Offset just past a leading YAML front-matter block (``---`` ... ``---``), else 0.
-
-    Front matter is document metadata, handled by the source, so it is never chunked. A block
-    whose body is one line that is not ``key: value`` is instead a reST over/underlined title
-    (``---`` / ``Title`` / ``---``) and is left alone.
-    """
-    if not text.startswith("---"):
-        return 0
-    nl = text.find("\n")
-    if nl < 0 or text[:nl].rstrip() != "---":
-        return 0
-    close = _FM_CLOSE.search(text, nl + 1)
-    if close is None:
-        return 0
-    body = text[nl + 1 : close.start()]
-    lines = [ln for ln in body.split("\n") if ln.strip()]
-    if len(lines) == 1 and not _YAML_KEY.match(lines[0]):
-        return 0
-    end = close.end()
-    return end + 1 if end < len(text) else end
-
 
 _NON_SPACE = re.compile(r"\S")
 
@@ -581,7 +555,7 @@ class StructureChunker:
 
     def chunk(self, text: str) -> list[Chunk]:
         """Chunk normalised text (``\\n`` line ends). Empty or whitespace-only text gives ``[]``."""
-        base = _front_matter_end(text)
+        base = front_matter_end(text)  # the one front-matter rule (rag_assets/front_matter.py)
         if _NON_SPACE.search(text, base) is None:
             return []
         doc = _Doc(text)
@@ -1012,7 +986,7 @@ class FixedWindowChunker:
     def chunk(self, text: str) -> list[Chunk]:
         """Windows of ``words`` words over the text after any front matter; with ``max_tokens``,
         a window over it (estimated or stored count) is cut into pieces that fit."""
-        base = _front_matter_end(text)
+        base = front_matter_end(text)  # the one front-matter rule (rag_assets/front_matter.py)
         spans = [m.span() for m in self._window.finditer(text, base)]
         if self.max_tokens is not None and spans:
             mt = self.max_tokens

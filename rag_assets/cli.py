@@ -22,10 +22,17 @@ def _print(obj: dict, as_json: bool, human) -> None:
 
 
 def cmd_index(args, settings: Settings) -> int:
-    path = Path(args.path) if args.path else settings.source_path
-    if not path.is_dir():
-        raise FileNotFoundError(f"source folder does not exist or is not a directory: {path}")
-    settings = _with(settings, source_path=path)
+    from rag_assets.sources import is_s3_uri
+
+    target = args.path if args.path else (settings.source_uri or str(settings.source_path))
+    if is_s3_uri(target):  # a bucket prefix: its listing is checked by the scan (one clear error)
+        path = target
+        settings = _with(settings, source_uri=path)
+    else:
+        path = Path(target)
+        if not path.is_dir():
+            raise FileNotFoundError(f"source folder does not exist or is not a directory: {path}")
+        settings = _with(settings, source_path=path)
     if args.core:
         from rag_assets.pipeline import Indexer
 
@@ -413,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("index", help="refresh the index from a folder (incremental by default)")
-    s.add_argument("path", nargs="?", help="the folder (default: the index's source path)")
+    s = sub.add_parser("index", help="refresh the index from a folder or s3:// prefix (incremental by default)")
+    s.add_argument(
+        "path", nargs="?", help="a folder, or s3://bucket/prefix (default: the index's source); boto3's standard configuration"
+    )
     s.add_argument("--full", action="store_true", help="rebuild from scratch into a new generation")
     s.add_argument(
         "--rehash", action="store_true", help="re-read every file, not only those whose size/mtime changed"

@@ -25,7 +25,7 @@ from rag_assets.embedders import Embedder, EmbedStats, make_embedder
 from rag_assets.embedders.cache import ensure_embedder
 from rag_assets.manifest import ManifestDiff, ManifestEntry, shard_of
 from rag_assets.settings import Settings
-from rag_assets.sources import DocumentError, DocumentGone, FolderSource, ScanResult
+from rag_assets.sources import BOUND_SOURCE_TAG, DocumentGone, FileStat, ScanResult, Source, open_source
 from rag_assets.stage_results import ChunkResult, EmbedResult, ManifestResult, StageResult
 from rag_assets.store.chunk_stage import lagging_chunk_shards, sync_chunks
 from rag_assets.store.db import connect_index, lock_shards
@@ -149,26 +149,28 @@ class ScanPlan:
     @property
     def source_docs(self) -> int:
         """How many documents of the scanned source the manifest holds now."""
-        return sum(1 for o in self.old.values() if o.source == "folder")
+        return sum(1 for o in self.old.values() if o.source == BOUND_SOURCE_TAG)
 
 
 def plan_scan(
-    conn: psycopg.Connection, source: FolderSource | None, n_shards: int, *, rehash: bool = False
+    conn: psycopg.Connection, source: Source | None, n_shards: int, *, rehash: bool = False
 ) -> ScanPlan:
-    """Stat the folder and compare with the manifest: only changed files will be read.
+    """Scan the source (a folder's stats, a bucket's listing) and compare each document's change
+    token with the manifest: only changed documents will be read.
 
-    ``source=None`` (an index with no recorded folder: webhook documents only) plans no folder
-    work at all, and in particular deletes no folder document.
+    ``source=None`` (an index with no recorded source: webhook documents only) plans no source
+    work at all, and in particular deletes no source document.
     """
     t0 = time.perf_counter()
     if source is None:
         return ScanPlan(ScanResult({}, []), load_manifest(conn), {}, set(), set(), time.perf_counter() - t0)
     scan = source.scan()
     old = load_manifest(conn)
+    tokens = _stored_tokens(conn, source)
     failed = {
-        d: (size, mtime, err)
-        for d, size, mtime, err in conn.execute(
-            "SELECT doc_id, size, mtime_ns, error FROM source_errors WHERE source = %s", (source.name,)
+        d: (FileStat(size, mtime, token), err)
+        for d, size, mtime, token, err in conn.execute(
+            "SELECT doc_id, size, mtime_ns, token, error FROM source_errors WHERE source = %s", (source.name,)
         )
     }
     shard_of_doc = {}
@@ -179,10 +181,17 @@ def plan_scan(
         o = old.get(doc_id)
         shard = o.shard if o is not None else shard_of(doc_id, n_shards)
         shard_of_doc[doc_id] = shard
-        if rehash or o is None or o.source != source.name or o.size != st.size or o.mtime_ns != st.mtime_ns:
+        if (
+            rehash
+            or o is None
+            or o.source != source.name
+            or o.size != st.size
+            or o.mtime_ns != st.mtime_ns
+            or tokens.get(doc_id) != st.token
+        ):
             f = failed.get(doc_id)
-            if not rehash and f is not None and f[0] == st.size and f[1] == st.mtime_ns:
-                known_errors.append((doc_id, f[2]))  # still the same broken file: report, don't re-read
+            if not rehash and f is not None and f[0] == st:
+                known_errors.append((doc_id, f[1]))  # still the same broken document: report, don't re-read
                 continue
             reread.add(doc_id)
             stale.add(shard)
@@ -198,6 +207,20 @@ def plan_scan(
     return ScanPlan(scan, old, shard_of_doc, stale, reread, time.perf_counter() - t0, sorted(deleted))
 
 
+def _stored_tokens(conn: psycopg.Connection, source: Source) -> dict[str, str | None]:
+    """Each source document's stored change token beyond (size, mtime): for an object store, from
+    the ETag and version id its metadata carries (written in the same transaction as the manifest
+    row, and restored with it from snapshots). Empty for a folder, whose token is None."""
+    keys = tuple(getattr(source, "token_metadata_keys", ()))
+    if not keys:
+        return {}
+    cols = ", ".join("metadata->>%s" for _ in keys)
+    rows = conn.execute(
+        f"SELECT doc_id, {cols} FROM manifest WHERE source = %s", (*keys, source.name)
+    ).fetchall()
+    return {r[0]: source.token_of(*r[1:]) for r in rows}
+
+
 # A refresh may delete at most this many documents without a check, whatever the share.
 MASS_DELETE_FLOOR = 5
 
@@ -206,7 +229,7 @@ class MassDeleteRefused(IndexingError):
     """A refresh would delete most of the index; nothing was changed."""
 
 
-def check_deletes(plan: ScanPlan, source: FolderSource | None, max_fraction: float, *, allow: bool) -> None:
+def check_deletes(plan: ScanPlan, source: Source | None, max_fraction: float, *, allow: bool) -> None:
     """Refuse a refresh that would delete more than ``max_fraction`` of the source's documents.
 
     A mistyped path, an empty mount, ``RAG_INCLUDE=',,,'``: each looks like "every file was deleted",
@@ -216,12 +239,12 @@ def check_deletes(plan: ScanPlan, source: FolderSource | None, max_fraction: flo
     n, total = len(plan.deleted), plan.source_docs
     if allow or n <= MASS_DELETE_FLOOR or n <= max_fraction * total:
         return
-    where = source.root if source is not None else "the source"
+    where = source.describe() if source is not None else "the source"
     sample = ", ".join(plan.deleted[:3])
     raise MassDeleteRefused(
         f"refusing to delete {n} of the {total} documents of this index ({n / total:.0%} > "
         f"RAG_MAX_DELETE_FRACTION={max_fraction:g}): they are missing from {where} (e.g. {sample}). "
-        "If the folder or globs are wrong, fix them; if the documents really were deleted, run again "
+        "If the folder, bucket, prefix or globs are wrong, fix them; if the documents really were deleted, run again "
         "with --allow-deletes"
     )
 
@@ -257,8 +280,9 @@ class StageContext:
         require_shard_count(conn, settings.shards)
         return cls(settings, conn, embedder, chunker, eid, run_id or uuid.uuid4().hex, kind)
 
-    def source(self, path: Path | str | None = None, *, change_source: bool = False) -> FolderSource | None:
-        """The folder this index reads, from its recorded binding (``store/source_binding.py``).
+    def source(self, path: Path | str | None = None, *, change_source: bool = False) -> Source | None:
+        """The source this index reads (a folder or an ``s3://`` bucket prefix), from its recorded
+        binding (``store/source_binding.py``).
 
         An explicit ``path`` (the CLI's ``index PATH``) is checked against the binding, recorded
         when none exists yet, and replaces it only with ``change_source``. Without one every path
@@ -270,15 +294,11 @@ class StageContext:
         if path is not None:
             spec = SourceSpec.of(path, s.include, s.exclude)
             bind_source(self.conn, spec, change=change_source)
-            return FolderSource(
-                spec.root, spec.include, spec.exclude, s.max_doc_bytes, max_metadata_bytes=s.max_metadata_bytes
-            )
+            return open_source(spec.root, spec.include, spec.exclude, s)
         bound = bound_folder(self.conn, s)
         if bound is None:
             return None
-        return FolderSource(
-            bound.root, bound.include, bound.exclude, s.max_doc_bytes, max_metadata_bytes=s.max_metadata_bytes
-        )
+        return open_source(bound.root, bound.include, bound.exclude, s)
 
     def target(self, fresh_token: str | None = None) -> Generation:
         return target_generation(
@@ -296,7 +316,7 @@ class StageContext:
 
 
 def manifest_stage(
-    ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: FolderSource | None
+    ctx: StageContext, shards: Iterable[int], plan: ScanPlan, source: Source | None
 ) -> ManifestResult:
     """Read the changed files of ``shards`` and record their new manifest (one transaction).
 
@@ -339,13 +359,17 @@ def manifest_stage(
 
 def _folder_updates(
     plan: ScanPlan,
-    source: FolderSource,
+    source: Source,
     shards: set[int],
     current: dict[str, ManifestEntry],
     errors: list[dict],
 ) -> dict[str, DocUpdate]:
-    """The new state of the folder's documents in ``shards``, decided against ``current`` (locked)."""
+    """The new state of the source's documents in ``shards``, decided against ``current`` (locked).
+
+    The documents to read are read through ``source.read_many`` (a bucket's GETs in parallel,
+    bounded by ``RAG_S3_GET_CONCURRENCY``)."""
     updates: dict[str, DocUpdate] = {}
+    to_read: list[str] = []
     for doc_id in sorted(plan.scan.stats):
         shard = plan.shard_of_doc[doc_id]
         if shard not in shards:
@@ -355,12 +379,14 @@ def _folder_updates(
         if doc_id not in plan.reread and unchanged_since_plan:
             updates[doc_id] = DocUpdate(o, {}, None)
             continue
-        try:
-            doc = source.read(doc_id, plan.scan.stats[doc_id])
-        except DocumentGone:
+        to_read.append(doc_id)
+    for doc_id, doc in source.read_many((d, plan.scan.stats[d]) for d in to_read):
+        shard = plan.shard_of_doc[doc_id]
+        o = current.get(doc_id)
+        if isinstance(doc, DocumentGone):
             continue  # deleted while we ran: it is simply gone
-        except DocumentError as e:
-            errors.append({"doc_id": e.doc_id, "error": e.reason})
+        if isinstance(doc, Exception):  # a DocumentError naming the document
+            errors.append({"doc_id": doc.doc_id, "error": doc.reason})
             if o is not None and o.source == source.name:
                 updates[doc_id] = DocUpdate(o, {}, None)  # keep the last good version indexed
             continue
@@ -377,7 +403,7 @@ def _folder_updates(
 def _record_source_errors(
     conn: psycopg.Connection, source: str, plan: ScanPlan, errors: list[dict], read_ok: list[str]
 ) -> None:
-    """Remember failing files with their stat (so they are not re-read until they change)."""
+    """Remember failing documents with their change token (not re-read until they change)."""
     with conn.transaction():
         if read_ok:
             conn.execute("DELETE FROM source_errors WHERE doc_id = ANY(%s)", (read_ok,))
@@ -387,6 +413,7 @@ def _record_source_errors(
                 source,
                 plan.scan.stats[e["doc_id"]].size,
                 plan.scan.stats[e["doc_id"]].mtime_ns,
+                plan.scan.stats[e["doc_id"]].token,
                 e["error"],
             )
             for e in errors
@@ -395,9 +422,10 @@ def _record_source_errors(
         if rows:
             with conn.cursor() as cur:
                 cur.executemany(
-                    """INSERT INTO source_errors (doc_id, source, size, mtime_ns, error) VALUES (%s, %s, %s, %s, %s)
+                    """INSERT INTO source_errors (doc_id, source, size, mtime_ns, token, error)
+                       VALUES (%s, %s, %s, %s, %s, %s)
                        ON CONFLICT (doc_id) DO UPDATE SET size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns,
-                           error = EXCLUDED.error, seen_at = now()""",
+                           token = EXCLUDED.token, error = EXCLUDED.error, seen_at = now()""",
                     rows,
                 )
 
@@ -594,7 +622,7 @@ class Indexer:
     def embedder(self) -> Embedder:
         return self.ctx.embedder
 
-    def source(self, path=None, *, change_source: bool = False) -> FolderSource | None:
+    def source(self, path=None, *, change_source: bool = False) -> Source | None:
         return self.ctx.source(path, change_source=change_source)
 
     def refresh(
@@ -608,8 +636,9 @@ class Indexer:
         allow_deletes: bool = False,
         change_source: bool = False,
     ) -> RefreshReport:
-        """Incremental refresh (or ``full`` rebuild into a new generation) of the folder at ``path``
-        (default: the folder the index is bound to; see :meth:`StageContext.source`)."""
+        """Incremental refresh (or ``full`` rebuild into a new generation) of the source at ``path``
+        (a folder or ``s3://bucket/prefix``; default: the source the index is bound to; see
+        :meth:`StageContext.source`)."""
         t_start = time.perf_counter()
         started_at = datetime.now(UTC)
         ctx = self.ctx

@@ -206,6 +206,10 @@ class Settings:
     quality_questions: str | None = None  # JSONL question set; unset: switches are not gated
     quality_k: int = 5
     quality_tolerance: float = 0.02  # largest drop of recall@k a new generation may show
+    # sources (object store): RAG_SOURCE_URI, RAG_S3_GET_CONCURRENCY, RAG_S3_MAX_ATTEMPTS
+    source_uri: str | None = None  # a folder or s3://bucket/prefix a new index binds; wins over source_path
+    s3_get_concurrency: int = 16  # parallel GetObject requests of one manifest stage
+    s3_max_attempts: int = 10  # botocore standard-mode retries (throttling, 5xx, connection errors)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -279,6 +283,10 @@ class Settings:
             format_max_zip_ratio=_int(e, "RAG_FORMAT_MAX_ZIP_RATIO", 200, 1),
             format_timeout_s=_float(e, "RAG_FORMAT_TIMEOUT_S", 120.0),  # type: ignore[arg-type]
             format_memory_mb=_int(e, "RAG_FORMAT_MEMORY_MB", 2048, 0),
+            # sources (object store)
+            source_uri=e.get("RAG_SOURCE_URI") or None,
+            s3_get_concurrency=_int(e, "RAG_S3_GET_CONCURRENCY", 16, 1, 256),
+            s3_max_attempts=_int(e, "RAG_S3_MAX_ATTEMPTS", 10, 1, 50),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from rag_assets.sources import (
     DocumentError,
@@ -126,3 +129,151 @@ def test_read_of_deleted_file_is_gone(tmp_path):
 def test_missing_root_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="source folder does not exist"):
         FolderSource(tmp_path / "nope").scan()
+
+
+# --- one front-matter parser (rag_assets/front_matter.py) -------------------------------------
+
+FM_EDGE = [
+    "---\ntitle: a\n---\n# H\n\nBody.\n",
+    "--- \t\ntitle: a\n--- \t\nBody after spaces.\n",
+    "---\ntitle: a\n...\nBody after dots.\n",
+    "---\ntitle: a\n\nunterminated body.\n",
+    "---\nTitle\n---\n\nreST body.\n",
+    "---\n- a\n- b\n---\nlist block body.\n",
+    "---\n---\nempty block body.\n",
+    "\ufeff---\ntitle: a\n---\nBOM body.\n",
+    "---\r\ntitle: a\r\n---\r\nCRLF body.\r\n",
+    "---\ntitle: a\n---",
+    "---\na: 1\n---\n---\nb: 2\n---\nsecond block body.\n",
+    "intro\n---\ntitle: a\n---\nlate block.\n",
+    "---\x0c\ntitle: a\n---\nform feed opener.\n",
+]
+
+
+def _chunk_digest(root) -> str:
+    """Every chunk (id inputs: doc, seq, hash, span) of both chunkers over the sample corpus read
+    through the folder source's text path, plus the edge cases given to the chunkers directly."""
+    import hashlib
+    from pathlib import Path
+
+    from rag_assets.chunking import FixedWindowChunker, StructureChunker
+
+    h = hashlib.sha256()
+    chunkers = [StructureChunker(), FixedWindowChunker(max_tokens=512)]
+    for p in sorted(Path(root).rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        try:
+            doc = make_document(rel, p.read_bytes(), 0, 10 << 20)
+        except DocumentError as e:
+            h.update(f"{rel}\0error\0{e.reason}\n".encode())
+            continue
+        for c in chunkers:
+            for ch in c.chunk(doc.text):
+                h.update(f"{rel}\0{ch.seq}\0{ch.chunk_hash}\0{ch.start}\0{ch.end}\n".encode())
+    for i, t in enumerate(FM_EDGE):
+        for c in chunkers:
+            for ch in c.chunk(t):
+                h.update(f"edge{i}\0{ch.seq}\0{ch.chunk_hash}\0{ch.start}\0{ch.end}\n".encode())
+    return h.hexdigest()
+
+
+def test_chunks_are_unchanged_by_the_shared_front_matter_parser():
+    """The digest was computed with the two parsers of the previous release (the chunker's own
+    ``_front_matter_end``): chunk ids and spans are the same, so the chunker versions stay."""
+    from pathlib import Path
+
+    from rag_assets.chunking import FIXED_CHUNKER_VERSION, STRUCTURE_CHUNKER_VERSION
+
+    root = Path(__file__).resolve().parent.parent / "samples" / "corpus"
+    assert _chunk_digest(root) == "ad1ee35ec59fa1617f30e35cc8c226e88ad1658ced1bfa9ccbf9e6d9d9a53688"
+    assert (STRUCTURE_CHUNKER_VERSION, FIXED_CHUNKER_VERSION) == ("structure-v2", "fixed512-v1")
+
+
+@pytest.mark.parametrize(
+    "raw,meta,body",
+    [
+        # a BOM is removed before the rules apply, so it never hides a block
+        ("\ufeff---\ntitle: T\n---\nbody\n", {"title": "T"}, "body\n"),
+        # spaces and tabs after the opening and closing lines
+        ("--- \t\na: 1\n--- \t\nbody\n", {"a": 1}, "body\n"),
+        # CRLF and CR line ends are normalised first
+        ("---\r\na: 1\r\n---\r\nbody\r\n", {"a": 1}, "body\n"),
+        ("---\ra: 1\r---\rbody", {"a": 1}, "body"),
+        # "..." closes a block too
+        ("---\na: 1\n...\nbody\n", {"a": 1}, "body\n"),
+        # unterminated: no front matter, nothing lost
+        ("---\na: 1\n\nbody\n", {}, "---\na: 1\n\nbody\n"),
+        # an empty block is empty metadata
+        ("---\n---\nbody", {}, "body"),
+        # a block at the very end, with no line end after it
+        ("---\na: 1\n---", {"a": 1}, ""),
+        # a block further down is body text
+        ("intro\n---\na: 1\n---\n", {}, "intro\n---\na: 1\n---\n"),
+        # a reST over- and underlined title is not front matter (it was an error before)
+        ("---\nTitle\n---\n\nBody.\n", {}, "---\nTitle\n---\n\nBody.\n"),
+    ],
+)
+def test_front_matter_rules_on_edge_cases(raw, meta, body):
+    from rag_assets.chunking import StructureChunker
+    from rag_assets.front_matter import front_matter_end
+
+    doc = make_document("e.md", raw.encode(), 0, 1 << 20)
+    assert {k: v for k, v in doc.metadata.items() if k not in ("title", "path", "size", "mtime")} == {
+        k: v for k, v in meta.items() if k != "title"
+    }
+    if "title" in meta:
+        assert doc.metadata["title"] == meta["title"]
+    assert doc.text == body
+    # the chunker skips exactly what the source took as front matter: the body has none left
+    assert front_matter_end(doc.text) == 0
+    chunks = StructureChunker().chunk(doc.text)
+    assert "".join(c.text for c in chunks).replace("\n", "").replace(" ", "") == "".join(body.split())
+
+
+def test_rest_title_block_gives_the_title():
+    doc = make_document("page.rst", b"---\nThe Title\n---\n\nBody.\n", 0, 1 << 20)
+    assert doc.metadata["title"] == "The Title"
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "page.rst", "page.md"])
+def test_front_matter_is_read_in_every_text_format(name):
+    doc = make_document(name, b"---\ntags: [x]\n---\nBody.\n", 0, 1 << 20)
+    assert doc.metadata["tags"] == ["x"] and doc.text == "Body.\n"
+
+
+def test_a_block_that_is_yaml_but_not_a_mapping_is_an_error():
+    with pytest.raises(DocumentError, match=r"l\.md: front matter must be a YAML mapping"):
+        make_document("l.md", b"---\n- a\n- b\n---\nbody\n", 0, 1 << 20)
+
+
+def test_source_metadata_wins_over_front_matter():
+    from rag_assets.sources import FileStat, RawDocument, document_from_raw
+
+    raw = RawDocument(
+        "a.md", b"---\netag: forged\nowner: me\n---\nbody", "text/markdown", FileStat(4, 0, "e1"),
+        {"etag": "e1", "uri": "s3://b/a.md"},
+    )
+    doc = document_from_raw(raw, 1 << 20)
+    assert doc.metadata["etag"] == "e1" and doc.metadata["uri"] == "s3://b/a.md"
+    assert doc.metadata["owner"] == "me"
+
+
+_FM_TEXT = st.text(alphabet=st.sampled_from(list("-.: \tab#\n=")), max_size=40)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(prefix=st.sampled_from(["", "---\n", "--- \n", "---\na: 1\n", "---\nTitle\n"]), rest=_FM_TEXT)
+def test_property_source_body_is_what_the_chunker_skips_to(prefix, rest):
+    """One rule: whenever the source accepts a text, its body is the text after the block the
+    chunker skips; and a text the chunker keeps whole is all body for the source."""
+    from rag_assets.front_matter import front_matter_end
+
+    text = prefix + rest
+    try:
+        _front, body = split_front_matter(text, "p.md")
+    except DocumentError:
+        assert front_matter_end(text) > 0  # only a block can be refused
+        return
+    assert body == text[front_matter_end(text) :]

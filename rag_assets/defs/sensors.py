@@ -14,24 +14,27 @@ import dagster as dg
 
 from rag_assets.manifest import shard_key, shard_of
 from rag_assets.settings import Settings
-from rag_assets.sources import FolderSource
+from rag_assets.sources import Source, open_source
 from rag_assets.store.db import connect_index
 from rag_assets.store.source_binding import bound_folder
 
 from .names import IndexNames
 
 
-def shard_stat_versions(source: FolderSource, n_shards: int) -> tuple[dict[int, str], dict[int, int]]:
-    """Per shard: a hash of its files' (path, size, mtime) — the fast path's view — and a file count.
+def shard_stat_versions(source: Source, n_shards: int) -> tuple[dict[int, str], dict[int, int]]:
+    """Per shard: a hash of its documents' change tokens — the fast path's view: a file's (path,
+    size, mtime), an object's (key, size, LastModified, ETag/version) — and a document count.
 
     Any edit, add, delete, rename or touch changes the version of the shards involved, without
-    reading a single file (the manifest stage decides later whether content really changed).
+    reading a single document (the manifest stage decides later whether content really changed).
+    A folder's hash input is as it always was (no token), so an upgrade reports no shard changed.
     """
     hashes: dict[int, hashlib._Hash] = {s: hashlib.sha256() for s in range(n_shards)}
     counts = dict.fromkeys(range(n_shards), 0)
     for doc_id, st in sorted(source.scan().stats.items()):
         s = shard_of(doc_id, n_shards)
-        hashes[s].update(f"{doc_id}\0{st.size}\0{st.mtime_ns}\n".encode("utf-8", "surrogatepass"))
+        token = "" if st.token is None else f"\0{st.token}"
+        hashes[s].update(f"{doc_id}\0{st.size}\0{st.mtime_ns}{token}\n".encode("utf-8", "surrogatepass"))
         counts[s] += 1
     return {s: h.hexdigest()[:24] for s, h in hashes.items()}, counts
 
@@ -85,7 +88,7 @@ def build_sensors(settings: Settings, finish_generation: dg.JobDefinition | None
             conn.close()
         if bound is None:
             return dg.SkipReason("this index has no folder source (webhook documents only)")
-        source = FolderSource(bound.root, bound.include, bound.exclude, settings.max_doc_bytes)
+        source = open_source(str(bound.root), bound.include, bound.exclude, settings)
         versions, counts = shard_stat_versions(source, settings.shards)
         last = json.loads(context.cursor) if context.cursor else {}
         changed = [s for s in range(settings.shards) if last.get(shard_key(s)) != versions[s]]

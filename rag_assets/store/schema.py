@@ -183,6 +183,9 @@ DDL = [
         page_ends integer[] NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (content_sha256, converter_key))""",
+    # A failing object's change token beyond (size, mtime_ns): its ETag and version id (sources/s3.py),
+    # so a broken object rewritten within the same second is read again. NULL for files.
+    "ALTER TABLE {s}.source_errors ADD COLUMN IF NOT EXISTS token text",
 ]
 
 

@@ -1,4 +1,6 @@
-"""Which folder an index is built from: recorded once, used by every path, changed only on purpose.
+"""Which source an index is built from: recorded once, used by every path, changed only on purpose.
+
+The root is a folder (recorded absolute and resolved) or an ``s3://bucket/prefix/`` URI.
 
 Why: the sensors, the service applier and ``rag-assets dev`` used to read ``RAG_SOURCE_PATH``
 (default ``samples/corpus``, relative to the working directory). One webhook then deleted every real
@@ -29,13 +31,15 @@ class SourceMismatch(SettingsError):
 class SourceSpec:
     """An index's folder source: where and which files."""
 
-    root: str  # absolute, resolved
+    root: str  # absolute, resolved folder, or s3://bucket/prefix/
     include: tuple[str, ...]
     exclude: tuple[str, ...]
 
     @classmethod
     def of(cls, root: Path | str, include, exclude) -> SourceSpec:
-        return cls(str(Path(root).resolve()), tuple(include), tuple(exclude))
+        from rag_assets.sources.open import canonical_root
+
+        return cls(canonical_root(root), tuple(include), tuple(exclude))
 
     def as_json(self) -> dict:
         return {"root": self.root, "include": list(self.include), "exclude": list(self.exclude)}
@@ -79,6 +83,7 @@ def bind_source(conn: psycopg.Connection, spec: SourceSpec, *, change: bool = Fa
 
 
 def folder_documents(conn: psycopg.Connection) -> int:
+    """Documents of the bound source (folder or bucket: one manifest tag, ``BOUND_SOURCE_TAG``)."""
     return conn.execute("SELECT count(*) FROM manifest WHERE source = 'folder'").fetchone()[0]
 
 
@@ -86,11 +91,16 @@ def bound_folder(conn: psycopg.Connection, settings) -> SourceSpec | None:
     """The folder every path without an explicit one reads (sensors, service, assets, audit).
 
     The recorded binding; for an index with no binding and no folder documents yet, the configured
-    ``RAG_SOURCE_PATH`` if it exists (the first build from ``dagster dev``), which is then recorded;
-    otherwise None: the index has no folder (webhook documents only) and no folder work is done.
+    ``RAG_SOURCE_URI`` (an ``s3://`` URI, or a folder if it exists), else ``RAG_SOURCE_PATH`` if it
+    exists (the first build from ``dagster dev``), which is then recorded; otherwise None: the index
+    has no source (webhook documents only) and no source work is done.
     """
+    from rag_assets.sources.open import is_s3_uri
+
     bound = load_binding(conn)
-    if bound is None and folder_documents(conn) == 0 and Path(settings.source_path).is_dir():
-        bound = SourceSpec.of(settings.source_path, settings.include, settings.exclude)
-        bind_source(conn, bound)
+    if bound is None and folder_documents(conn) == 0:
+        root = settings.source_uri or settings.source_path
+        if is_s3_uri(root) or Path(root).is_dir():
+            bound = SourceSpec.of(root, settings.include, settings.exclude)
+            bind_source(conn, bound)
     return bound
