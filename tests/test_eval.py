@@ -227,8 +227,8 @@ def test_chunk_labels_are_scored_by_passage(settings, docs_dir):
     assert evaluate(settings, load_questions(q), k=2, split="dev").n == 1
     exact = evaluate(settings, load_questions(q), k=2, exact=True)
     assert exact.exact and [r.ranked_docs for r in exact.results] == [r.ranked_docs for r in rep.results]
-    with pytest.raises(EvalError, match="mode 'hybrid' is not supported"):
-        evaluate(settings, load_questions(q), mode="hybrid")
+    with pytest.raises(EvalError, match="mode 'sparse' is not supported"):
+        evaluate(settings, load_questions(q), mode="sparse")
     with pytest.raises(EvalError, match="generation 7 does not exist"):
         evaluate(settings, load_questions(q), generation=7)
 
