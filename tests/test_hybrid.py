@@ -49,6 +49,7 @@ def test_rrf_fusion_of_a_known_pair_of_rankings():
     assert arm_depth(5) == 20 and arm_depth(10) == 40 and arm_depth(900) == 1000
     assert uses_search_syntax('"a phrase"') and uses_search_syntax("cache -redis")
     assert not uses_search_syntax("How do I make writes atomic?")
+    assert not uses_search_syntax("Is exists() or count() cheaper?") and not uses_search_syntax("read-only")
 
 
 def test_an_exact_term_is_found_by_keyword_and_hybrid_not_by_vector(settings, docs_dir):
