@@ -15,7 +15,8 @@ Corpora (``--corpus``):
 
 Measurements:
 
-* in process: ``rag_assets.query.search`` (embed + HNSW top-10) over Q queries, p50/p99;
+* in process: ``rag_assets.query.search`` (embed + HNSW top-10) over Q queries, p50/p99; the same
+  in ``keyword`` mode (full text through the GIN index) and ``hybrid`` mode (both arms, RRF);
 * over HTTP: ``POST /query`` to a real service process (uvicorn, loopback, one keep-alive client,
   sequential requests), p50/p99;
 * recall@10 of the HNSW search against exact search (``search_vector(..., exact=True)``) on the
@@ -238,6 +239,17 @@ def bench_size(
             lat.append((time.perf_counter() - t) * 1000)
         out["inproc_p50_ms"], out["inproc_p99_ms"] = pct(lat, 50), pct(lat, 99)
 
+        # the same in keyword mode (full text, GIN) and hybrid mode (both arms over 40 candidates, RRF)
+        for mode in ("keyword", "hybrid"):
+            for q in queries[:50]:
+                search(conn, embedder, q, 10, mode=mode)
+            lat = []
+            for q in queries:
+                t = time.perf_counter()
+                search(conn, embedder, q, 10, mode=mode)
+                lat.append((time.perf_counter() - t) * 1000)
+            out[f"{mode}_p50_ms"], out[f"{mode}_p99_ms"] = pct(lat, 50), pct(lat, 99)
+
         # recall@10 vs exact search, for several ef_search values
         vecs = embedder.embed(queries, EmbedStats(), labels=["query"] * len(queries))
         exact, t_exact = [], []
@@ -334,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             if srv is not None:
                 srv.cleanup()
     cols = [("corpus", "corpus"), ("chunks", "chunks"), ("index_build_s", "build s"), ("inproc_p50_ms", "in-proc p50 ms"),
-            ("inproc_p99_ms", "in-proc p99 ms"), ("http_p50_ms", "HTTP p50 ms"), ("http_p99_ms", "HTTP p99 ms"),
+            ("inproc_p99_ms", "in-proc p99 ms"), ("keyword_p50_ms", "keyword p50 ms"),
+            ("keyword_p99_ms", "keyword p99 ms"), ("hybrid_p50_ms", "hybrid p50 ms"), ("hybrid_p99_ms", "hybrid p99 ms"),
+            ("http_p50_ms", "HTTP p50 ms"), ("http_p99_ms", "HTTP p99 ms"),
             ("exact_p50_ms", "exact p50 ms"), ("recall_at_10", "recall@10 (ef=40)"),
             ("loadavg_1m", "load avg before/after")]  # fmt: skip
     print(" | ".join(h for _, h in cols))

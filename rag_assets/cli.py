@@ -92,6 +92,8 @@ def cmd_query(args, settings: Settings) -> int:
             args.k,
             parse_filters(args.filter),
             args.min_score,
+            mode=args.mode or settings.retrieval_mode,
+            rrf_k=settings.rrf_k,
             ef_search=settings.hnsw_ef_search,
         )
     finally:
@@ -252,6 +254,7 @@ def cmd_snapshot(args, settings: Settings) -> int:
                 hnsw_ef_construction=settings.hnsw_ef_construction,
                 hnsw_memory_cap_mb=settings.hnsw_build_memory_mb,
                 memory_budget_mb=settings.snapshot_restore_memory_mb,
+                text_search_config=settings.text_search_config,
             )
     finally:
         conn.close()
@@ -448,14 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("-k", type=int, default=5)
     s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
-    s.add_argument("--min-score", type=float, default=None)
+    s.add_argument("--min-score", type=float, default=None, help="drop hits scoring below this (the mode's score)")
+    s.add_argument(
+        "--mode",
+        choices=("vector", "keyword", "hybrid"),
+        default=None,
+        help="ranking: vector, keyword (full text) or hybrid (both, fused by RRF); default RAG_RETRIEVAL_MODE",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_query)
 
     s = sub.add_parser("eval", help="retrieval quality on a labelled question set (recall, MRR, nDCG at k)")
     s.add_argument("questions", metavar="QUESTIONS.jsonl")
     s.add_argument("-k", type=int, default=10, help="documents ranked per question (default 10)")
-    s.add_argument("--mode", default="vector", help="ranking: vector (the only one the query path has)")
+    s.add_argument(
+        "--mode",
+        choices=("vector", "keyword", "hybrid"),
+        default=None,
+        help="ranking: vector, keyword or hybrid; default RAG_RETRIEVAL_MODE",
+    )
     s.add_argument("--generation", type=int, default=None, help="a generation other than the live one")
     s.add_argument("--split", choices=("dev", "report"), default=None, help="only this part of the set")
     s.add_argument("--exact", action="store_true", help="rank by exact distance, not through the HNSW index")

@@ -96,6 +96,12 @@ class Hnsw(dg.Model):
     build_memory_mb: int | None = None
 
 
+class Retrieval(dg.Model):
+    mode: str | None = None  # vector | keyword | hybrid
+    text_search_config: str | None = None
+    rrf_k: int | None = None
+
+
 class RagIndexScaffolder(dg.Scaffolder):
     """``dg scaffold defs rag_assets.RagIndex NAME``: a defs.yaml for an index named after its folder."""
 
@@ -141,6 +147,7 @@ class RagIndex(dg.Component, dg.Model, dg.Resolvable):
     automation: Automation = Field(default_factory=Automation)
     service: Service = Field(default_factory=Service)
     hnsw: Hnsw = Field(default_factory=Hnsw)
+    retrieval: Retrieval = Field(default_factory=Retrieval)
     keep_generations: int | None = None
     home: str | None = Field(None, description="Embedded server, snapshots and Dagster CLI runs (default .rag_home).")
 

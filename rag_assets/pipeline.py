@@ -302,7 +302,12 @@ class StageContext:
 
     def target(self, fresh_token: str | None = None) -> Generation:
         return target_generation(
-            self.conn, self.embedder_id, self.chunker.version, self.embedder.dims, fresh_token=fresh_token
+            self.conn,
+            self.embedder_id,
+            self.chunker.version,
+            self.embedder.dims,
+            fresh_token=fresh_token,
+            text_search_config=self.settings.text_search_config,
         )
 
     def pending_shards(self, plan: ScanPlan, gen: Generation) -> set[int]:

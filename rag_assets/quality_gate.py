@@ -66,7 +66,8 @@ def refusal(conn: psycopg.Connection, gen_id: int) -> dict | None:
 
 
 def measure(settings: Settings, gen_id: int) -> float:
-    """recall@k of generation ``gen_id`` on the configured question set (exact distance)."""
+    """recall@k of generation ``gen_id`` on the configured question set, in the mode the index serves
+    (``RAG_RETRIEVAL_MODE``), vectors by exact distance."""
     from rag_assets.eval.questions import load_questions
     from rag_assets.eval.run import evaluate
 

@@ -1,6 +1,17 @@
-"""Top-k retrieval over the live generation, with metadata filters that still return k results.
+"""Top-k retrieval over the live generation: by vector, by keyword (Postgres full text), or both fused.
 
-pgvector applies WHERE clauses after the HNSW scan, so a selective filter on a plain scan returns
+Modes (``rag-assets query --mode``, the query API's ``mode``, RAG_RETRIEVAL_MODE):
+
+- ``vector``: cosine similarity to the embedded question; ``score`` is the similarity (1 = same direction).
+- ``keyword``: the generation's stored ``tsvector``, in the generation's own text search configuration,
+  matched by any word of a plain question, or by ``websearch_to_tsquery`` when the text uses its
+  narrowing syntax (``"a phrase"``, ``-word``); ``score`` is ``ts_rank_cd``, plus 1 for a chunk that
+  holds every word (:func:`search_keyword`).
+- ``hybrid``: both arms, each over-fetched (:func:`arm_depth`) with the metadata filter applied inside
+  it, fused by reciprocal rank fusion (:func:`rrf_fuse`); ``score`` is the fused score,
+  ``sum(1 / (rrf_k + rank))`` over the arms that found the chunk (at most ``2 / (rrf_k + 1)``).
+
+``min_score`` is compared with the mode's own score. pgvector applies WHERE clauses after the HNSW scan, so a selective filter on a plain scan returns
 fewer than k rows (pgvector#751). We enable iterative index scans (pgvector ≥ 0.8) in the query's
 transaction, and re-sort the over-fetched candidates by exact distance, as the pgvector README
 recommends for ``relaxed_order``.
@@ -9,15 +20,27 @@ recommends for ``relaxed_order``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from rag_assets.embedders import Embedder, EmbedStats
+from rag_assets.store import schema
+from rag_assets.store.generations import GEN_LOCK
 from rag_assets.store.serving import live_generation
+
+MODES = ("vector", "keyword", "hybrid")
+DEFAULT_RRF_K = 60  # Cormack et al. 2009's constant; RAG_RRF_K
+ARM_FACTOR = 4  # each hybrid arm ranks this many times k candidates before fusing
+ARM_MIN = 20
+MAX_K = 1000
+log = logging.getLogger(__name__)
 
 DEFAULT_EF_SEARCH = 100  # pgvector's 40 gave recall@10 0.89 at 10k chunks in benchmarks/query_latency.py
 # A hit carries at most this much metadata (canonical JSON). Indexing refuses documents whose metadata
@@ -82,6 +105,156 @@ def _filter_sql(filt: Mapping[str, object] | None) -> tuple[str, list]:
     return " WHERE " + " AND ".join(clauses), params
 
 
+def _and_filter_sql(filt: Mapping[str, object] | None) -> tuple[str, list]:
+    where, params = _filter_sql(filt)
+    return (" AND " + where.removeprefix(" WHERE ") if where else ""), params
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise QueryError(f"k={k}: must be between 1 and {MAX_K}")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise QueryError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+def arm_depth(k: int) -> int:
+    """Candidates each hybrid arm ranks for a top-``k`` answer: 4×k (at least 20, at most 1000), so a
+    chunk ranked low by one arm but high by the other can still reach the fused top k."""
+    return min(MAX_K, max(ARM_FACTOR * k, ARM_MIN))
+
+
+def rrf_fuse(rankings: Sequence[Sequence[str]], k: int = DEFAULT_RRF_K) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: each id scores ``sum(1 / (k + rank))`` over the rankings that hold it
+    (rank 1 = best), best first; ties go to the better best rank, then to the id. Only ranks count,
+    so a cosine similarity and a ``ts_rank_cd`` need no common scale."""
+    if k < 1:
+        raise QueryError(f"rrf_k={k}: must be at least 1")
+    scores: dict[str, float] = {}
+    best: dict[str, int] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(dict.fromkeys(ranking), 1):  # an id counts once per ranking
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+            best[key] = min(best.get(key, rank), rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], kv[0]))
+
+
+def _repair_view(conn: psycopg.Connection) -> None:
+    """Redefine ``items`` (under the generation lock) when it predates the full-text columns: an index
+    built by an earlier release keeps its view until the next switch."""
+    with conn.transaction():
+        conn.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(GEN_LOCK))
+        live = live_generation(conn)
+        if live is None:
+            raise QueryError("the index is empty: run `rag-assets index PATH` first")
+        conn.execute("DROP VIEW IF EXISTS items")
+        schema.point_view_at(conn, live.id)
+
+
+# The OR of the text's lexemes, normalised by the generation's configuration (stop words dropped).
+_ANY_WORD = """(SELECT string_agg(quote_literal(l), ' | ')
+                FROM unnest(tsvector_to_array(to_tsvector(ts_config, %s))) l)::tsquery"""
+_SEARCH_SYNTAX = re.compile(r'"|(^|\s)-\w')
+
+
+def uses_search_syntax(text: str) -> bool:
+    """Whether ``text`` uses web-search syntax that narrows (``"a phrase"``, ``-word``): it is then
+    taken literally by ``websearch_to_tsquery``. ``or`` does not count: questions say it ("exists() or
+    count()?"), and matching any word already includes both sides. Plain text (a question) matches
+    chunks holding any of its words instead: requiring every word of "How do I make a group of database writes atomic?"
+    matched 12 % of the samples set's dev questions within 10, any word ranked by density far more."""
+    return bool(_SEARCH_SYNTAX.search(text))
+
+
+def search_keyword(
+    conn: psycopg.Connection,
+    text: str,
+    k: int = 10,
+    filt: Mapping[str, object] | None = None,
+    min_score: float | None = None,
+) -> QueryResult:
+    """Top-k chunks of the live generation whose full text matches ``text``, by ``ts_rank_cd``.
+
+    Text with web-search syntax must match as ``websearch_to_tsquery`` reads it; plain text matches
+    any of its words (:func:`uses_search_syntax`). The score is ``ts_rank_cd`` over the words, plus 1
+    when the chunk matches ``websearch_to_tsquery`` of the whole text (every word). A text of stop
+    words only matches nothing."""
+    _check_k(k)
+    if not text or not text.strip():
+        raise QueryError("query text is empty")
+    where, params = _and_filter_sql(filt)
+    # a question matches any of its words (chunks holding all of them first); search syntax is literal
+    match = "websearch_to_tsquery(ts_config, %s)" if uses_search_syntax(text) else _ANY_WORD
+    stmt = f"""SELECT chunk_id, doc_id, seq, text, metadata, generation,
+                      ts_rank_cd(tsv, {match}) + (tsv @@ websearch_to_tsquery(ts_config, %s))::int AS rank
+               FROM items WHERE tsv @@ {match}{where}
+               ORDER BY rank DESC, doc_id, seq LIMIT %s"""
+    for attempt in (1, 2):
+        try:
+            with conn.transaction():
+                rows = conn.execute(stmt, [text, text, text, *params, k]).fetchall()
+            break
+        except psycopg.errors.UndefinedTable:
+            raise QueryError("the index is empty: run `rag-assets index PATH` first") from None
+        except psycopg.errors.UndefinedColumn:
+            if attempt == 2:
+                raise
+            _repair_view(conn)
+    hits = []
+    generation = None
+    for chunk_id, doc_id, seq, body, metadata, gen, rank in rows:
+        generation = gen
+        score = float(rank)
+        if min_score is not None and score < min_score:
+            continue
+        hits.append(Hit(doc_id, seq, round(score, 6), body, bounded_metadata(metadata), chunk_id))
+    if generation is None:
+        live = live_generation(conn)
+        generation = live.id if live else None
+    return QueryResult(hits, generation)
+
+
+def search_hybrid(
+    conn: psycopg.Connection,
+    vector: np.ndarray,
+    text: str,
+    k: int = 10,
+    filt: Mapping[str, object] | None = None,
+    min_score: float | None = None,
+    *,
+    rrf_k: int = DEFAULT_RRF_K,
+    **kw,
+) -> QueryResult:
+    """Top-k chunks by reciprocal rank fusion of the vector and keyword rankings (``score`` = fused).
+
+    Both arms read the view ``items``; if a generation switch lands between them (they are two
+    statements), they are run again so one answer never mixes two generations."""
+    _check_k(k)
+    depth = arm_depth(k)
+    for _ in range(3):
+        vec = search_vector(conn, vector, depth, filt, **kw)
+        kwd = search_keyword(conn, text, depth, filt)
+        # an arm with no rows reports the live generation read afterwards, which says nothing
+        if not (vec.results and kwd.results) or vec.generation == kwd.generation:
+            break
+    else:
+        raise QueryError("the live generation kept switching during the query; try again")
+    by_id = {h.chunk_id: h for h in (*kwd.results, *vec.results)}
+    fused = rrf_fuse([[h.chunk_id for h in vec.results], [h.chunk_id for h in kwd.results]], rrf_k)
+    hits = []
+    for chunk_id, score in fused:
+        if min_score is not None and score < min_score:
+            continue
+        h = by_id[chunk_id]
+        hits.append(Hit(h.doc_id, h.seq, round(score, 6), h.text, h.metadata, h.chunk_id))
+        if len(hits) == k:
+            break
+    return QueryResult(hits, vec.generation if vec.results or not kwd.results else kwd.generation)
+
+
 def search_vector(
     conn: psycopg.Connection,
     vector: np.ndarray,
@@ -93,8 +266,7 @@ def search_vector(
     exact: bool = False,
 ) -> QueryResult:
     """Top-k chunks of the live generation by cosine similarity to ``vector``."""
-    if not 1 <= k <= 1000:
-        raise QueryError(f"k={k}: must be between 1 and 1000")
+    _check_k(k)
     where, params = _filter_sql(filt)
     tiebreak = ", doc_id, seq" if exact else ""  # exact search is the reference: make ties deterministic
     q = np.asarray(vector, dtype=np.float32)
@@ -176,16 +348,30 @@ def embed_query(embedder: Embedder, text: str) -> np.ndarray:
 def search_embedded(
     conn: psycopg.Connection,
     embedder: Embedder,
-    vector: np.ndarray,
+    vector: np.ndarray | None,
     k: int = 10,
     filt: Mapping[str, object] | None = None,
     min_score: float | None = None,
+    *,
+    mode: str = "vector",
+    text: str | None = None,
+    rrf_k: int = DEFAULT_RRF_K,
     **kw,
 ) -> QueryResult:
-    """Top-k chunks for a vector made by ``embedder`` (:func:`embed_query`): refused unless the live
+    """Top-k chunks in ``mode`` for a vector made by ``embedder`` (:func:`embed_query`; None for
+    ``keyword``) and the question's ``text`` (``keyword``, ``hybrid``): refused unless the live
     generation was built by the same embedder (checked here, on this connection, so a generation
     switched while the text was being embedded is caught)."""
+    check_mode(mode)
     check_embedder_matches(conn, embedder)
+    if mode != "vector" and (text is None or not text.strip()):
+        raise QueryError("query text is empty")
+    if mode == "keyword":
+        return search_keyword(conn, text or "", k, filt, min_score)
+    if vector is None:
+        raise QueryError(f"mode {mode!r} needs the query vector")
+    if mode == "hybrid":
+        return search_hybrid(conn, vector, text or "", k, filt, min_score, rrf_k=rrf_k, **kw)
     return search_vector(conn, vector, k, filt, min_score, **kw)
 
 
@@ -196,14 +382,20 @@ def search(
     k: int = 10,
     filt: Mapping[str, object] | None = None,
     min_score: float | None = None,
+    *,
+    mode: str = "vector",
+    rrf_k: int = DEFAULT_RRF_K,
     **kw,
 ) -> QueryResult:
-    """Embed ``text`` with the live generation's embedder and return the top-k chunks.
+    """Top-k chunks for ``text`` in ``mode`` (the text is embedded by the live generation's
+    embedder unless the mode is ``keyword``).
 
     For a dedicated connection (the CLI). With a pool, call :func:`check_embedder_matches`,
     :func:`embed_query` without a connection, then :func:`search_embedded` (as the service does).
     """
     if not text or not text.strip():
         raise QueryError("query text is empty")
+    check_mode(mode)
     check_embedder_matches(conn, embedder)
-    return search_embedded(conn, embedder, embed_query(embedder, text), k, filt, min_score, **kw)
+    vector = None if mode == "keyword" else embed_query(embedder, text)
+    return search_embedded(conn, embedder, vector, k, filt, min_score, mode=mode, text=text, rrf_k=rrf_k, **kw)

@@ -115,6 +115,25 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
 
 
+RETRIEVAL_MODES = ("vector", "keyword", "hybrid")
+
+
+def _retrieval_mode(value: str) -> str:
+    if value not in RETRIEVAL_MODES:
+        raise SettingsError(f"RAG_RETRIEVAL_MODE={value!r}: use one of {', '.join(RETRIEVAL_MODES)}")
+    return value
+
+
+def _text_search_config(value: str) -> str:
+    """A text search configuration name (``english``, ``simple``, ``public.my_cfg``); whether it exists
+    is checked by the database when a generation is created."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", value):
+        raise SettingsError(
+            f"RAG_TEXT_SEARCH_CONFIG={value!r}: not a text search configuration name (e.g. english, simple)"
+        )
+    return value
+
+
 def _prices(raw: str | None) -> tuple[tuple[str, float], ...]:
     from rag_assets.embedders.pricing import prices_setting  # lazy: the embedders package imports settings
 
@@ -210,6 +229,10 @@ class Settings:
     source_uri: str | None = None  # a folder or s3://bucket/prefix a new index binds; wins over source_path
     s3_get_concurrency: int = 16  # parallel GetObject requests of one manifest stage
     s3_max_attempts: int = 10  # botocore standard-mode retries (throttling, 5xx, connection errors)
+    # retrieval: full-text configuration of new generations, default query mode, RRF constant (issue 14, hybrid)
+    text_search_config: str = "english"  # a PostgreSQL text search configuration (regconfig)
+    retrieval_mode: str = "hybrid"  # vector | keyword | hybrid (chosen by docs/benchmarks.md's measurements)
+    rrf_k: int = 60  # reciprocal rank fusion: score = sum of 1 / (rrf_k + rank)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -287,6 +310,10 @@ class Settings:
             source_uri=e.get("RAG_SOURCE_URI") or None,
             s3_get_concurrency=_int(e, "RAG_S3_GET_CONCURRENCY", 16, 1, 256),
             s3_max_attempts=_int(e, "RAG_S3_MAX_ATTEMPTS", 10, 1, 50),
+            # retrieval (issue 14, hybrid)
+            text_search_config=_text_search_config(e.get("RAG_TEXT_SEARCH_CONFIG") or "english"),
+            retrieval_mode=_retrieval_mode(e.get("RAG_RETRIEVAL_MODE") or "hybrid"),
+            rrf_k=_int(e, "RAG_RRF_K", 60, 1, 100_000),
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
@@ -442,6 +469,9 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "service.apply_interval_s": "RAG_SERVICE_APPLY_INTERVAL_S",
     "service.header_timeout_s": "RAG_SERVICE_HEADER_TIMEOUT_S",
     "service.body_timeout_s": "RAG_SERVICE_BODY_TIMEOUT_S",
+    "retrieval.mode": "RAG_RETRIEVAL_MODE",
+    "retrieval.text_search_config": "RAG_TEXT_SEARCH_CONFIG",
+    "retrieval.rrf_k": "RAG_RRF_K",
 }
 # Attributes that are not one variable's string: lists, and the names of the secrets' variables.
 ATTRIBUTE_FIELD: dict[str, str] = {

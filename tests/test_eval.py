@@ -227,8 +227,8 @@ def test_chunk_labels_are_scored_by_passage(settings, docs_dir):
     assert evaluate(settings, load_questions(q), k=2, split="dev").n == 1
     exact = evaluate(settings, load_questions(q), k=2, exact=True)
     assert exact.exact and [r.ranked_docs for r in exact.results] == [r.ranked_docs for r in rep.results]
-    with pytest.raises(EvalError, match="mode 'hybrid' is not supported"):
-        evaluate(settings, load_questions(q), mode="hybrid")
+    with pytest.raises(EvalError, match="mode 'sparse' is not supported"):
+        evaluate(settings, load_questions(q), mode="sparse")
     with pytest.raises(EvalError, match="generation 7 does not exist"):
         evaluate(settings, load_questions(q), generation=7)
 
@@ -272,7 +272,7 @@ def test_eval_cli_on_the_samples_index(cli):
     cli("index", str(SAMPLES), "--core")
     out = json.loads(cli("eval", str(SAMPLE_SET), "--split", "report", "--json").stdout)
     n_report = len(load_questions(SAMPLE_SET, "report"))
-    assert out["n"] == n_report and out["k"] == 10 and out["mode"] == "vector" and out["split"] == "report"
+    assert out["n"] == n_report and out["k"] == 10 and out["mode"] == "hybrid" and out["split"] == "report"
     assert out["generation"] == 1 and out["missing_docs"] == [] and out["chunk_metrics"] is None
     assert set(out["metrics"]) == {"recall@10", "mrr@10", "ndcg@10"}
     assert all(0.0 <= v <= 1.0 for v in out["metrics"].values())
@@ -302,5 +302,5 @@ def test_eval_cli_on_the_samples_index(cli):
 
     bad = cli("eval", str(SAMPLE_SET), "--generation", "9", ok=False)
     assert bad.returncode == 2 and "generation 9 does not exist" in bad.stderr
-    bad = cli("eval", str(SAMPLE_SET), "--mode", "keyword", ok=False)
-    assert bad.returncode == 2 and "mode 'keyword' is not supported" in bad.stderr
+    bad = cli("eval", str(SAMPLE_SET), "--mode", "sparse", ok=False)
+    assert bad.returncode == 2 and "invalid choice: 'sparse'" in bad.stderr

@@ -47,7 +47,8 @@ def test_a_worse_generation_is_refused_and_the_old_one_keeps_serving(settings, t
             for n, w in TOPICS.items()
         )
     )
-    good = replace(settings, quality_questions=str(qfile), quality_k=1, quality_tolerance=0.05)
+    # the gate measures the mode the index serves; vector mode, so that the model change shows
+    good = replace(settings, quality_questions=str(qfile), quality_k=1, quality_tolerance=0.05, retrieval_mode="vector")
     rep = _refresh(good)
     assert rep.generation_switched
     with connect_index(good) as c:

@@ -341,22 +341,28 @@ def test_query_before_and_after_indexing(client, svc_settings, docs_dir):
     assert r.status_code == 503 and "index is empty" in r.json()["error"] and r.headers["retry-after"]
     assert client.get("/healthz").json() == {"status": "ok", "database": "ok", "generation": None}
     _index(svc_settings, docs_dir)
-    r = client.post("/query", json={"text": "zebra quagga okapi", "k": 3})
+    r = client.post("/query", json={"text": "zebra quagga okapi", "k": 3, "mode": "vector"})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["generation"] == client.get("/healthz").json()["generation"] is not None
     assert len(out["results"]) == 3 and out["results"][0]["doc_id"] == "d5.md"
     assert set(out["results"][0]) >= {"doc_id", "seq", "score", "text", "metadata"}
     assert out["results"][0]["metadata"]["tags"] == ["common"]
-    rare = client.post("/query", json={"text": "vector shards", "k": 5, "filter": {"tags": "rare"}}).json()
+    rare = client.post("/query", json={"text": "vector shards", "k": 5, "filter": {"tags": "rare"}, "mode": "vector"}).json()
     assert len(rare["results"]) == 2 and all(h["metadata"]["tags"] == ["rare"] for h in rare["results"])
-    lvl = client.post("/query", json={"text": "vector shards", "k": 4, "filter": {"level": 1}}).json()
+    lvl = client.post("/query", json={"text": "vector shards", "k": 4, "filter": {"level": 1}, "mode": "vector"}).json()
     assert len(lvl["results"]) == 4 and {h["metadata"]["level"] for h in lvl["results"]} == {1}
     cut = out["results"][1]["score"] + 1e-4  # between the best hit and the runner-up
-    scored = client.post("/query", json={"text": "zebra quagga okapi", "k": 10, "min_score": cut}).json()
+    scored = client.post("/query", json={"text": "zebra quagga okapi", "k": 10, "min_score": cut, "mode": "vector"}).json()
     assert [h["doc_id"] for h in scored["results"]] == ["d5.md"]
-    assert metric(client, "rag_query_latency_seconds_count") == 4
-    assert metric(client, "rag_http_requests_total", route="/query", method="POST", status="200") == 4
+    # keyword: full text, so only the chunk holding the words; the default (hybrid) still gives k hits
+    kw = client.post("/query", json={"text": "zebra quagga okapi", "k": 3, "mode": "keyword"}).json()
+    assert [h["doc_id"] for h in kw["results"]] == ["d5.md"] and kw["results"][0]["score"] > 1
+    hy = client.post("/query", json={"text": "zebra quagga okapi", "k": 3}).json()
+    assert len(hy["results"]) == 3 and hy["results"][0]["doc_id"] == "d5.md"
+    assert hy["results"][0]["score"] == round(2 / 61, 6)  # RRF: first in both arms
+    assert metric(client, "rag_query_latency_seconds_count") == 6
+    assert metric(client, "rag_http_requests_total", route="/query", method="POST", status="200") == 6
     assert metric(client, "rag_http_requests_total", route="/query", method="POST", status="503") == 1
 
 
@@ -382,6 +388,7 @@ QUERY_BAD = [
     ({"text": "x", "min_score": -2}, "min_score"),
     ({"text": "x", "min_score": "0.5"}, "min_score"),
     ({"text": "x", "min_score": False}, "min_score"),
+    ({"text": "x", "mode": "sparse"}, "mode must be one of vector, keyword, hybrid"),
     ({"text": "x", "top_k": 3}, "unknown field"),
     ([1, 2], "JSON object"),
 ]
@@ -999,7 +1006,7 @@ def test_slow_query_embeddings_do_not_hold_database_connections(svc_settings, se
             ThreadPoolExecutor(n_queries) as ex,
         ):
             futures = [
-                ex.submit(c.post, "/query", json={"text": f"vector shards {i}", "k": 2})
+                ex.submit(c.post, "/query", json={"text": f"vector shards {i}", "k": 2, "mode": "vector"})
                 for i in range(n_queries)
             ]
             deadline = time.monotonic() + 10

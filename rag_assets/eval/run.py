@@ -21,13 +21,21 @@ from psycopg import sql
 from rag_assets.embedders import Embedder, make_embedder
 from rag_assets.eval.metrics import dedupe, mrr_at_k, ndcg_at_k, recall_at_k
 from rag_assets.eval.questions import Question, missing_docs
-from rag_assets.query import QueryError, QueryResult, embed_query, search, search_vector
+from rag_assets.query import (
+    MODES,
+    QueryError,
+    QueryResult,
+    embed_query,
+    search,
+    search_hybrid,
+    search_keyword,
+    search_vector,
+)
 from rag_assets.settings import Settings
 from rag_assets.store import schema
 from rag_assets.store.db import connect_index
 from rag_assets.store.serving import Generation, get_generation, live_generation
 
-MODES = ("vector",)  # what rag_assets.query can rank by today
 OVERFETCH = 5  # chunks fetched per ranked document: one document often holds several top hits
 MAX_FETCH = 1000  # rag_assets.query's bound on k
 
@@ -166,11 +174,17 @@ def _shadow_items(conn: psycopg.Connection, gen: int) -> None:
     generation ``gen`` on this connection only, through that generation's own HNSW index, while every
     other reader still sees the live one.
     """
-    conn.execute(
-        sql.SQL(
-            "CREATE OR REPLACE TEMP VIEW items AS SELECT s.*, {gen}::integer AS generation FROM ({rows}) s"
-        ).format(gen=sql.Literal(gen), rows=schema.serving_rows_sql(gen))
-    )
+    conn.execute(sql.SQL("CREATE OR REPLACE TEMP VIEW items AS {}").format(schema.serving_view_sql(conn, gen)))
+
+
+def _search_shadow(conn: psycopg.Connection, vec, text: str, fetch: int, opts: dict) -> QueryResult:
+    mode = opts["mode"]
+    if mode == "keyword":
+        return search_keyword(conn, text, fetch)
+    kw = {k: v for k, v in opts.items() if k in ("ef_search", "exact")}
+    if mode == "hybrid":
+        return search_hybrid(conn, vec, text, fetch, rrf_k=opts["rrf_k"], **kw)
+    return search_vector(conn, vec, fetch, **kw)
 
 
 def _doc_ids(conn: psycopg.Connection, gen: int, wanted: set[str]) -> set[str]:
@@ -207,12 +221,12 @@ def evaluate(
 ) -> EvalReport:
     """Score ``questions`` (only those of ``split`` when given) against the index ``settings`` name.
 
-    ``mode`` is the ranking to use (``vector``, the only one the query path has today); ``generation``
+    ``mode`` is the ranking to use (``vector``, ``keyword``, ``hybrid``; default RAG_RETRIEVAL_MODE); ``generation``
     a generation other than the live one, e.g. one a backfill has just built. ``exact`` ranks by exact
     distance instead of the HNSW index: the embedder's and chunker's own quality, without the graph's
     approximation (two builds of one corpus can rank a few questions differently; docs/benchmarks.md).
     """
-    mode = mode or "vector"
+    mode = mode or settings.retrieval_mode
     if mode not in MODES:
         raise EvalError(f"mode {mode!r} is not supported by the query path; supported: {list(MODES)}")
     if not 1 <= k <= MAX_FETCH // OVERFETCH:
@@ -234,13 +248,15 @@ def evaluate(
         for q in chosen:
             t0 = time.perf_counter()
             try:
+                opts = {"mode": mode, "rrf_k": settings.rrf_k}
+                if mode != "keyword":
+                    opts.update(ef_search=settings.hnsw_ef_search, exact=exact)
                 if is_live:
-                    res = search(
-                        conn, embedder, q.question, fetch, ef_search=settings.hnsw_ef_search, exact=exact
-                    )
+                    res = search(conn, embedder, q.question, fetch, **opts)
                 else:
-                    vec = embed_query(embedder, q.question)
-                    res = search_vector(conn, vec, fetch, ef_search=settings.hnsw_ef_search, exact=exact)
+                    # the shadow view is generation G's: the live-embedder check of search() does not apply
+                    vec = None if mode == "keyword" else embed_query(embedder, q.question)
+                    res = _search_shadow(conn, vec, q.question, fetch, opts)
             except QueryError as e:
                 raise EvalError(f"question {q.id!r}: {e}") from None
             seconds = time.perf_counter() - t0

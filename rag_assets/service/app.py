@@ -57,6 +57,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag_assets.embedders import Embedder, EmbeddingError, TextTooLongError, make_embedder
+from rag_assets.query import MODES as QUERY_MODES
 from rag_assets.query import QueryError, check_embedder_matches, embed_query, search_embedded
 from rag_assets.service import logsafe
 from rag_assets.service.applier import InboxApplier
@@ -180,7 +181,7 @@ def _scalar_ok(v: object) -> bool:
 
 def parse_query(obj: dict) -> dict[str, Any]:
     """Validate a ``POST /query`` body → kwargs for ``search``. Raises BadRequest."""
-    unknown = set(obj) - {"text", "k", "filter", "min_score"}
+    unknown = set(obj) - {"text", "k", "filter", "min_score", "mode"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     text = obj.get("text")
@@ -219,7 +220,10 @@ def parse_query(obj: dict) -> dict[str, Any]:
     min_score = obj.get("min_score")
     if min_score is not None and (not _is_number(min_score) or not -1.0 <= min_score <= 1.0):
         raise BadRequest("min_score must be a number between -1 and 1")
-    return {"text": text, "k": k, "filt": filt or None, "min_score": min_score}
+    mode = obj.get("mode")
+    if mode is not None and mode not in QUERY_MODES:
+        raise BadRequest(f"mode must be one of {', '.join(QUERY_MODES)}")
+    return {"text": text, "k": k, "filt": filt or None, "min_score": min_score, "mode": mode}
 
 
 # --- the app --------------------------------------------------------------------------------
@@ -453,6 +457,9 @@ def create_app(
                 q["k"],
                 q["filt"],
                 q["min_score"],
+                mode=q["mode"] or settings.retrieval_mode,
+                text=q["text"],
+                rrf_k=settings.rrf_k,
                 ef_search=settings.hnsw_ef_search,
             ).as_dict()
         except QueryError as e:
@@ -479,8 +486,12 @@ def create_app(
         try:
             # three steps, and no connection is held while the embedder waits on the network
             await run_in_threadpool(state.db, _precheck)
-            vector = await anyio.to_thread.run_sync(
-                embed_query, state.embedder, q["text"], limiter=state.embed_limiter
+            vector = (
+                None
+                if (q["mode"] or settings.retrieval_mode) == "keyword"
+                else await anyio.to_thread.run_sync(
+                    embed_query, state.embedder, q["text"], limiter=state.embed_limiter
+                )
             )
             out = await run_in_threadpool(state.db, lambda conn: _search(conn, vector, q))
         except EmptyIndex as e:
@@ -714,6 +725,12 @@ def openapi_spec(settings: Settings) -> dict:
                                             "maxLength": QUERY_MAX_TEXT,
                                         },
                                         "k": {"type": "integer", "minimum": 1, "maximum": QUERY_MAX_K},
+                                        "mode": {
+                                            "type": "string",
+                                            "enum": list(QUERY_MODES),
+                                            "description": "ranking (default RAG_RETRIEVAL_MODE); "
+                                            "score: cosine similarity, ts_rank_cd, or the fused RRF score",
+                                        },
                                         "filter": {
                                             "type": "object",
                                             "maxProperties": FILTER_MAX_KEYS,

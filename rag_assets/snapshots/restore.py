@@ -314,13 +314,15 @@ def restore_snapshot(
     hnsw_ef_construction: int = 64,
     hnsw_memory_cap_mb: int = 2048,
     memory_budget_mb: int = 1024,
+    text_search_config: str = schema.DEFAULT_TEXT_SEARCH_CONFIG,
 ) -> dict:
     """Restore ``snapshot_id`` into a new generation and switch to it (see the module docstring).
 
     The restored generation's HNSW index is built with the index's own parameters (``hnsw_*``,
     from RAG_HNSW_M / RAG_HNSW_EF_CONSTRUCTION / RAG_HNSW_BUILD_MEMORY_MB), like any other.
     Verified objects are held in memory up to ``memory_budget_mb`` (RAG_SNAPSHOT_RESTORE_MEMORY_MB),
-    beyond it spooled under ``spool_dir``.
+    beyond it spooled under ``spool_dir``. The restored chunks' full-text column is computed by
+    ``text_search_config`` (RAG_TEXT_SEARCH_CONFIG) as they are loaded: snapshots hold text, not tsvectors.
 
     Every object is verified before the database is touched; then one transaction loads,
     indexes, checks the digest and switches. Any failure leaves the live index as it was.
@@ -345,7 +347,9 @@ def restore_snapshot(
         per_shard, nbytes = fetch_and_verify(store, rec, Path(tmp), progress, memory_budget_mb)
         t_verified = time.perf_counter()
         hnsw = (hnsw_m, hnsw_ef_construction, hnsw_memory_cap_mb)
-        result = _restore_in_transaction(conn, store, rec, per_shard, keep_generations, progress, hnsw)
+        result = _restore_in_transaction(
+            conn, store, rec, per_shard, keep_generations, progress, hnsw, text_search_config
+        )
     t_end = time.perf_counter()
     rows = result["docs"] + result["chunks"]
     result.update(
@@ -359,7 +363,9 @@ def restore_snapshot(
     return result
 
 
-def _restore_in_transaction(conn, store, rec, per_shard, keep, progress, hnsw=(16, 64, 2048)) -> dict:
+def _restore_in_transaction(
+    conn, store, rec, per_shard, keep, progress, hnsw=(16, 64, 2048), text_search_config="english"
+) -> dict:
     snapshot_id = rec["id"]
     dims = rec["embedder"]["dims"]
     n_shards = rec["shard_count"]
@@ -397,7 +403,7 @@ def _restore_in_transaction(conn, store, rec, per_shard, keep, progress, hnsw=(1
                VALUES (%s, %s, %s, 'building', %s) RETURNING id""",
             (embedder_id, chunker_version, dims, f"restore:{snapshot_id}"),
         ).fetchone()[0]
-        schema.create_generation_tables(conn, gen_id, dims)
+        schema.create_generation_tables(conn, gen_id, dims, text_search_config)
         # The restored state replaces the bookkeeping wholesale (locks: every shard, GEN_LOCK).
         conn.execute("TRUNCATE manifest, document_bodies, chunk_docs, chunks")
         conn.execute("DELETE FROM shard_state")

@@ -63,6 +63,7 @@ def target_generation(
     dims: int,
     *,
     fresh_token: str | None = None,
+    text_search_config: str = schema.DEFAULT_TEXT_SEARCH_CONFIG,
 ) -> Generation:
     """The generation this run writes into.
 
@@ -110,7 +111,7 @@ def target_generation(
                VALUES (%s, %s, %s, 'building', %s) RETURNING id""",
             (embedder_id, chunker_version, dims, fresh_token or "index"),
         ).fetchone()[0]
-        schema.create_generation_tables(conn, gid, dims)
+        schema.create_generation_tables(conn, gid, dims, text_search_config)
         return Generation(gid, embedder_id, chunker_version, dims, "building")
 
 

@@ -22,6 +22,7 @@ document, a chunk that moved updates one narrow row, and neither touches the vec
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import psycopg
 from psycopg import sql
@@ -337,14 +338,44 @@ def docs_table(gen: int) -> sql.Identifier:
     return sql.Identifier(f"g{gen}_docs")
 
 
-def create_generation_tables(conn: psycopg.Connection, gen: int, dims: int) -> None:
+DEFAULT_TEXT_SEARCH_CONFIG = "english"
+TSV_COLUMN = "tsv"
+
+
+def check_text_search_config(conn: psycopg.Connection, name: str) -> str:
+    """``name`` if the database has that text search configuration, else a ValueError naming the setting."""
+    found = conn.execute(
+        """SELECT 1 FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace
+           WHERE CASE WHEN strpos(%(n)s, '.') > 0 THEN n.nspname || '.' || c.cfgname = %(n)s
+                      ELSE c.cfgname = %(n)s AND pg_ts_config_is_visible(c.oid) END""",
+        {"n": name},
+    ).fetchone()
+    if not found:
+        raise ValueError(
+            f"RAG_TEXT_SEARCH_CONFIG={name!r}: the database has no such text search configuration "
+            "(see \\dF in psql; e.g. english, simple)"
+        )
+    return name
+
+
+def create_generation_tables(
+    conn: psycopg.Connection, gen: int, dims: int, text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG
+) -> None:
     """Tables of a new generation, without the HNSW index: bulk loads build it afterwards.
 
     ``items`` rows (text + vector, HNSW-indexed) are written once and never updated: in pgvector an
     UPDATE of any column of a wide row re-inserts it into the HNSW graph (measured: 1,277 moved
     chunks cost 0.75 s and 800k buffer hits). What changes without re-embedding lives in narrow
     tables: a chunk's position in its document (``pos``) and the document's metadata (``docs``).
+
+    The chunk's full-text vector is a generated STORED column of ``items`` (GIN-indexed), computed
+    from the text by ``text_search_config`` when the row is inserted: it depends on the text only,
+    which never changes in a row, so it never causes an update; COPY (sync, restore) fills it without
+    naming it, and a restore or rollback carries it with the generation's own table. The
+    configuration is recorded as the column's comment, so queries parse user text the same way
+    (:func:`generation_text_search_config`).
     """
+    check_text_search_config(conn, text_search_config)
     conn.execute(
         sql.SQL(
             """CREATE TABLE {items} (
@@ -353,8 +384,24 @@ def create_generation_tables(conn: psycopg.Connection, gen: int, dims: int) -> N
                 shard smallint NOT NULL,
                 chunk_hash text COLLATE "C" NOT NULL,
                 text text NOT NULL,
-                embedding vector({dims}) NOT NULL)"""
-        ).format(items=items_table(gen), dims=sql.Literal(dims))
+                embedding vector({dims}) NOT NULL,
+                {tsv} tsvector GENERATED ALWAYS AS (to_tsvector({cfg}::regconfig, text)) STORED)"""
+        ).format(
+            items=items_table(gen),
+            dims=sql.Literal(dims),
+            tsv=sql.Identifier(TSV_COLUMN),
+            cfg=sql.Literal(text_search_config),
+        )
+    )
+    conn.execute(
+        sql.SQL("COMMENT ON COLUMN {items}.{tsv} IS {cfg}").format(
+            items=items_table(gen), tsv=sql.Identifier(TSV_COLUMN), cfg=sql.Literal(text_search_config)
+        )
+    )
+    conn.execute(
+        sql.SQL("CREATE INDEX {name} ON {items} USING gin ({tsv})").format(
+            name=sql.Identifier(f"g{gen}_items_tsv"), items=items_table(gen), tsv=sql.Identifier(TSV_COLUMN)
+        )
     )
     conn.execute(
         sql.SQL(
@@ -448,13 +495,63 @@ def serving_rows_sql(gen: int) -> sql.Composed:
     ).format(items=items_table(gen), pos=pos_table(gen), docs=docs_table(gen))
 
 
-def point_view_at(conn: psycopg.Connection, gen: int) -> None:
+def generation_text_search_config(conn: psycopg.Connection, gen: int) -> str | None:
+    """The text search configuration of generation ``gen``'s stored full-text column, or None when
+    the generation predates full-text search (its ``items`` table has no such column)."""
+    row = conn.execute(
+        """SELECT a.attnum, col_description(a.attrelid, a.attnum) FROM pg_attribute a
+           WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped""",
+        (items_table(gen).as_string(conn), TSV_COLUMN),
+    ).fetchone()
+    if row is None:
+        return None
+    return row[1] or DEFAULT_TEXT_SEARCH_CONFIG
+
+
+def serving_view_sql(
+    conn: psycopg.Connection, gen: int, legacy_text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG
+) -> sql.Composed:
+    """What readers select from ``items``: the serving rows, the generation, and full text.
+
+    ``tsv`` is the generation's stored full-text column and ``ts_config`` its configuration (a
+    constant, so ``websearch_to_tsquery(ts_config, ...)`` stays index-usable once the view is inlined).
+    A generation built before full-text search has no stored column: the view computes ``tsv`` from
+    the text with ``legacy_text_search_config`` instead. Keyword queries then give the same answers,
+    without the GIN index (a scan of the generation); rebuilding the generation (``index --full``)
+    makes them fast. Adding the column in place is not done: ALTER TABLE ... ADD COLUMN ... STORED
+    rewrites the vector table and its HNSW index under an exclusive lock, blocking every reader.
+    """
+    cfg = generation_text_search_config(conn, gen)
+    if cfg is None:
+        logging.getLogger(__name__).warning(
+            "generation %s predates full-text search: keyword and hybrid queries compute its tsvectors "
+            "on the fly (no GIN index); rebuild it (rag-assets index --full) to store them",
+            gen,
+        )
+        tsv = sql.SQL("to_tsvector({}::regconfig, i.text)").format(sql.Literal(legacy_text_search_config))
+        cfg = legacy_text_search_config
+    else:
+        tsv = sql.SQL("i.{}").format(sql.Identifier(TSV_COLUMN))
+    return sql.SQL(
+        """SELECT i.chunk_id, i.doc_id, i.shard, p.seq, i.text, d.metadata, i.embedding,
+                  {gen}::integer AS generation, {tsv} AS tsv, {cfg}::regconfig AS ts_config
+           FROM {items} i JOIN {pos} p ON p.chunk_id = i.chunk_id JOIN {docs} d ON d.doc_id = i.doc_id"""
+    ).format(
+        gen=sql.Literal(gen),
+        tsv=tsv,
+        cfg=sql.Literal(cfg),
+        items=items_table(gen),
+        pos=pos_table(gen),
+        docs=docs_table(gen),
+    )
+
+
+def point_view_at(
+    conn: psycopg.Connection, gen: int, legacy_text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG
+) -> None:
     """(Re)define ``items`` over generation ``gen``. Call inside the switching transaction."""
     conn.execute(
-        sql.SQL(
-            """CREATE OR REPLACE VIEW items AS
-               SELECT i.chunk_id, i.doc_id, i.shard, p.seq, i.text, d.metadata, i.embedding,
-                      {gen}::integer AS generation
-               FROM {items} i JOIN {pos} p ON p.chunk_id = i.chunk_id JOIN {docs} d ON d.doc_id = i.doc_id"""
-        ).format(gen=sql.Literal(gen), items=items_table(gen), pos=pos_table(gen), docs=docs_table(gen))
+        sql.SQL("CREATE OR REPLACE VIEW items AS {}").format(
+            serving_view_sql(conn, gen, legacy_text_search_config)
+        )
     )
