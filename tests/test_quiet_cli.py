@@ -165,3 +165,29 @@ def test_bars_only_for_a_terminal_and_never_with_json():
     bars.advance("embedded", 17)  # a bar with no known total starts on first use
     bars.close()
     assert "shards synced" in out.getvalue() and "4/4" in out.getvalue() and "17chunk" in out.getvalue()
+
+
+def test_a_failed_dagster_run_ends_with_one_line_naming_its_cause(env, tmp_path):
+    docs = _docs(tmp_path / "docs")
+    env = dict(  # an embedding endpoint that refuses connections: the embeddings step fails
+        env,
+        RAG_EMBEDDER="openai",
+        RAG_EMBEDDING_MODEL="text-embedding-3-small",
+        RAG_EMBEDDING_API_KEY="sk-test",
+        RAG_EMBEDDING_BASE_URL="http://127.0.0.1:9/v1",
+        RAG_EMBEDDING_MAX_RETRY_S="0.5",
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "rag_assets.cli", "index", str(docs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 5 and p.stdout == ""  # 5: an embedding failure (rag_assets/failures.py)
+    *before, line = p.stderr.splitlines()  # it ends with one line naming the cause
+    assert line.startswith("rag-assets index: error: refresh of shards") and "in embeddings" in line
+    assert "Connection refused" in line and "127.0.0.1:9" in line
+    # Before it only the embedder's own retry warnings (why the run paused), no Dagster event log
+    # and no traceback.
+    assert before and all("connection error" in ln and "; retry " in ln for ln in before), p.stderr

@@ -83,9 +83,6 @@ def index_via_dagster(
     t0 = time.perf_counter()
     bars = bars or StageBars(enabled=False)
     settings = replace(settings, source_path=Path(path).resolve())
-    # The tokenizer (~0.3-1 s to load) is needed as soon as Dagster builds the assets: load it while
-    # the scan runs and Dagster is imported, as the core path does.
-    preload_tokenizer()
     ctx = StageContext.create(settings, kind="cli")
     try:
         source = ctx.source(path, change_source=change_source)
@@ -102,6 +99,9 @@ def index_via_dagster(
         bars.finish("scan")
         run_ids: list[str] = []
         if pending:
+            # The tokenizer (~0.3-1 s to load) is needed as soon as the assets are built: load it
+            # while Dagster is imported. Not before: a refresh with nothing stale never needs it.
+            preload_tokenizer()
             run_ids = _materialize(
                 settings,
                 sorted(pending),
