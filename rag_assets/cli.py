@@ -28,6 +28,7 @@ def cmd_index(args, settings: Settings) -> int:
     settings = _with(settings, source_path=path)
     if args.core:
         from rag_assets.pipeline import Indexer
+        from rag_assets.progress import bars_wanted
 
         idx = Indexer(settings)
         try:
@@ -37,6 +38,7 @@ def cmd_index(args, settings: Settings) -> int:
                 rehash=args.rehash,
                 allow_deletes=args.allow_deletes,
                 change_source=args.change_source,
+                progress=bars_wanted(sys.stderr, as_json=args.json),  # its shard bar: a terminal, not --json
             )
         finally:
             idx.close()

@@ -102,8 +102,8 @@ def test_verbose_adds_dagster_event_log_and_plain_run_prints_one_summary_line(en
     assert len(_instance(env).get_runs()) == 3
 
 
-def test_terminal_gets_a_bar_per_stage_then_the_summary(env, tmp_path):
-    docs = _docs(tmp_path / "docs")
+def _on_a_terminal(env: dict, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run the CLI with its stderr on a pty (a person's terminal); return it and what the terminal got."""
     master, slave = pty.openpty()
     chunks: list[bytes] = []
 
@@ -119,19 +119,26 @@ def test_terminal_gets_a_bar_per_stage_then_the_summary(env, tmp_path):
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    p = subprocess.run(
-        [sys.executable, "-m", "rag_assets.cli", "index", str(docs)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        text=True,
-        timeout=300,
-    )
-    os.close(slave)
-    reader.join(timeout=10)
-    os.close(master)
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "rag_assets.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
     assert p.returncode == 0
-    terminal = b"".join(chunks).decode(errors="replace")
+    return p, b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_gets_a_bar_per_stage_then_the_summary(env, tmp_path):
+    docs = _docs(tmp_path / "docs")
+    p, terminal = _on_a_terminal(env, "index", str(docs))
     for label in (
         "documents scanned",
         "manifest shards",
@@ -142,6 +149,10 @@ def test_terminal_gets_a_bar_per_stage_then_the_summary(env, tmp_path):
         assert label in terminal, terminal
     assert "6/6" in terminal and DAGSTER_DEBUG not in terminal
     assert p.stdout.count("\n") == 1 and p.stdout.startswith("indexed ")
+
+    write(docs / "d3.md", "# Doc 3\n\nEdited on a terminal.")
+    p, terminal = _on_a_terminal(env, "index", str(docs), "--core", "--json")
+    assert terminal == "" and json.loads(p.stdout)["docs_modified"] == 1  # --json: no bars, even here
 
 
 def test_bars_only_for_a_terminal_and_never_with_json():
