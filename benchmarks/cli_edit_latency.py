@@ -84,23 +84,28 @@ def main() -> None:
         shutil.copytree(src, folder)
         env = _env(work / "home", a.tree.resolve())
         docs = sorted(p.relative_to(folder) for p in folder.rglob("*.txt"))
-        full_wall, _ = _timed(env, "index", str(folder), "--core")  # build once; the edits are timed
-        _edit(folder, docs, 10_000)
-        _timed(env, "index", str(folder))  # first default-path run creates the Dagster instance
-        samples: dict[str, list[tuple[float, float]]] = {
-            "default": [],
-            "--core": [],
-            "no change": [],
-            "start": [],
-        }
-        for i in range(a.reps):  # interleaved, so a load spike hits every path alike
-            _edit(folder, docs, 2 * i)
-            samples["default"].append(_timed(env, "index", str(folder)))
-            _edit(folder, docs, 2 * i + 1)
-            samples["--core"].append(_timed(env, "index", str(folder), "--core"))
-            samples["no change"].append(_timed(env, "index", str(folder)))
-            samples["start"].append(_timed(env, "--help"))
-        n_docs = len(list(folder.rglob("*"))) - len([p for p in folder.rglob("*") if p.is_dir()])
+        try:
+            full_wall, _ = _timed(env, "index", str(folder), "--core")  # build once; the edits are timed
+            _edit(folder, docs, 10_000)
+            _timed(env, "index", str(folder))  # first default-path run creates the Dagster instance
+            samples: dict[str, list[tuple[float, float]]] = {
+                "default": [],
+                "--core": [],
+                "no change": [],
+                "start": [],
+            }
+            for i in range(a.reps):  # interleaved, so a load spike hits every path alike
+                _edit(folder, docs, 2 * i)
+                samples["default"].append(_timed(env, "index", str(folder)))
+                _edit(folder, docs, 2 * i + 1)
+                samples["--core"].append(_timed(env, "index", str(folder), "--core"))
+                samples["no change"].append(_timed(env, "index", str(folder)))
+                samples["start"].append(_timed(env, "--help"))
+            n_docs = sum(1 for p in folder.rglob("*") if p.is_file())
+        finally:  # the embedded server of this RAG_HOME must not outlive it
+            subprocess.run(
+                [sys.executable, "-m", "rag_assets.cli", "db", "stop"], env=env, capture_output=True
+            )
 
     load = os.getloadavg()
     rows = {
