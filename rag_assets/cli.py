@@ -35,6 +35,7 @@ def cmd_index(args, settings: Settings) -> int:
         settings = _with(settings, source_path=path)
     if args.core:
         from rag_assets.pipeline import Indexer
+        from rag_assets.progress import bars_wanted
 
         idx = Indexer(settings)
         try:
@@ -44,20 +45,28 @@ def cmd_index(args, settings: Settings) -> int:
                 rehash=args.rehash,
                 allow_deletes=args.allow_deletes,
                 change_source=args.change_source,
+                progress=bars_wanted(sys.stderr, as_json=args.json),  # its shard bar: a terminal, not --json
             )
         finally:
             idx.close()
     else:
         from rag_assets.defs.runner import index_via_dagster
+        from rag_assets.progress import StageBars, bars_wanted
 
-        rep = index_via_dagster(
-            settings,
-            path,
-            full=args.full,
-            rehash=args.rehash,
-            allow_deletes=args.allow_deletes,
-            change_source=args.change_source,
-        )
+        bars = StageBars(enabled=bars_wanted(sys.stderr, as_json=args.json))
+        try:
+            rep = index_via_dagster(
+                settings,
+                path,
+                full=args.full,
+                rehash=args.rehash,
+                allow_deletes=args.allow_deletes,
+                change_source=args.change_source,
+                verbose=args.verbose,
+                bars=bars,
+            )
+        finally:
+            bars.close()  # before the summary line (or the error line), never across it
     d = rep.as_dict()
 
     def human(d: dict) -> None:
@@ -421,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="code location module defining the indexes (default rag_assets.definitions; a dg project: "
         "PKG.definitions, run from the project root)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print Dagster's event log (stderr); by default a refresh shows progress bars and a summary",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("index", help="refresh the index from a folder or s3:// prefix (incremental by default)")
@@ -444,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="point this index at another folder or other RAG_INCLUDE/RAG_EXCLUDE globs (on purpose)",
     )
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print only the report, as one JSON document")
+    # Also accepted after the command (`index DOCS --verbose`); SUPPRESS keeps the global one otherwise.
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("query", help="top-k chunks for a question")

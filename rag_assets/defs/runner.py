@@ -5,9 +5,16 @@ any shard whose chunk or serving stage is behind, plus pending webhook events). 
 no run at all and Dagster is not even imported. Otherwise one in-process run per contiguous shard
 range, recorded in the same Dagster instance ``dagster dev`` uses, so CLI refreshes appear in the
 UI as materializations with their metadata.
+
+Quiet by default: the run's loggers are only :func:`_progress_logger` (Dagster's events become
+progress bars on a terminal), not Dagster's console logger, whose DEBUG line per event is what
+``--verbose`` adds back. The events themselves are written to the instance either way: Dagster's
+log manager hands every event to the instance's event-log handler independently of the loggers
+configured for the run, so the UI shows the same materializations, metadata and asset checks.
 """
 
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -25,7 +32,9 @@ from rag_assets.pipeline import (
     finish_report,
     plan_scan,
 )
+from rag_assets.progress import StageBars
 from rag_assets.settings import Settings
+from rag_assets.tokens import preload as preload_tokenizer
 
 # Dagster writes a range run's per-partition asset events (materializations, planned events) in
 # batches of this many instead of one INSERT + NOTIFY + index transaction each (Dagster's
@@ -35,6 +44,9 @@ from rag_assets.settings import Settings
 DAGSTER_EVENT_BATCH_SIZE = "100"
 PARTITION_RANGE_START = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END = "dagster/asset_partition_range_end"
+# The job name dg.materialize gives its runs: CLI runs keep appearing under it in the UI.
+EPHEMERAL_JOB_NAME = "__ephemeral_asset_job__"
+PROGRESS_LOGGER = "rag_progress"
 
 
 def contiguous_ranges(shards: list[int], max_runs: int = 3) -> list[tuple[int, int]]:
@@ -63,8 +75,13 @@ def index_via_dagster(
     rehash: bool = False,
     allow_deletes: bool = False,
     change_source: bool = False,
+    verbose: bool = False,
+    bars: StageBars | None = None,
 ) -> RefreshReport:
+    """Refresh the stale shards as Dagster runs. ``verbose`` adds Dagster's console event log on
+    stderr; ``bars`` (disabled when None) shows documents scanned, chunks embedded, shards synced."""
     t0 = time.perf_counter()
+    bars = bars or StageBars(enabled=False)
     settings = replace(settings, source_path=Path(path).resolve())
     ctx = StageContext.create(settings, kind="cli")
     try:
@@ -74,9 +91,26 @@ def index_via_dagster(
         pending = set(range(settings.shards)) if full else ctx.pending_shards(plan, ctx.target())
         rep = RefreshReport(seconds_scan=plan.seconds)
         rep.errors.extend({"doc_id": p, "error": r} for p, r in plan.scan.errors)
+        scanned = len(
+            plan.scan.stats
+        )  # the files the scan found (stat only; the changed ones are read later)
+        bars.start("scan", scanned)
+        bars.advance("scan", scanned)
+        bars.finish("scan")
         run_ids: list[str] = []
         if pending:
-            run_ids = _materialize(settings, sorted(pending), full=full, rehash=rehash, allow_deletes=allow_deletes)
+            # The tokenizer (~0.3-1 s to load) is needed as soon as the assets are built: load it
+            # while Dagster is imported. Not before: a refresh with nothing stale never needs it.
+            preload_tokenizer()
+            run_ids = _materialize(
+                settings,
+                sorted(pending),
+                full=full,
+                rehash=rehash,
+                allow_deletes=allow_deletes,
+                verbose=verbose,
+                bars=bars,
+            )
         for stage, stats in ctx.conn.execute(
             "SELECT stage, stats FROM runs WHERE run_id = ANY(%s) ORDER BY id", (run_ids,)
         ).fetchall():
@@ -95,19 +129,46 @@ def index_via_dagster(
 
 
 def _materialize(
-    settings: Settings, shards: list[int], *, full: bool, rehash: bool, allow_deletes: bool = False
+    settings: Settings,
+    shards: list[int],
+    *,
+    full: bool,
+    rehash: bool,
+    allow_deletes: bool = False,
+    verbose: bool = False,
+    bars: StageBars | None = None,
 ) -> list[str]:
+    import warnings
+
     import dagster as dg
 
     from rag_assets.defs.assets import build_assets
     from rag_assets.defs.resources import resources_for
     from rag_assets.manifest import shard_key
 
+    bars = bars or StageBars(enabled=False)
     instance = dagster_instance(settings)
-    raw_documents, assets = build_assets(settings)
+    # dagster-postgres opens a new connection for every statement (NullPool: a long-lived process
+    # must not hoard connections); a one-shard run makes ~140 of them, ~1 s on the embedded server.
+    # A CLI process lives for one refresh, so it keeps a small pool, as dagster-webserver does.
+    instance.optimize_for_webserver(statement_timeout=0, pool_recycle=-1, max_overflow=4)
+    with warnings.catch_warnings():
+        if not verbose:  # Dagster's BetaWarning for backfill_policy: a note for developers, not users
+            warnings.simplefilter("ignore", dg.BetaWarning)
+        raw_documents, assets = build_assets(settings)
     resources = resources_for(settings)
     conf = {"rebuild": full, "rehash": rehash, "allow_deletes": allow_deletes}
-    run_config = {"ops": {a.op.name: {"config": conf} for a in assets}}
+    loggers = {PROGRESS_LOGGER: {}, **({"console": {"config": {"log_level": "DEBUG"}}} if verbose else {})}
+    run_config = {"ops": {a.op.name: {"config": conf} for a in assets}, "loggers": loggers}
+    # dg.materialize, spelled out so the run can carry our progress logger beside Dagster's console one.
+    job = dg.Definitions(
+        jobs=[dg.define_asset_job(name=EPHEMERAL_JOB_NAME)],
+        assets=[*assets],
+        resources=resources,
+        loggers={"console": dg.colored_console_logger, PROGRESS_LOGGER: _progress_logger(bars)},
+    ).resolve_job_def(EPHEMERAL_JOB_NAME)
+    for stage in ("document_manifest", "chunks", "embedded", "embeddings"):
+        bars.start(stage, None if stage == "embedded" else len(shards))
     token = uuid.uuid4().hex
     run_ids = []
     for lo, hi in contiguous_ranges(shards):
@@ -124,19 +185,63 @@ def _materialize(
         else:
             tags.update({PARTITION_RANGE_START: shard_key(lo), PARTITION_RANGE_END: shard_key(hi)})
         with _event_batching():
-            result = dg.materialize(
-                assets,
-                instance=instance,
-                resources=resources,
-                run_config=run_config,
-                tags=tags,
-                raise_on_error=False,
-                **kw,
+            result = job.execute_in_process(
+                run_config=run_config, instance=instance, tags=tags, raise_on_error=False, **kw
             )
         run_ids.append(result.run_id)
         if not result.success:
             raise _run_failure(result, f"refresh of shards {shard_key(lo)}..{shard_key(hi)} failed")
     return run_ids
+
+
+class _EventsToBars(logging.Handler):
+    """Advance the stage bars from a run's asset materializations (one per shard and stage).
+
+    A range run's step reports the same run-wide metadata on each of its partitions, so
+    ``chunks_embedded`` is counted once per step.
+    """
+
+    def __init__(self, bars: StageBars):
+        super().__init__(level=logging.DEBUG)
+        self.bars = bars
+        self.steps_counted: set[tuple[str, str | None]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Runs inside the step that logged the event: a progress bar must never fail a refresh.
+        try:
+            self._advance(record)
+        except Exception:  # noqa: BLE001 - cosmetic output; the bars stop, the run goes on
+            self.bars.enabled = False
+
+    def _advance(self, record: logging.LogRecord) -> None:
+        meta = getattr(record, "dagster_meta", None) or {}
+        event = meta.get("dagster_event")
+        if event is None or not event.is_step_materialization:
+            return
+        stage = event.asset_key.path[-1]
+        if stage not in ("document_manifest", "chunks", "embeddings"):
+            return
+        self.bars.advance(stage)
+        step = (meta.get("run_id"), event.step_key)
+        if stage == "embeddings" and step not in self.steps_counted:
+            self.steps_counted.add(step)
+            value = event.event_specific_data.materialization.metadata.get("chunks_embedded")
+            self.bars.advance("embedded", int(getattr(value, "value", 0) or 0))
+
+
+def _progress_logger(bars: StageBars):
+    """A Dagster logger that prints nothing: it feeds :class:`_EventsToBars`."""
+    import dagster as dg
+
+    def init(_context) -> logging.Logger:
+        logger = logging.Logger(
+            "rag_assets.progress", level=logging.DEBUG
+        )  # unregistered: no root propagation
+        logger.propagate = False
+        logger.addHandler(_EventsToBars(bars))
+        return logger
+
+    return dg.LoggerDefinition(init, description="progress bars for the rag-assets CLI")
 
 
 def _run_failure(result, what: str) -> IndexingError:
