@@ -489,29 +489,18 @@ def finish_generation(ctx: StageContext, gen: Generation | None = None) -> bool:
     if current.state != "building":
         return False
     s = ctx.settings
+    decision = None
     if s.quality_questions and generation_complete(ctx.conn, current):
         from rag_assets.quality_gate import judge, record_decision
 
-        decision = judge(s, ctx.conn, current)
-        ctx.last_gate = decision
+        decision = ctx.last_gate = judge(s, ctx.conn, current)
         if not decision.passed:
             record_decision(ctx.conn, decision, s.quality_questions)
             logging.getLogger("rag_assets").warning(
                 "switch to generation %s refused by the quality gate: %s", current.id, decision.reason
             )
             return False
-        switched = finalize_generation(
-            ctx.conn,
-            current,
-            s.keep_generations,
-            hnsw_m=s.hnsw_m,
-            hnsw_ef_construction=s.hnsw_ef_construction,
-            hnsw_memory_cap_mb=s.hnsw_build_memory_mb,
-        )
-        if switched:
-            record_decision(ctx.conn, decision, s.quality_questions)
-        return switched
-    return finalize_generation(
+    switched = finalize_generation(
         ctx.conn,
         current,
         s.keep_generations,
@@ -519,6 +508,9 @@ def finish_generation(ctx: StageContext, gen: Generation | None = None) -> bool:
         hnsw_ef_construction=s.hnsw_ef_construction,
         hnsw_memory_cap_mb=s.hnsw_build_memory_mb,
     )
+    if switched and decision is not None:
+        record_decision(ctx.conn, decision, s.quality_questions)  # the new baseline
+    return switched
 
 
 def record_stage(
