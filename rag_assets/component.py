@@ -10,6 +10,7 @@ against the project root, where ``dg`` runs.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -17,8 +18,11 @@ import dagster as dg
 from pydantic import Field
 
 
-class Source(dg.Model):
+class Source(dg.Model, dg.Resolvable):
     path: str | None = Field(None, description="Folder to index (relative to the project root).")
+    uri: str | None = Field(None, description="s3://bucket/prefix (or a folder); wins over path. boto3's standard configuration.")
+    s3_get_concurrency: int | None = None
+    s3_max_attempts: int | None = None
     include: list[str] | None = Field(None, description="Glob patterns of the files to index.")
     exclude: list[str] | None = Field(None, description="Glob patterns to leave out.")
     max_doc_bytes: int | None = None
@@ -28,7 +32,7 @@ class Source(dg.Model):
     )
 
 
-class Database(dg.Model):
+class Database(dg.Model, dg.Resolvable):
     url: str | None = Field(
         None, description="PostgreSQL URL without a password (else use url_env). Unset: the embedded server."
     )
@@ -36,31 +40,39 @@ class Database(dg.Model):
     pg_schema: str | None = Field(None, description="The index's own Postgres schema (default rag_<name>).")
 
 
-class Chunker(dg.Model):
+class Chunker(dg.Model, dg.Resolvable):
     kind: Literal["structure", "fixed"] | None = None
     max_tokens: int | None = None
 
 
-class Embedder(dg.Model):
-    provider: Literal["hashing", "openai", "local"] | None = None
-    model: str | None = None
-    dimensions: int | None = None
-    base_url: str | None = None
-    api_key_env: str | None = Field(None, description="Variable holding the API key (default RAG_EMBEDDING_API_KEY).")
-    batch_size: int | None = None
-    batch_tokens: int | None = None
-    concurrency: int | None = None
-    rpm: int | None = None
-    tpm: int | None = None
-    timeout_s: float | None = None
-    max_retry_s: float | None = None
-    max_input_tokens: int | None = None
-    long_text: Literal["error", "split"] | None = None
-    price_per_mtok: float | None = None
-    device: str | None = None
+# Sections are Resolvable so that `{{ env.X }}` templates resolve inside them too. The embedder's
+# field `model` (the users' word for it) shadows Resolvable's classmethod `model` only on instances:
+# pydantic keeps fields out of the class namespace, so Dagster's `Embedder.model()` still works
+# (tests/test_integration_dg.py resolves a templated section and an embedder model).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "model" in "Embedder" shadows', category=UserWarning)
+
+    class Embedder(dg.Model, dg.Resolvable):
+        provider: Literal["hashing", "openai", "local"] | None = None
+        model: str | None = None
+        dimensions: int | None = None
+        base_url: str | None = None
+        api_key_env: str | None = Field(None, description="Variable holding the API key (default RAG_EMBEDDING_API_KEY).")
+        batch_size: int | None = None
+        batch_tokens: int | None = None
+        concurrency: int | None = None
+        rpm: int | None = None
+        tpm: int | None = None
+        timeout_s: float | None = None
+        max_retry_s: float | None = None
+        max_input_tokens: int | None = None
+        long_text: Literal["error", "split"] | None = None
+        price_per_mtok: float | None = None
+        prices: str | None = Field(None, description="model=USD per million tokens, comma-separated (RAG_EMBEDDING_PRICES).")
+        device: str | None = None
 
 
-class Snapshots(dg.Model):
+class Snapshots(dg.Model, dg.Resolvable):
     uri: str | None = Field(None, description="A folder or s3://bucket/prefix (default: <home>/snapshots).")
     keep: int | None = None
     concurrency: int | None = None
@@ -72,13 +84,13 @@ class Snapshots(dg.Model):
     restore_memory_mb: int | None = None
 
 
-class Automation(dg.Model):
+class Automation(dg.Model, dg.Resolvable):
     source_sensor_interval_s: int | None = None
     inbox_sensor_interval_s: int | None = None
     automation_interval_s: int | None = None
 
 
-class Service(dg.Model):
+class Service(dg.Model, dg.Resolvable):
     webhook_secret_env: str | None = None
     query_api_key_env: str | None = None
     webhook_tolerance_s: int | None = None
@@ -89,14 +101,29 @@ class Service(dg.Model):
     body_timeout_s: float | None = None
 
 
-class Hnsw(dg.Model):
+class Formats(dg.Model, dg.Resolvable):
+    max_pages: int | None = None
+    max_cells: int | None = None
+    max_unzipped_bytes: int | None = None
+    max_zip_ratio: int | None = None
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+
+
+class Quality(dg.Model, dg.Resolvable):
+    questions: str | None = Field(None, description="JSONL question set that gates generation switches.")
+    k: int | None = None
+    tolerance: float | None = Field(None, description="Largest drop of recall@k a new generation may show.")
+
+
+class Hnsw(dg.Model, dg.Resolvable):
     m: int | None = None
     ef_construction: int | None = None
     ef_search: int | None = None
     build_memory_mb: int | None = None
 
 
-class Retrieval(dg.Model):
+class Retrieval(dg.Model, dg.Resolvable):
     mode: str | None = None  # vector | keyword | hybrid
     text_search_config: str | None = None
     rrf_k: int | None = None
@@ -147,6 +174,8 @@ class RagIndex(dg.Component, dg.Model, dg.Resolvable):
     automation: Automation = Field(default_factory=Automation)
     service: Service = Field(default_factory=Service)
     hnsw: Hnsw = Field(default_factory=Hnsw)
+    formats: Formats = Field(default_factory=Formats)
+    quality: Quality = Field(default_factory=Quality)
     retrieval: Retrieval = Field(default_factory=Retrieval)
     keep_generations: int | None = None
     home: str | None = Field(None, description="Embedded server, snapshots and Dagster CLI runs (default .rag_home).")
@@ -157,7 +186,7 @@ class RagIndex(dg.Component, dg.Model, dg.Resolvable):
         db = attrs.setdefault("database", {})
         db.setdefault("pg_schema", f"rag_{self.name}" if self.name != "default" else "rag")
         if root is not None:
-            for section, key in (("source", "path"), (None, "home")):
+            for section, key in (("source", "path"), (None, "home"), ("quality", "questions")):
                 holder = attrs.get(section, {}) if section else attrs
                 if holder.get(key) and not Path(holder[key]).is_absolute():
                     holder[key] = str((root / holder[key]).resolve())

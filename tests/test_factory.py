@@ -241,3 +241,44 @@ def test_nothing_but_settings_reads_rag_variables():
             if re.search(r"(environ|getenv)\b.*[\"']RAG_", line):
                 offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_every_component_attribute_is_one_setting_and_back():
+    """The component's attribute model and the attribute → setting table hold the same paths."""
+    import pydantic
+
+    from rag_assets.component import RagIndex
+    from rag_assets.settings import ATTRIBUTE_ENV, ATTRIBUTE_FIELD
+
+    def paths(model, prefix=""):
+        out = set()
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+                out |= paths(ann, f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+        return out
+
+    assert paths(RagIndex) == set(ATTRIBUTE_ENV) | set(ATTRIBUTE_FIELD)
+    # and every RAG_* variable but the secrets (named by *_env attributes) and the list variables has one
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parent.parent / "rag_assets/settings.py").read_text()
+    env_vars = set(re.findall(r'"(RAG_[A-Z0-9_]+)"', src[src.index("def from_env") : src.index("def validate")]))
+    secrets_and_lists = {"RAG_EMBEDDING_API_KEY", "RAG_WEBHOOK_SECRET", "RAG_QUERY_API_KEY", "RAG_INCLUDE", "RAG_EXCLUDE"}
+    assert env_vars - secrets_and_lists == set(ATTRIBUTE_ENV.values())
+
+
+def test_component_sections_resolve_env_templates(monkeypatch):
+    """`{{ env.X }}` resolves inside every section (not only top-level attributes), the embedder's included."""
+    from rag_assets.component import RagIndex
+
+    monkeypatch.setenv("RAG_T_URI", "s3://bucket/kb/")
+    monkeypatch.setenv("RAG_T_MODEL", "text-embedding-3-small")
+    c = RagIndex.resolve_from_dict(
+        {"name": "kb", "source": {"uri": "{{ env.RAG_T_URI }}"}, "embedder": {"provider": "openai", "model": "{{ env.RAG_T_MODEL }}", "dimensions": 256}}
+    )
+    s = settings_from_attributes(c.attributes())
+    assert (s.source_uri, s.embedding_model, s.embedding_dimensions, s.pg_schema) == ("s3://bucket/kb/", "text-embedding-3-small", 256, "rag_kb")

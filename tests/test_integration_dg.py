@@ -1,4 +1,5 @@
-"""rag_assets in a user's ``dg`` project: the sample project (tests/dg_project) with two indexes.
+"""rag_assets in a user's ``dg`` project: the sample project (tests/dg_project) with two indexes,
+one reading an S3 bucket (moto's server over HTTP, boto3's standard configuration), one a folder.
 
 ``dg check defs`` / ``dg list defs --json`` run in subprocesses as a user runs them; both indexes
 are materialized through the CLI's Dagster path (``rag-assets --location ... --index NAME``),
@@ -24,21 +25,55 @@ DG = shutil.which("dg") or str(Path(sys.executable).parent / "dg")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _put(endpoint: str, bucket: str, key: str, body: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1").put_object(
+        Bucket=bucket, Key=key, Body=body.encode()
+    )
+
+
 @pytest.fixture
-def project(tmp_path, db_url):
+def project(tmp_path, db_url, moto_endpoint):
+    import uuid
+
+    import boto3
+
     root = tmp_path / "proj"
     shutil.copytree(PROJECT, root)
-    write(root / "docs/handbook/leave.md", "# Leave\n\nEveryone gets twenty-five days of paid vacation a year.\n")
-    write(root / "docs/handbook/office.md", "# Office hours\n\nThe office opens at nine and closes at six.\n")
+    bucket = f"handbook-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    _put(moto_endpoint, bucket, "kb/leave.md", "# Leave\n\nEveryone gets twenty-five days of paid vacation a year.\n")
+    _put(moto_endpoint, bucket, "kb/office.md", "# Office hours\n\nThe office opens at nine and closes at six.\n")
     write(root / "docs/support/printer.md", "# Printer\n\nThe printer on floor three jams with thick paper.\n")
     write(root / "docs/support/office.md", "# Office hours\n\nThe office opens at nine and closes at six.\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "AWS_"))}
     env.update(
+        AWS,
+        AWS_ENDPOINT_URL=moto_endpoint,
+        RAG_DEMO_HANDBOOK_URI=f"s3://{bucket}/kb/",
         PYTHONPATH=os.pathsep.join([str(root / "src"), str(Path(__file__).parent.parent)]),
         RAG_DEMO_DB_URL=db_url,
         RAG_DEMO_HOME=str(tmp_path / "home"),
         NO_COLOR="1",
     )
+    env["_BUCKET"] = bucket
     return root, env
 
 
@@ -76,7 +111,7 @@ def test_dg_checks_lists_and_materializes_two_indexes(project):
     assert sp["chunks_reused"] == 1  # the office text: embedded once for both indexes
     q = _rag(root, env, "support", "query", "paper jam")
     assert {h["doc_id"] for h in q["results"]} == {"printer.md", "office.md"}
-    write(root / "docs/handbook/leave.md", "# Leave\n\nEveryone gets thirty days of paid vacation a year.\n")
+    _put(env["AWS_ENDPOINT_URL"], env["_BUCKET"], "kb/leave.md", "# Leave\n\nEveryone gets thirty days of paid vacation a year.\n")
     hb2 = _rag(root, env, "handbook", "index")
     sp2 = _rag(root, env, "support", "index")
     assert hb2["docs_modified"] == 1 and hb2["shards_refreshed"] == 1
