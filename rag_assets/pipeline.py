@@ -261,6 +261,7 @@ class StageContext:
     run_id: str
     kind: str = "cli"
     last_gate: object | None = None  # the quality gate's decision on the last switch attempt (quality_gate.py)
+    converter: object | None = None  # sources.convert.DocumentConverter, made on first use of a source
 
     @classmethod
     def create(
@@ -294,11 +295,21 @@ class StageContext:
         if path is not None:
             spec = SourceSpec.of(path, s.include, s.exclude)
             bind_source(self.conn, spec, change=change_source)
-            return open_source(spec.root, spec.include, spec.exclude, s)
+            return self._converting(open_source(spec.root, spec.include, spec.exclude, s))
         bound = bound_folder(self.conn, s)
         if bound is None:
             return None
-        return open_source(bound.root, bound.include, bound.exclude, s)
+        return self._converting(open_source(bound.root, bound.include, bound.exclude, s))
+
+    def _converting(self, source: Source) -> Source:
+        """The source, converting binary documents (PDF, Office, HTML) through this index's parse cache."""
+        if self.converter is None:
+            from rag_assets.formats import FormatLimits
+            from rag_assets.sources.convert import DocumentConverter
+
+            self.converter = DocumentConverter(self.conn, FormatLimits.from_settings(self.settings))
+        source.converter = self.converter
+        return source
 
     def target(self, fresh_token: str | None = None) -> Generation:
         return target_generation(

@@ -13,7 +13,11 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+# Text formats. PDF, Office and HTML are converted (rag_assets/formats) when the globs include them
+# (RAG_INCLUDE, e.g. adding **/*.pdf): not by default, because an index's globs are part of its source
+# binding, and a new default would make every existing index refuse its next `index PATH`.
 DEFAULT_INCLUDE = ("**/*.md", "**/*.markdown", "**/*.mdx", "**/*.rst", "**/*.txt")
+BINARY_INCLUDE = ("**/*.pdf", "**/*.docx", "**/*.pptx", "**/*.xlsx", "**/*.html", "**/*.htm")
 MAX_SHARDS = 99  # Dagster skips staleness on edges with 100+ upstream partitions.
 DEFAULT_INDEX = "default"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")

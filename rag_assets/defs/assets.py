@@ -17,6 +17,7 @@ import dagster as dg
 from rag_assets.checks import manifest_matches_source, serving_checks
 from rag_assets.chunking import make_chunker
 from rag_assets.embedders import embedder_fingerprint
+from rag_assets.formats.registry import formats_code_version
 from rag_assets.manifest import shard_key
 from rag_assets.pipeline import (
     StageContext,
@@ -104,7 +105,8 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         deps=[raw_documents],
         group_name=names.group,
         kinds={"postgres"},
-        code_version=MANIFEST_CODE_VERSION,
+        # a converter upgrade (formats_code_version) makes every shard stale: documents are converted again
+        code_version=f"{MANIFEST_CODE_VERSION}+{formats_code_version()}",
         backfill_policy=range_runs,
         automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec("manifest_matches_source", asset=names.key("document_manifest"))],

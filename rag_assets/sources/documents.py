@@ -75,6 +75,7 @@ def make_document(
     max_bytes: int,
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
     source_meta: dict | None = None,
+    size: int | None = None,
 ) -> Document:
     """Bytes → normalised ``Document`` with hashes. Pure; raises ``DocumentError`` on bad input,
     metadata that JSON/jsonb cannot hold as it is, or metadata over ``max_metadata_bytes``.
@@ -88,10 +89,12 @@ def make_document(
         except Unusable as e:
             raise DocumentError(doc_id, f"unusable source metadata: {e}") from None
     front, body = split_front_matter(text, doc_id, max_metadata_bytes)
+    # ``size`` is the source's (the file's, before any conversion): the fast path compares it with the stat
+    size = len(data) if size is None else size
     meta = _checked_metadata(
-        doc_id, build_metadata(doc_id, front, body, len(data), mtime_ns, source_meta), max_metadata_bytes
+        doc_id, build_metadata(doc_id, front, body, size, mtime_ns, source_meta), max_metadata_bytes
     )
-    return Document(doc_id, body, meta, len(data), mtime_ns, content_hash(body), meta_hash(meta))
+    return Document(doc_id, body, meta, size, mtime_ns, content_hash(body), meta_hash(meta))
 
 
 def validate_doc_id(doc_id: str) -> None:
@@ -115,5 +118,11 @@ def document_from_raw(
 ) -> Document:
     """The text path for a source's bytes: decode, front matter, metadata (the source's keys win)."""
     return make_document(
-        raw.doc_id, raw.data, raw.stat.mtime_ns, max_bytes, max_metadata_bytes, raw.source_metadata or None
+        raw.doc_id,
+        raw.data,
+        raw.stat.mtime_ns,
+        max_bytes,
+        max_metadata_bytes,
+        raw.source_metadata or None,
+        size=raw.stat.size,
     )

@@ -32,6 +32,8 @@ class FolderSource:
     kind = "folder"
     token_metadata_keys: tuple[str, ...] = ()  # (size, mtime_ns) is the whole change token
 
+    converter = None  # a sources.convert.DocumentConverter, set by the stage that reads (it holds a connection)
+
     def __init__(
         self,
         root: Path | str,
@@ -143,7 +145,10 @@ class FolderSource:
     def read(self, doc_id: str, expected: FileStat | None = None) -> Document:
         """Read and normalise one document (see :meth:`read_bytes`). A folder adds no metadata keys of
         its own beyond path, size and mtime."""
-        return document_from_raw(self.read_bytes(doc_id, expected), self.max_doc_bytes, self.max_metadata_bytes)
+        raw = self.read_bytes(doc_id, expected)
+        if self.converter is not None:  # PDF, Office, HTML: Markdown through the parse cache
+            raw = self.converter.to_text(raw)
+        return document_from_raw(raw, self.max_doc_bytes, self.max_metadata_bytes)
 
     def token_of(self, *values: str | None) -> None:
         return None

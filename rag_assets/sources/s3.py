@@ -152,6 +152,8 @@ class S3Source:
     # them with the listing (``token_of``) without reading any object.
     token_metadata_keys = ("etag", "version_id")
 
+    converter = None  # a sources.convert.DocumentConverter, set by the stage that reads (it holds a connection)
+
     def __init__(
         self,
         uri: str,
@@ -275,7 +277,9 @@ class S3Source:
                     doc_id, f"document too large ({size} bytes > RAG_MAX_DOC_BYTES={self.max_doc_bytes})"
                 )
             content_type = resp.get("ContentType")
-            if not is_text_type(content_type):
+            from rag_assets.formats.registry import format_for
+
+            if not is_text_type(content_type) and format_for(doc_id, content_type) is None:
                 raise DocumentError(
                     doc_id, f"content type {content_type} is not a text format this source reads; skipped"
                 )
@@ -300,7 +304,10 @@ class S3Source:
         return RawDocument(doc_id, data, content_type, stat, meta)
 
     def read(self, doc_id: str, expected: FileStat | None = None) -> Document:
-        return document_from_raw(self.read_bytes(doc_id, expected), self.max_doc_bytes, self.max_metadata_bytes)
+        raw = self.read_bytes(doc_id, expected)
+        if self.converter is not None:  # PDF, Office, HTML: Markdown through the parse cache
+            raw = self.converter.to_text(raw)
+        return document_from_raw(raw, self.max_doc_bytes, self.max_metadata_bytes)
 
     def read_many(
         self, items: Iterable[tuple[str, FileStat | None]]
