@@ -129,6 +129,8 @@ def cmd_eval(args, settings: Settings) -> int:
     (and by chunk where the set labels chunks)."""
     from rag_assets.eval import evaluate, load_questions
 
+    if args.compare:
+        return _eval_compare(args, settings)
     rep = evaluate(
         settings,
         load_questions(args.questions),
@@ -155,6 +157,38 @@ def cmd_eval(args, settings: Settings) -> int:
         for name, value in d["metrics"].items():
             print(f"{name:<12}{value:>8.3f}" + (f"{chunks[name]:>10.3f}" if chunks else ""))
         print(f"{'n':<12}{d['n']:>8}" + (f"{d['n_chunk_labelled']:>10}" if chunks else ""))
+
+    _print(d, args.json, human)
+    return 0
+
+
+def _eval_compare(args, settings: Settings) -> int:
+    """The quality gate's comparison, by hand: the newest building generation (or ``--generation``)
+    against the live one, on this question set; nothing is recorded or switched."""
+    from dataclasses import replace
+
+    from rag_assets.quality_gate import judge
+    from rag_assets.store.db import connect_index
+    from rag_assets.store.generations import get_generation
+
+    gated = replace(settings, quality_questions=args.questions, quality_k=args.k)
+    conn = connect_index(settings)
+    try:
+        if args.generation is not None:
+            gen = get_generation(conn, args.generation)
+        else:
+            row = conn.execute("SELECT id FROM generations WHERE state = 'building' ORDER BY id DESC LIMIT 1").fetchone()
+            gen = get_generation(conn, row[0]) if row else None
+        if gen is None:
+            raise ValueError("no generation to compare: no building generation (or --generation G unknown)")
+        d = judge(gated, conn, gen).as_dict()
+    finally:
+        conn.close()
+    d.pop("key", None)
+
+    def human(d: dict) -> None:
+        verdict = "would switch" if d["passed"] else "would be refused"
+        print(f"generation {d['generation']} vs live {d['live_generation']}: {verdict}: {d['reason']}")
 
     _print(d, args.json, human)
     return 0
@@ -490,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--generation", type=int, default=None, help="a generation other than the live one")
     s.add_argument("--split", choices=("dev", "report"), default=None, help="only this part of the set")
     s.add_argument("--exact", action="store_true", help="rank by exact distance, not through the HNSW index")
+    s.add_argument(
+        "--compare",
+        action="store_true",
+        help="the quality gate by hand: the newest building generation (or --generation) vs the live one",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
 

@@ -109,3 +109,45 @@ def test_plan_shows_what_a_model_or_chunker_switch_will_embed_and_cost(settings)
         # and embeds nothing the cache already holds
         assert rechunked.rechunk and rechunked.new_generation and rechunked.chunks == 7
         assert (rechunked.texts_to_embed, rechunked.texts_cached) == (0, 6)
+
+
+def test_eval_compare_runs_the_gate_by_hand(settings, tmp_path, capsys):
+    """`rag-assets eval Q --compare`: the refused generation against the live one, both figures, nothing recorded."""
+    from rag_assets import cli
+
+    for name, words in TOPICS.items():
+        write(settings.source_path / f"{name}.md", f"# {name.title()}\n\n" + " ".join([words] * 20) + "\n")
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(
+        "".join(
+            json.dumps({"id": n, "question": f"tell me about {w.split()[0]} and {w.split()[2]}", "relevant_docs": [f"{n}.md"], "split": "dev"}) + "\n"
+            for n, w in TOPICS.items()
+        )
+    )
+    base = replace(settings, retrieval_mode="vector", quality_questions=str(qfile), quality_k=1)
+    _refresh(base)
+    assert not _refresh(replace(base, embedding_dimensions=8)).generation_switched  # refused: it stays building
+    env = {
+        "RAG_DATABASE_URL": settings.database_url,
+        "RAG_HOME": str(settings.home),
+        "RAG_INDEX_NAME": settings.index_name,
+        "RAG_PG_SCHEMA": settings.pg_schema,
+        "RAG_SHARDS": str(settings.shards),
+        "RAG_RETRIEVAL_MODE": "vector",
+        "RAG_EMBEDDING_DIMENSIONS": "8",
+    }
+    import os
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        rc = cli.main(["eval", str(qfile), "-k", "1", "--compare", "--json"])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    cap = capsys.readouterr()
+    assert cap.out.strip(), cap.err
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    assert rc == 0 and out["passed"] is False and out["recall_live"] == 1.0 and out["recall_new"] < 0.95
+    with connect_index(settings) as c:
+        assert live_generation(c).id == out["live_generation"]
