@@ -19,11 +19,12 @@ recommends for ``relaxed_order``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import psycopg
@@ -62,6 +63,38 @@ class Hit:
     text: str
     metadata: dict
     chunk_id: str
+    pages: list[int] | None = None  # the pages (slides, sheets) of a converted document this chunk spans
+
+
+def with_pages(conn: psycopg.Connection, result: QueryResult) -> QueryResult:
+    """Each hit of a paged document (a converted PDF, PPTX or XLSX: ``page_starts`` in its metadata)
+    with the page numbers its chunk spans, so an answer can cite them; ``page_starts`` itself (one
+    offset per page) is left out of the hit's metadata."""
+    paged = [h for h in result.results if isinstance(h.metadata.get("page_starts"), list)]
+    if not paged:
+        return result
+    spans = dict(
+        (cid, (s, e))
+        for cid, s, e in conn.execute(
+            "SELECT chunk_id, char_start, char_end FROM chunks WHERE chunk_id = ANY(%s)", ([h.chunk_id for h in paged],)
+        )
+    )
+    out = []
+    for h in result.results:
+        starts = h.metadata.get("page_starts")
+        if not isinstance(starts, list):
+            out.append(h)
+            continue
+        meta = {k: v for k, v in h.metadata.items() if k != "page_starts"}
+        span = spans.get(h.chunk_id)
+        pages = None
+        if span is not None:
+            s, e = span
+            first = max(1, bisect.bisect_right(starts, s))
+            last = max(first, bisect.bisect_left(starts, max(s + 1, e)))
+            pages = list(range(first, last + 1))
+        out.append(replace(h, metadata=meta, pages=pages))
+    return replace(result, results=out)
 
 
 @dataclass(frozen=True)
@@ -367,12 +400,12 @@ def search_embedded(
     if mode != "vector" and (text is None or not text.strip()):
         raise QueryError("query text is empty")
     if mode == "keyword":
-        return search_keyword(conn, text or "", k, filt, min_score)
+        return with_pages(conn, search_keyword(conn, text or "", k, filt, min_score))
     if vector is None:
         raise QueryError(f"mode {mode!r} needs the query vector")
     if mode == "hybrid":
-        return search_hybrid(conn, vector, text or "", k, filt, min_score, rrf_k=rrf_k, **kw)
-    return search_vector(conn, vector, k, filt, min_score, **kw)
+        return with_pages(conn, search_hybrid(conn, vector, text or "", k, filt, min_score, rrf_k=rrf_k, **kw))
+    return with_pages(conn, search_vector(conn, vector, k, filt, min_score, **kw))
 
 
 def search(

@@ -64,3 +64,33 @@ def test_binary_documents_are_converted_once_and_bad_ones_reported(settings):
     assert rep.docs_added == 1 and rep.chunks_embedded == 0  # the copy's texts are already embedded
     with connect_index(s) as c:
         assert c.execute("SELECT count(*) FROM rag_cache.parse_cache").fetchone()[0] == n_cache
+
+
+def test_hits_of_a_pdf_name_their_pages(settings):
+    """A chunk of a converted PDF cites the pages it spans (from the page starts and its char span)."""
+    from rag_assets.embedders import make_embedder
+    from rag_assets.query import search
+
+    s = replace(settings, include=("**/*.pdf",), chunk_max_tokens=64)
+    s.source_path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / "pdflatex-outline.pdf", s.source_path / "manual.pdf")
+    _refresh(s)
+    emb = make_embedder(s)
+    try:
+        with connect_index(s) as c:
+            n_pages = c.execute("SELECT metadata->'pages' FROM manifest").fetchone()[0]
+            starts = c.execute("SELECT metadata->'page_starts' FROM manifest").fetchone()[0]
+            rows = c.execute("SELECT chunk_id, char_start, char_end FROM chunks ORDER BY seq").fetchall()
+            hits = search(c, emb, "section", k=50, mode="keyword").results + search(c, emb, "section", k=50).results
+    finally:
+        emb.close()
+    assert n_pages >= 2 and hits
+    spans = {cid: (a, b) for cid, a, b in rows}
+    for h in hits:
+        assert "page_starts" not in h.metadata and h.pages
+        a, b = spans[h.chunk_id]
+        # every page named overlaps the chunk's span, and the pages are consecutive
+        for p in h.pages:
+            lo, hi = starts[p - 1], starts[p] if p < len(starts) else 10**12
+            assert lo < b and a < hi
+        assert h.pages == list(range(h.pages[0], h.pages[-1] + 1))

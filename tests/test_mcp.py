@@ -81,7 +81,7 @@ async def _exercise(session: ClientSession) -> None:
     out = _payload(await session.call_tool("search", {"query": "nearest-neighbour vector index", "k": 2}))
     hits = out["results"]
     assert len(hits) == 2 and out["generation"] is not None
-    assert set(hits[0]) == {"doc_id", "seq", "score", "text", "metadata", "chunk_id"}
+    assert set(hits[0]) == {"doc_id", "seq", "score", "text", "metadata", "chunk_id", "pages"}
     assert hits[0]["doc_id"] == "guide/vectors.md" and "nearest-neighbour" in hits[0]["text"]
     assert hits[0]["score"] >= hits[1]["score"]
 

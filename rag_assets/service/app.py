@@ -632,6 +632,11 @@ def openapi_spec(settings: Settings) -> dict:
             "text": {"type": "string"},
             "metadata": {"type": "object"},
             "chunk_id": {"type": "string"},
+            "pages": {
+                "type": ["array", "null"],
+                "items": {"type": "integer"},
+                "description": "pages (slides, sheets) of a converted document the chunk spans",
+            },
         },
     }
     return {
