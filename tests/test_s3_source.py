@@ -486,3 +486,48 @@ def test_fast_timestamp_parser_agrees_with_botocores():
     for v in ("2026-12-02T01:38:20.000Z", "2026-12-02T01:38:20Z", "Wed, 02 Dec 2026 01:38:20 GMT", "1700000000"):
         assert _fast_timestamp(v) == DEFAULT_TIMESTAMP_PARSER(v)
         assert _fast_timestamp(v).timestamp() == DEFAULT_TIMESTAMP_PARSER(v).timestamp()
+
+
+def test_source_sensor_lists_the_bucket_and_reports_changed_shards(settings, s3):
+    """Dagster: the source sensor of an S3-bound index lists the bucket (no GET) and reports exactly the
+    shards whose objects changed, as it does for a folder."""
+    import json
+
+    import dagster as dg
+
+    from rag_assets.defs.resources import resources_for
+    from rag_assets.defs.sensors import build_sensors
+    from rag_assets.manifest import shard_of
+
+    client, log = s3
+    b = _bucket(client)
+    for i in range(6):
+        client.put_object(Bucket=b, Key=f"kb/d{i}.md", Body=f"# D{i}\n\nbody {i}".encode())
+    uri = f"s3://{b}/kb"
+    idx = _indexer(settings)
+    try:
+        idx.refresh(uri)  # binds the index to the bucket
+    finally:
+        idx.close()
+    sensor = next(s for s in build_sensors(settings) if s.name.endswith("source_sensor"))
+
+    def tick(instance, cursor):
+        res = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources_for(settings)))
+        if isinstance(res, dg.SkipReason):
+            return [], cursor
+        return [int(ev.partition) for ev in res.asset_events], res.cursor
+
+    with dg.instance_for_test() as instance:
+        log.reset()
+        first, cursor = tick(instance, None)
+        assert sorted(first) == list(range(settings.shards))  # no cursor yet: every shard is reported once
+        assert log.gets() == 0  # listing only
+        assert tick(instance, cursor)[0] == []
+        client.put_object(Bucket=b, Key="kb/d3.md", Body=b"# D3\n\nnew body")
+        changed, cursor = tick(instance, cursor)
+        assert changed == [shard_of("d3.md", settings.shards)]
+        client.delete_object(Bucket=b, Key="kb/d5.md")
+        changed, _ = tick(instance, cursor)
+        assert changed == [shard_of("d5.md", settings.shards)]
+        assert log.gets() == 0
+    assert json.loads(cursor)  # the cursor is the per-shard versions
