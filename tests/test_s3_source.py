@@ -269,22 +269,25 @@ def test_oversize_and_unsupported_objects_are_reported_by_key_and_skipped(settin
     client.put_object(Bucket=b, Key="big.md", Body=b"x" * 5000)
     client.put_object(Bucket=b, Key="scan.md", Body=b"%PDF-1.7 ...", ContentType="application/pdf")
     client.put_object(Bucket=b, Key="bin.md", Body=b"\x00\x01binary")
+    client.put_object(Bucket=b, Key="photo.md", Body=b"\x89PNG...", ContentType="image/png")
     idx = _indexer(settings, max_doc_bytes=4096)
     log.reset()
     r = idx.refresh(f"s3://{b}")
     errs = {e["doc_id"]: e["error"] for e in r.errors}
-    assert set(errs) == {"big.md", "scan.md", "bin.md"}
+    assert set(errs) == {"big.md", "scan.md", "bin.md", "photo.md"}
     assert "too large (5000 bytes > RAG_MAX_DOC_BYTES=4096)" in errs["big.md"]
-    assert "content type application/pdf" in errs["scan.md"]
+    # a PDF content type goes to the PDF converter (whatever the key's suffix): broken bytes, a clear error
+    assert "not a readable PDF" in errs["scan.md"]
+    assert "content type image/png" in errs["photo.md"]  # no converter reads it
     assert "binary" in errs["bin.md"]
     assert r.docs_total == 1
-    assert log.gets() == 3  # ok, scan and bin; the oversize object is refused from its listed size
+    assert log.gets() == 4  # ok, scan, bin and photo; the oversize object is refused from its listed size
     log.reset()
     r2 = idx.refresh(f"s3://{b}")  # still reported, not fetched again until they change
-    assert {e["doc_id"] for e in r2.errors} == {"big.md", "scan.md", "bin.md"} and log.gets() == 0
+    assert set(e["doc_id"] for e in r2.errors) == set(errs) and log.gets() == 0
     client.put_object(Bucket=b, Key="big.md", Body=b"# Big\n\nnow small\n")
     r3 = idx.refresh(f"s3://{b}")
-    assert {e["doc_id"] for e in r3.errors} == {"scan.md", "bin.md"} and r3.docs_added == 1
+    assert {e["doc_id"] for e in r3.errors} == {"scan.md", "bin.md", "photo.md"} and r3.docs_added == 1
     idx.close()
 
 
