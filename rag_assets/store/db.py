@@ -38,12 +38,8 @@ def search_path_sql(conn: psycopg.Connection, schema: str) -> sql.Composed:
     row = conn.execute(
         "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
     ).fetchone()
-    path = [schema, CACHE_SCHEMA, *([row[0]] if row and row[0] not in (schema, CACHE_SCHEMA) else []), "public"]
-    seen: list[str] = []
-    for p in path:
-        if p not in seen:
-            seen.append(p)
-    return sql.SQL("SET search_path TO {}").format(sql.SQL(", ").join(sql.Identifier(p) for p in seen))
+    path = dict.fromkeys([schema, CACHE_SCHEMA, *([row[0]] if row else []), "public"])  # ordered, no repeats
+    return sql.SQL("SET search_path TO {}").format(sql.SQL(", ").join(sql.Identifier(p) for p in path))
 
 
 def connect(
