@@ -30,7 +30,9 @@ from rag_assets.chunking import (
     Chunker,
     FixedWindowChunker,
     StructureChunker,
+    context_header,
     count_tokens,
+    heading_path_of,
     make_chunker,
 )
 from rag_assets.tokens import count_tokens_batch, tokenizer_name
@@ -152,8 +154,11 @@ def assert_valid(text: str, chunks: list[Chunk], max_tokens: int | None, *, body
     stored = count_tokens_batch([c.text for c in chunks])  # the count the index stores (cl100k)
     for i, c in enumerate(chunks):
         assert c.seq == i
-        assert c.text == text[c.start : c.end]
-        assert c.text and c.text == c.text.strip(), (
+        # the stored text is the heading-path header followed by the document slice
+        assert c.text == c.context + text[c.start : c.end] and c.body == text[c.start : c.end]
+        assert c.context == context_header(c.heading_path)
+        assert heading_path_of(c.text, c.end - c.start) == list(c.heading_path)
+        assert c.body and c.body == c.body.strip() and c.text == c.text.strip(), (
             f"chunk {i} is empty or has edge whitespace: {c.text[:40]!r}"
         )
         assert c.start >= body_start and c.start >= prev_end and c.end > c.start
@@ -505,15 +510,29 @@ def test_rst_title_styles_and_markdown_headings_are_recognised():
         "  Inset title  \n----------------\n\nnot a title: indented without overline.\n"
     )
     chunks = StructureChunker().chunk(rst)
-    assert [c.text.split("\n")[0] for c in chunks] == ["=========", "Section one", "Short", "Plus"]
+    assert [c.body.split("\n")[0] for c in chunks] == ["=========", "Section one", "Short", "Plus"]
     assert "Inset title" in chunks[-1].text
+    # levels follow the order in which adornment styles first appear
+    assert [c.heading_path for c in chunks] == [
+        ("Doc title",),
+        ("Doc title", "Section one"),
+        ("Doc title", "Section one", "Short"),
+        ("Doc title", "Section one", "Short", "Plus"),
+    ]
+    assert chunks[1].text.startswith("Doc title \u203a Section one\n\nSection one\n***")
 
     md = (
         "# Title\n\nIntro.\n\n## Section\n\nText.\n\nSetext heading\n--------------\n\nMore.\n\n"
         "Another one\n===\n\nLast.\n\n```bash\n# not a heading\necho hi\n```\n\n~~~\n## nor this\n~~~\n"
     )
     chunks = StructureChunker().chunk(md)
-    assert [c.text.split("\n")[0] for c in chunks] == [
+    assert [c.heading_path for c in chunks] == [
+        ("Title",),
+        ("Title", "Section"),
+        ("Title", "Setext heading"),
+        ("Another one",),
+    ]
+    assert [c.body.split("\n")[0] for c in chunks] == [
         "# Title",
         "## Section",
         "Setext heading",
@@ -528,15 +547,16 @@ def test_rst_literal_block_is_not_a_title_source_and_hash_comments_are_not_headi
         ".. code-block:: python\n\n    # just a comment\n    x = 1\n"
     )
     chunks = StructureChunker().chunk(text)
-    assert len(chunks) == 1 and chunks[0].text == text.strip()
+    assert len(chunks) == 1 and chunks[0].body == text.strip() and chunks[0].heading_path == ("Guide",)
 
 
 def test_heading_sticks_to_what_follows_and_consecutive_headings_stay_together():
     text = "Part\n====\n\nChapter\n-------\n\nBody of the chapter.\n\nEnd\n---\n"
     chunks = StructureChunker().chunk(text)
     # A title directly followed by its first subsection title never ends a chunk on its own; a
-    # heading is alone only when its section is empty (here: the last one).
-    assert texts(chunks) == ["Part\n====\n\nChapter\n-------\n\nBody of the chapter.", "End\n---"]
+    # heading with nothing after it (here: the last one) joins the chunk before it.
+    assert [c.body for c in chunks] == ["Part\n====\n\nChapter\n-------\n\nBody of the chapter.\n\nEnd\n---"]
+    assert chunks[0].text == "Part \u203a Chapter\n\n" + chunks[0].body
 
 
 def test_heading_is_never_alone_when_its_section_is_long():
@@ -545,20 +565,21 @@ def test_heading_is_never_alone_when_its_section_is_long():
     text = "A heading\n=========\n\n" + body
     chunks = StructureChunker(max_tokens=128).chunk(text)
     assert_valid(text, chunks, 128)
-    assert chunks[0].text.startswith("A heading\n=========\n\n") and len(chunks[0].text) > 40
+    assert chunks[0].body.startswith("A heading\n=========\n\n") and len(chunks[0].body) > 40
+    assert all(c.heading_path == ("A heading",) for c in chunks)
 
 
 def test_front_matter_is_skipped():
     text = "---\ntitle: Guide\ntags: [a, b]\n---\n# Heading\n\nSome text.\n"
     chunks = StructureChunker().chunk(text)
-    assert texts(chunks) == ["# Heading\n\nSome text."]
+    assert [c.body for c in chunks] == ["# Heading\n\nSome text."]
     assert chunks[0].start == text.index("# Heading")
     assert FixedWindowChunker().chunk(text)[0].text.startswith("# Heading")
     # front matter alone is no content
     assert StructureChunker().chunk("---\na: 1\n---\n") == []
     # an over- and underlined reST title is not front matter
     rst = "---\nTitle\n---\n\nBody.\n"
-    assert texts(StructureChunker().chunk(rst)) == ["---\nTitle\n---\n\nBody."]
+    assert [c.body for c in StructureChunker().chunk(rst)] == ["---\nTitle\n---\n\nBody."]
     # an unclosed block is not front matter either
     assert StructureChunker().chunk("---\ntitle: x\n\nBody.\n")[0].start == 0
 
