@@ -545,6 +545,14 @@ def _markup_flags(text: str, blocks: list[list]) -> list[bool]:
     return flags
 
 
+def _is_markup_text(piece: str) -> bool:
+    """Is ``piece`` (one or more blocks) markup only? It then introduces what follows it."""
+    lines = [ln for ln in piece.split("\n") if ln.strip()]
+    if _MARKUP_DIRECTIVE.match(lines[0]) and all(ln[:1].isspace() for ln in lines[1:]):
+        return True
+    return all(_MARKUP_LINE.fullmatch(ln) for ln in lines)
+
+
 _ATX_TITLE = re.compile(r"#{1,6}[ \t]*(.*?)(?:[ \t]+#+)?[ \t]*")
 _SPACES = re.compile(r"\s+")
 
@@ -590,7 +598,7 @@ class _Section:
 
 def _sections(
     text: str, base: int, headings: list[tuple[int, int]], markdown: bool, fences: list[tuple[int, int]]
-) -> list[_Section]:
+) -> tuple[list[_Section], int]:
     """Group the document into sections such that none is made only of headings and markup.
 
     Headings and markup (targets, anchors, index entries, breaks) carry forward to the content
@@ -599,6 +607,7 @@ def _sections(
     the next section that has content. Trailing markup of a section (the label of the next
     heading) moves to the next section too. What has no content after it (headings at the end of
     the document) joins the last section; a document of nothing but markup is one section.
+    Also returns where that last part begins (``len(text) + 1`` when there is none).
     """
     titles = _heading_titles(text, headings, markdown)
     raw: list[tuple[int, int, int]] = [(-1, base, headings[0][0] if headings else len(text))]
@@ -606,6 +615,7 @@ def _sections(
         raw.append((k, he, headings[k + 1][0] if k + 1 < len(headings) else len(text)))
     stack: list[tuple[int, str]] = []
     out: list[_Section] = []
+    tail = len(text) + 1
     pending = -1  # start of the headings/markup carried to the next section with content
     for idx, (k, bs, be) in enumerate(raw):
         if k >= 0:
@@ -628,19 +638,28 @@ def _sections(
         is_last = idx == len(raw) - 1
         end = blocks[-1][1] if is_last else blocks[last][1]
         path = tuple(t for _, t in stack if t) if k >= 0 else ()
+        # The lead (headings, then markup before the first content block) stays with that block.
+        first = content[0]
         if k >= 0:
-            out.append(_Section((pending, headings[k][1]), pending, headings[k][1], end, path))
+            lead_end = blocks[first - 1][1] if first else headings[k][1]
+            out.append(_Section((pending, lead_end), pending, lead_end, end, path))
+        elif first:
+            lead_end = blocks[first - 1][1]
+            out.append(_Section((blocks[0][0], lead_end), blocks[0][0], lead_end, end, path))
         else:
             out.append(_Section(None, blocks[0][0], blocks[0][0], end, path))
-        pending = blocks[last + 1][0] if not is_last and last + 1 < len(blocks) else -1
+        pending = blocks[last + 1][0] if last + 1 < len(blocks) else -1
+        if is_last and pending >= 0:
+            tail, pending = pending, -1  # markup ending the document: it ends this section
     if pending >= 0:
         end = len(text.rstrip())
         if out:
             out[-1].end = end
+            tail = pending
         else:
             path = tuple(t for _, t in stack if t)
             out.append(_Section(None, pending, pending, end, path))
-    return out
+    return out, tail
 
 
 def _cut_hash(piece: str) -> int:
@@ -682,7 +701,7 @@ def _context(path: tuple[str, ...], cap: int) -> tuple[str, int, int, tuple[str,
 class _Doc:
     """One document being chunked: its text and prefix sums of token weights."""
 
-    __slots__ = ("prefix", "text")
+    __slots__ = ("prefix", "tail", "text")
 
     def __init__(self, text: str):
         self.text = text
@@ -691,6 +710,9 @@ class _Doc:
         prefix[0] = 0
         np.cumsum(w, out=prefix[1:])
         self.prefix = prefix
+        # Where headings/markup with no content after them begin (they end the last chunk): no
+        # boundary is put before them. Past the end when there are none.
+        self.tail = len(text) + 1
 
     def units(self, a: int, b: int) -> int:
         """Exact weight of ``text[a:b]`` read on its own (fast when ``a`` follows whitespace)."""
@@ -783,7 +805,7 @@ class StructureChunker:
         markdown = _looks_like_markdown(padded, base)
         fences = _find_fences(padded, base) if markdown else []
         headings = _find_headings(text, padded, base, markdown, fences)
-        sections = _sections(text, base, headings, markdown, fences)
+        sections, doc.tail = _sections(text, base, headings, markdown, fences)
         cap = self.max_tokens // 4
 
         # Each section's weight from one numpy gather; its budget is the bound less its header's.
@@ -937,7 +959,18 @@ class StructureChunker:
                 heading = None
             else:
                 limit -= head_units
-        items = self._items(doc, at, blocks, limit)
+        k = len(blocks)
+        while k and blocks[k - 1][0] >= doc.tail:
+            k -= 1
+        tail_units = at[blocks[-1][1]] - at[blocks[k][0]] if 0 < k < len(blocks) else 0
+        if tail_units and tail_units * 2 <= limit:
+            # Headings/markup ending the document stay with the last content: its last unit is
+            # made small enough to take them.
+            items = self._items(doc, at, blocks[:k], limit - tail_units)
+            s0 = items[-1][0]
+            items[-1] = (s0, blocks[-1][1], doc.units(s0, blocks[-1][1]))
+        else:
+            items = self._items(doc, at, blocks, limit)
         self._pack(doc, at, heading, items, out, max_units)
 
     def _items(
@@ -1016,10 +1049,16 @@ class StructureChunker:
 
         ends = [it[1] for it in items]
         raw = [0] * n  # 0: never a boundary unless nothing else is possible
+        intro = [False] * n  # the item introduces the next one (markup, "Example:")
         for i in range(n - 1):
             piece = text[items[i][0] : ends[i]]
-            if not _introduces_next(piece):
+            intro[i] = _introduces_next(piece) or _is_markup_text(piece)
+            if not intro[i] and items[i + 1][0] < doc.tail:
                 raw[i] = _cut_hash(piece) | 1
+        # A cut after item i would strand an introducing item i+1: it cannot fit with what follows.
+        strands = [
+            i + 2 < n and intro[i + 1] and items[i + 1][2] + items[i + 2][2] > max_units for i in range(n)
+        ]
         lo, hi = sec_start + self.min_chars, sec_end - self.min_chars
         hashes = [h if lo <= e <= hi else 0 for h, e in zip(raw, ends, strict=True)]
 
@@ -1043,7 +1082,7 @@ class StructureChunker:
                         ok = False
                         break
                     j += 1
-            natural[i] = ok
+            natural[i] = ok and not strands[i]
 
         min_forced = self.min_chars // 2
         prefix = doc.prefix
@@ -1067,7 +1106,7 @@ class StructureChunker:
                 # (or at least on this side); failing that, right before the overflowing item.
                 best, best_key = i - 1, (-1, -1)
                 for m in range(first, i):
-                    if ends[m] - a >= min_forced:
+                    if ends[m] - a >= min_forced and not strands[m]:
                         key = (sec_end - ends[m] >= min_forced, raw[m])
                         if key > best_key:
                             best, best_key = m, key
