@@ -698,6 +698,29 @@ def _context(path: tuple[str, ...], cap: int) -> tuple[str, int, int, tuple[str,
     return "", 0, 0, ()
 
 
+def _contexts(paths: list[tuple[str, ...]], cap: int) -> dict[tuple[str, ...], tuple[str, int, int, tuple[str, ...]]]:
+    """:func:`_context` of every distinct path of one document, with one weight pass and one
+    token-count batch (a header ends with a blank line, so its weights do not depend on what
+    precedes it and the headers can be weighed as one string)."""
+    distinct = [p for p in dict.fromkeys(paths) if p]
+    out: dict[tuple[str, ...], tuple[str, int, int, tuple[str, ...]]] = {(): ("", 0, 0, ())}
+    if not distinct:
+        return out
+    headers = [context_header(p) for p in distinct]
+    w = np.cumsum(_char_weights("".join(headers)))
+    ends = np.cumsum([len(h) for h in headers]) - 1
+    totals = w[ends].tolist()
+    real = count_tokens_batch(headers)
+    prev = 0
+    for p, h, t, n in zip(distinct, headers, totals, real, strict=True):
+        units, prev = int(t - prev), t
+        if n <= cap and _units_to_tokens(units) <= cap:
+            out[p] = (h, units, n, p)
+        else:
+            out[p] = _context(p, cap)  # over the cap: shortened (rare)
+    return out
+
+
 class _Doc:
     """One document being chunked: its text and prefix sums of token weights."""
 
@@ -806,23 +829,32 @@ class StructureChunker:
         fences = _find_fences(padded, base) if markdown else []
         headings = _find_headings(text, padded, base, markdown, fences)
         sections, doc.tail = _sections(text, base, headings, markdown, fences)
-        cap = self.max_tokens // 4
+        contexts = _contexts([sec.path for sec in sections], self.max_tokens // 4)
 
         # Each section's weight from one numpy gather; its budget is the bound less its header's.
         extents = [p for s in sections for p in (s.start, s.end)]
         vals = doc.prefix[np.array(extents, dtype=np.int64)].tolist()
-        chunks: list[Chunk] = []
+        planned: list[tuple[_Section, tuple, list[tuple[int, int]]]] = []
         for k, sec in enumerate(sections):
-            ctx, ctx_units, ctx_tokens, path = _context(sec.path, cap)
-            units = self._max_units - ctx_units
+            context = contexts[sec.path]
+            units = self._max_units - context[1]
             spans: list[tuple[int, int]] = []
             if vals[2 * k + 1] - vals[2 * k] <= units:
                 spans.append((sec.start, sec.end))  # the whole section fits: one chunk
             else:
                 self._long_section(doc, sec.heading, _blocks(text, sec.content_start, sec.end, fences), spans, units)
-            spans = self._fit_stored_count(
-                doc, spans, {sec.start: sec.heading} if sec.heading else {}, fences, ctx, ctx_tokens
-            )
+            planned.append((sec, context, spans))
+        # The stored (cl100k) count of every planned chunk in one batch: most fit as they are.
+        counts = count_tokens_batch([c[0] + text[a:b] for _, c, spans in planned for a, b in spans])
+        chunks: list[Chunk] = []
+        at = 0
+        for sec, (ctx, ctx_units, ctx_tokens, path), spans in planned:
+            n = counts[at : at + len(spans)]
+            at += len(spans)
+            if max(n) > self.max_tokens:
+                spans = self._fit_stored_count(
+                    doc, spans, {sec.start: sec.heading} if sec.heading else {}, fences, ctx, ctx_tokens, n
+                )
             for a, b in spans:
                 piece = ctx + text[a:b]
                 chunks.append(
@@ -849,6 +881,7 @@ class StructureChunker:
         fences: list[tuple[int, int]],
         ctx: str = "",
         ctx_tokens: int = 0,
+        counts: list[int] | None = None,
     ) -> list[tuple[int, int]]:
         """Enforce ``max_tokens`` in the count the index stores (``tokens.count_tokens_batch``:
         cl100k_base, or this module's estimate without it), not only in the estimate.
@@ -860,7 +893,8 @@ class StructureChunker:
         inside an over-long span is involved, so edit locality elsewhere is unchanged. The bound
         holds for the stored text, ``ctx`` (the section's header, ``ctx_tokens`` tokens) + slice.
         """
-        counts = count_tokens_batch([ctx + doc.text[a:b] for a, b in spans])
+        if counts is None:  # (the stored counts of ``spans``, when the caller has them)
+            counts = count_tokens_batch([ctx + doc.text[a:b] for a, b in spans])
         if not counts or max(counts) <= self.max_tokens:
             return spans
         bound = self.max_tokens - ctx_tokens  # the header's tokens come off every piece's budget
