@@ -251,7 +251,7 @@ def bench_size(
             out[f"{mode}_p50_ms"], out[f"{mode}_p99_ms"] = pct(lat, 50), pct(lat, 99)
 
         # recall@10 vs exact search, for several ef_search values
-        vecs = embedder.embed(queries, EmbedStats(), labels=["query"] * len(queries))
+        vecs = embedder.embed(queries, EmbedStats(), labels=["query"] * len(queries), purpose="query")
         exact, t_exact = [], []
         for v in vecs:
             t = time.perf_counter()

@@ -375,7 +375,7 @@ def embed_query(embedder: Embedder, text: str) -> np.ndarray:
     then takes a connection for the SQL only)."""
     if not text or not text.strip():
         raise QueryError("query text is empty")
-    return embedder.embed([text], EmbedStats(), labels=["query"])[0]
+    return embedder.embed([text], EmbedStats(), labels=["query"], purpose="query")[0]
 
 
 def search_embedded(
