@@ -25,6 +25,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -35,6 +36,9 @@ from rag_assets.embedders import Embedder, EmbedStats
 from rag_assets.store import schema
 from rag_assets.store.generations import GEN_LOCK
 from rag_assets.store.serving import live_generation
+
+if TYPE_CHECKING:
+    from rag_assets.rerank.base import Reranker
 
 MODES = ("vector", "keyword", "hybrid")
 DEFAULT_RRF_K = 60  # Cormack et al. 2009's constant; RAG_RRF_K
@@ -98,12 +102,28 @@ def with_pages(conn: psycopg.Connection, result: QueryResult) -> QueryResult:
 
 
 @dataclass(frozen=True)
+class RerankInfo:
+    """What the second stage did (:mod:`rag_assets.rerank.apply`): ``applied`` False means the
+    reranker failed and the hits are the first stage's, in its order (``error`` says why)."""
+
+    reranker: str  # e.g. "http:rerank-v3.5@api.cohere.com", "local:ms-marco-MiniLM-L-6-v2"
+    candidates: int  # first-stage hits it was given
+    applied: bool
+    seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class QueryResult:
     results: list[Hit]
     generation: int | None
+    rerank: RerankInfo | None = None  # None: no rerank step was asked for
 
     def as_dict(self) -> dict:
-        return {"results": [asdict(h) for h in self.results], "generation": self.generation}
+        out: dict = {"results": [asdict(h) for h in self.results], "generation": self.generation}
+        if self.rerank is not None:
+            out["rerank"] = asdict(self.rerank)
+        return out
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, object]:
@@ -152,6 +172,12 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise QueryError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     return mode
+
+
+def candidate_depth(k: int, depth: int) -> int:
+    """First-stage hits a reranker re-scores for a top-``k`` answer: ``depth`` (RAG_RERANK_DEPTH),
+    at least ``k``, at most :data:`MAX_K`."""
+    return min(MAX_K, max(k, depth))
 
 
 def arm_depth(k: int) -> int:
@@ -418,17 +444,29 @@ def search(
     *,
     mode: str = "vector",
     rrf_k: int = DEFAULT_RRF_K,
+    reranker: Reranker | None = None,
+    rerank_depth: int = 50,
+    rerank_on_error: str = "fallback",
     **kw,
 ) -> QueryResult:
     """Top-k chunks for ``text`` in ``mode`` (the text is embedded by the live generation's
-    embedder unless the mode is ``keyword``).
+    embedder unless the mode is ``keyword``); with a ``reranker``, the first stage ranks
+    :func:`candidate_depth` candidates and the reranker picks the best k of them
+    (:func:`rag_assets.rerank.apply.rerank_result`, ``rerank_on_error`` ``fallback`` or ``fail``).
 
     For a dedicated connection (the CLI). With a pool, call :func:`check_embedder_matches`,
-    :func:`embed_query` without a connection, then :func:`search_embedded` (as the service does).
+    :func:`embed_query` without a connection, then :func:`search_embedded`, and rerank after
+    giving the connection back (as the service does).
     """
     if not text or not text.strip():
         raise QueryError("query text is empty")
     check_mode(mode)
     check_embedder_matches(conn, embedder)
     vector = None if mode == "keyword" else embed_query(embedder, text)
-    return search_embedded(conn, embedder, vector, k, filt, min_score, mode=mode, text=text, rrf_k=rrf_k, **kw)
+    depth = k if reranker is None else candidate_depth(k, rerank_depth)
+    first = search_embedded(conn, embedder, vector, depth, filt, min_score, mode=mode, text=text, rrf_k=rrf_k, **kw)
+    if reranker is None:
+        return first
+    from rag_assets.rerank.apply import rerank_result  # the rerank package imports this module
+
+    return rerank_result(reranker, text, first, k, on_error=rerank_on_error)
