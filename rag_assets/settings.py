@@ -264,7 +264,7 @@ class Settings:
     rerank_api_key_env: str = "RAG_RERANK_API_KEY"
     rerank_depth: int = 50  # candidates the first stage hands the reranker (at least k)
     rerank_timeout_s: float = 10.0  # http: one request
-    rerank_max_retry_s: float = 10.0  # http: retries of one query's request stop after this
+    rerank_max_retry_s: float = 5.0  # http: retries of one query's request stop after this
     rerank_on_error: str = "fallback"  # fallback: first-stage order, flagged in the answer | fail: the query fails
     rerank_device: str | None = None  # local: torch device (cpu, cuda)
 
@@ -362,7 +362,7 @@ class Settings:
             rerank_api_key=e.get("RAG_RERANK_API_KEY") or None,
             rerank_depth=_int(e, "RAG_RERANK_DEPTH", 50, 1, MAX_RERANK_DEPTH),
             rerank_timeout_s=_float(e, "RAG_RERANK_TIMEOUT_S", 10.0),  # type: ignore[arg-type]
-            rerank_max_retry_s=_float(e, "RAG_RERANK_MAX_RETRY_S", 10.0),  # type: ignore[arg-type]
+            rerank_max_retry_s=_float(e, "RAG_RERANK_MAX_RETRY_S", 5.0),  # type: ignore[arg-type]
             rerank_on_error=_choice(
                 "RAG_RERANK_ON_ERROR", e.get("RAG_RERANK_ON_ERROR") or "fallback", RERANK_ON_ERROR
             ),

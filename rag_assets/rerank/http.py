@@ -9,7 +9,7 @@ Timeouts and retries
     ``Retry-After`` (seconds or HTTP date) or ``retry-after-ms`` header sets the floor of the wait.
     All retries of one query stop once ``max_retry_s`` have passed since its first attempt, and a
     ``Retry-After`` beyond that fails at once instead of sleeping in vain: a question is answered
-    (or given up on) within ``max_retry_s`` plus one timeout. The defaults (10 s and 10 s) are short
+    (or given up on) within ``max_retry_s`` plus one timeout. The defaults (10 s and 5 s) are short
     because someone is waiting. A 2xx body that is not JSON is retried at most
     ``max_malformed_retries`` times; other 4xx answers and well-formed answers with wrong indices
     fail at once.
@@ -56,7 +56,7 @@ class HttpReranker(Reranker):
         *,
         api: str = "cohere",
         timeout_s: float = 10.0,
-        max_retry_s: float = 10.0,
+        max_retry_s: float = 5.0,
         backoff_base_s: float = 0.2,
         backoff_max_s: float = 5.0,
         max_malformed_retries: int = 1,
