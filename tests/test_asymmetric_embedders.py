@@ -180,3 +180,27 @@ def test_an_index_built_with_passage_prefixes_is_queried_with_the_query_prefix(s
         assert {t for r in srv.requests for t in r.inputs} == chunk_texts
         idx.conn.close()
         idx2.conn.close()
+
+
+@pytest.mark.model
+def test_the_local_model_embeds_with_the_prefix_of_each_purpose():
+    pytest.importorskip("sentence_transformers", reason="needs the 'local' extra (sentence-transformers)")
+    from rag_assets.embedders.local import LocalEmbedder
+
+    e5 = LocalEmbedder(input_style=E5)
+    plain = LocalEmbedder()
+    try:
+        stats = EmbedStats()
+        q = e5.embed(["what is a shard?"], stats, purpose="query")
+        p = e5.embed(["a shard is a hash bucket"], stats)
+        np.testing.assert_allclose(q, plain.embed(["query: what is a shard?"], EmbedStats()), atol=1e-5)
+        np.testing.assert_allclose(p, plain.embed(["passage: a shard is a hash bucket"], EmbedStats()), atol=1e-5)
+        assert stats.tokens == sum(plain.count_tokens(["query: what is a shard?", "passage: a shard is a hash bucket"]))
+        assert e5.fingerprint != plain.fingerprint
+        assert e5.fingerprint == embedder_fingerprint(
+            Settings.from_env({"RAG_EMBEDDER": "local", "RAG_EMBEDDING_QUERY_PREFIX": "query: ",
+                               "RAG_EMBEDDING_PASSAGE_PREFIX": "passage: "})
+        )
+    finally:
+        e5.close()
+        plain.close()
