@@ -309,3 +309,43 @@ def test_query_api_reranks_by_default_when_configured_and_on_request(settings, d
         r = c.post("/query", json={**question, "rerank": True})
         assert r.status_code == 400 and "RAG_RERANK=off" in r.json()["error"]
         assert "rerank" not in c.post("/query", json=question).json()
+
+
+def test_cli_query_and_eval_take_rerank(db_url, tmp_path):
+    """`rag-assets query/eval --rerank http` as subprocesses: reranked, flagged fallback, strict failure."""
+    import os
+    import subprocess
+    import sys
+
+    docs = tmp_path / "docs"
+    _corpus(docs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "DAGSTER_"))}
+    env.update(RAG_HOME=str(tmp_path / "home"), RAG_DATABASE_URL=db_url, RAG_SHARDS="8")
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rag_assets.cli", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)
+
+    assert cli("index", str(docs), "--core", "--json").returncode == 0
+    question = "the reranker reads the question and the passage"
+    bad = cli("query", question, "--rerank", "http")
+    assert bad.returncode == 2 and "RAG_RERANK_URL" in bad.stderr
+    with FakeRerank() as srv:
+        conf = {"RAG_RERANK_URL": srv.url, "RAG_RERANK_MODEL": "fake-rerank", "RAG_RERANK_DEPTH": "10"}
+        p = cli("query", question, "-k", "3", "--rerank", "http", "--json", **conf)
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        assert out["rerank"]["applied"] and out["results"][0]["doc_id"] == "target.md"
+        assert len(srv.requests[0].body["documents"]) == 10  # RAG_RERANK_DEPTH
+        qs = tmp_path / "q.jsonl"
+        qs.write_text(json.dumps({"id": "q1", "question": question, "relevant_docs": ["target.md"], "split": "dev"}) + "\n")
+        ev = cli("eval", str(qs), "-k", "3", "--rerank", "http", "--json", **conf)
+        assert ev.returncode == 0, ev.stderr
+        assert json.loads(ev.stdout)["rerank"].startswith("http:fake-rerank")
+        url = srv.url
+    gone = {"RAG_RERANK_URL": url, "RAG_RERANK_MODEL": "fake-rerank", "RAG_RERANK_MAX_RETRY_S": "0.2"}
+    fb = cli("query", question, "-k", "3", "--rerank", "http", "--json", **gone)
+    assert fb.returncode == 0 and not json.loads(fb.stdout)["rerank"]["applied"]
+    assert "warning: not reranked" in fb.stderr and "/v1/rerank" in fb.stderr
+    strict = cli("query", question, "--rerank", "http", **gone, RAG_RERANK_ON_ERROR="fail")
+    assert strict.returncode == 5 and "/v1/rerank" in strict.stderr and "connection error" in strict.stderr
