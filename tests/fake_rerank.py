@@ -149,6 +149,9 @@ class _QuietServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body leave in two writes: with Nagle's algorithm on, the body waits for the
+    # client's delayed ACK (~40 ms on Linux), which would be measured as rerank latency
+    disable_nagle_algorithm = True
     server_fake: FakeRerank
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
