@@ -349,3 +349,19 @@ def test_cli_query_and_eval_take_rerank(db_url, tmp_path):
     assert "warning: not reranked" in fb.stderr and "/v1/rerank" in fb.stderr
     strict = cli("query", question, "--rerank", "http", **gone, RAG_RERANK_ON_ERROR="fail")
     assert strict.returncode == 5 and "/v1/rerank" in strict.stderr and "connection error" in strict.stderr
+
+
+@pytest.mark.parametrize("mode", [None, "hybrid"])
+def test_mcp_search_reranks_when_the_index_has_a_reranker(indexed, settings, mode):
+    from rag_assets.service.mcp_server import IndexBackend, run_search
+
+    question = "the reranker reads the question and the passage"
+    with FakeRerank() as srv:
+        s = replace(settings, rerank_depth=8)
+        backend = IndexBackend("t", s, indexed.embedder, lambda fn: fn(indexed.conn), reranker(srv))
+        res = run_search(backend, question, 3, None, mode)
+        (req,) = srv.requests
+    assert len(req.body["documents"]) == 8 and req.body["top_n"] == 3
+    assert res.rerank.applied and res.results[0].doc_id == "target.md" and len(res.results) == 3
+    plain = run_search(IndexBackend("t", s, indexed.embedder, lambda fn: fn(indexed.conn)), question, 3, None, mode)
+    assert plain.rerank is None and len(plain.results) == 3
