@@ -215,7 +215,32 @@ def _repair_view(conn: psycopg.Connection) -> None:
 
 # The OR of the text's lexemes, normalised by the generation's configuration (stop words dropped).
 _ANY_WORD = """(SELECT string_agg(quote_literal(l), ' | ')
-                FROM unnest(tsvector_to_array(to_tsvector(ts_config, %s))) l)::tsquery"""
+                FROM unnest(tsvector_to_array(to_tsvector(v.ts_config, %(text)s))) l)::tsquery"""
+# The OR of the text's rarest lexemes: sorted by the number of chunks ANALYZE estimates to hold each
+# (pg_stats.most_common_elem_freqs of the generation's tsv column times its rows; a lexeme not in the
+# list is rarer than the list's minimum, counted as that minimum), a lexeme is kept while its chunks and
+# those of the rarer ones add up to at most %(budget)s. The rarest is always kept; with no statistics
+# (never analysed) every lexeme counts 0 chunks, so all are kept: the any-word query.
+# ``v`` is the view's one row of :data:`_PLAN` (its generation and text search configuration).
+_RARE_WORDS = """(SELECT string_agg(quote_literal(w.l), ' | ') FILTER (WHERE w.n = 1 OR w.upto <= %(budget)s)
+                  FROM (SELECT d.l, sum(d.df) OVER (ORDER BY d.df, d.l ROWS UNBOUNDED PRECEDING) AS upto,
+                               row_number() OVER (ORDER BY d.df, d.l) AS n
+                        FROM (SELECT l, coalesce(st.n * coalesce(st.f[array_position(st.e, l)],
+                                                                 st.f[array_length(st.f, 1) - 1]), 0) AS df
+                              FROM unnest(tsvector_to_array(to_tsvector(v.ts_config, %(text)s))) l
+                              LEFT JOIN (SELECT s.most_common_elems::text::text[] AS e,
+                                                s.most_common_elem_freqs AS f, greatest(c.reltuples, 0) AS n
+                                         FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+                                         JOIN pg_stats s ON s.schemaname = ns.nspname
+                                              AND s.tablename = c.relname AND s.attname = 'tsv'
+                                         WHERE c.oid = to_regclass('g' || v.generation || '_items')) st ON true
+                             ) d
+                       ) w)::tsquery"""
+# Chunks a plain question's keyword match may cover: the rarer words are kept while their estimated
+# chunks add up to this, and at most this many chunks are ranked per branch (the rarer words', the
+# all-words'): the rarest word alone can be in most chunks, and ranking reads each candidate's row.
+# Chosen on the dev splits (docs/benchmarks.md): 500 and 1000 lost Django recall@10, 2000 lost nothing.
+KEYWORD_CANDIDATES = 2000
 _SEARCH_SYNTAX = re.compile(r'"|(^|\s)-\w')
 
 
@@ -228,38 +253,130 @@ def uses_search_syntax(text: str) -> bool:
     return bool(_SEARCH_SYNTAX.search(text))
 
 
+@dataclass(frozen=True)
+class KeywordPlan:
+    """What :func:`search_keyword` matches and ranks, worked out from the view ``items`` and the
+    statistics of the generation it shows, as tsquery texts (None: the text has no lexeme)."""
+
+    generation: int
+    stored_tsv: bool  # the generation's table has the stored (GIN-indexed) tsv column
+    match: str | None  # the chunks ranked: the rarest words' OR, or the literal search-syntax query
+    rank_by: str | None  # what ts_rank_cd scores: every word's OR, or the literal query
+    every: str | None  # websearch_to_tsquery of the whole text: +1 to the chunks it matches
+
+
+_PLAN = """SELECT v.generation,
+                   EXISTS (SELECT 1 FROM pg_attribute a
+                           WHERE a.attrelid = to_regclass('g' || v.generation || '_items')
+                             AND a.attname = 'tsv' AND NOT a.attisdropped),
+                   {match}::text, {rank_by}::text, websearch_to_tsquery(v.ts_config, %(text)s)::text
+            FROM (SELECT generation, ts_config FROM items LIMIT 1) v"""
+
+
+def _budget(candidates: int | None) -> int:
+    budget = KEYWORD_CANDIDATES if candidates is None else int(candidates)
+    if budget < 1:
+        raise QueryError(f"candidates={budget}: must be at least 1")
+    return budget
+
+
+def keyword_plan(conn: psycopg.Connection, text: str, candidates: int | None = None) -> KeywordPlan | None:
+    """The tsqueries of ``text`` for the generation the view ``items`` shows (None: it is empty).
+
+    One small statement before the ranking one: the ranking statement then carries constant
+    tsqueries, which the planner estimates from the same statistics (rather than a generic guess
+    for a subquery's result), and it can rank in the generation's own table (:func:`search_keyword`)."""
+    every = "websearch_to_tsquery(v.ts_config, %(text)s)"
+    if uses_search_syntax(text):
+        stmt = _PLAN.format(match=every, rank_by=every)
+    else:
+        stmt = _PLAN.format(match=_RARE_WORDS, rank_by=_ANY_WORD)
+    row = conn.execute(stmt, {"text": text, "budget": _budget(candidates)}).fetchone()
+    if row is None:
+        return None
+    gen, stored, match, rank_by, all_words = row
+    return KeywordPlan(int(gen), bool(stored), match or None, rank_by or None, all_words or None)
+
+
 def search_keyword(
     conn: psycopg.Connection,
     text: str,
     k: int = 10,
     filt: Mapping[str, object] | None = None,
     min_score: float | None = None,
+    *,
+    candidates: int | None = None,
 ) -> QueryResult:
     """Top-k chunks of the live generation whose full text matches ``text``, by ``ts_rank_cd``.
 
     Text with web-search syntax must match as ``websearch_to_tsquery`` reads it; plain text matches
-    any of its words (:func:`uses_search_syntax`). The score is ``ts_rank_cd`` over the words, plus 1
-    when the chunk matches ``websearch_to_tsquery`` of the whole text (every word). A text of stop
-    words only matches nothing."""
+    its rarer words (:func:`uses_search_syntax`, ``_RARE_WORDS``): the words are taken rarest first,
+    by the chunk counts ANALYZE recorded for the generation, while the chunks of those already taken
+    add up to less than ``candidates`` (default :data:`KEYWORD_CANDIDATES`); the rarest is always
+    taken, so every chunk holding all the words is a candidate. Ranking reads each candidate's
+    tsvector, so a word found in most chunks made a question rank most of the index; its chunks
+    now count only when they also hold a rarer word. The score is ``ts_rank_cd`` over all the
+    words, plus 1 when the chunk matches ``websearch_to_tsquery`` of the whole text (every word).
+    A text of stop words only matches nothing.
+
+    Without a metadata filter the candidates are ranked in the generation's table alone and only
+    the top k are joined to their positions and metadata (the view ``items`` joins three tables
+    for every candidate)."""
     _check_k(k)
     if not text or not text.strip():
         raise QueryError("query text is empty")
     where, params = _and_filter_sql(filt)
-    # a question matches any of its words (chunks holding all of them first); search syntax is literal
-    match = "websearch_to_tsquery(ts_config, %s)" if uses_search_syntax(text) else _ANY_WORD
-    stmt = f"""SELECT chunk_id, doc_id, seq, text, metadata, generation,
-                      ts_rank_cd(tsv, {match}) + (tsv @@ websearch_to_tsquery(ts_config, %s))::int AS rank
-               FROM items WHERE tsv @@ {match}{where}
-               ORDER BY rank DESC, doc_id, seq LIMIT %s"""
-    for attempt in (1, 2):
+    where = where.replace("%s", "%(f{})s").format(*range(len(params)))
+    budget = _budget(candidates)
+    rows: list = []
+    plan = None
+    for attempt in range(4):
         try:
             with conn.transaction():
-                rows = conn.execute(stmt, [text, text, text, *params, k]).fetchall()
-            break
+                plan = keyword_plan(conn, text, budget)
+                if plan is None or plan.match is None or plan.rank_by is None:
+                    rows = []
+                    break
+                args = {
+                    "match": plan.match,
+                    "rank_by": plan.rank_by,
+                    "every": plan.every or plan.match,
+                    "k": k,
+                    "cap": budget,
+                    **{f"f{i}": p for i, p in enumerate(params)},
+                }
+                rank = "ts_rank_cd(tsv, %(rank_by)s::tsquery) + (tsv @@ %(every)s::tsquery)::int"
+                if plan.stored_tsv and not where:
+                    stmt = sql.SQL(
+                        f"""WITH top AS MATERIALIZED (
+                               SELECT chunk_id, doc_id, {rank} AS rank
+                               FROM (SELECT chunk_id, doc_id, tsv FROM {{items}}
+                                     WHERE tsv @@ %(match)s::tsquery LIMIT %(cap)s) a
+                               UNION
+                               SELECT chunk_id, doc_id, {rank} AS rank
+                               FROM (SELECT chunk_id, doc_id, tsv FROM {{items}}
+                                     WHERE tsv @@ %(every)s::tsquery LIMIT %(cap)s) b
+                               ORDER BY rank DESC, doc_id, chunk_id LIMIT %(k)s)
+                           SELECT v.chunk_id, v.doc_id, v.seq, v.text, v.metadata, v.generation, top.rank
+                           FROM top JOIN items v ON v.chunk_id = top.chunk_id
+                           ORDER BY top.rank DESC, v.doc_id, v.seq"""
+                    ).format(items=schema.items_table(plan.generation))
+                else:
+                    stmt = sql.SQL(
+                        f"""SELECT chunk_id, doc_id, seq, text, metadata, generation, {rank} AS rank
+                           FROM items WHERE tsv @@ %(match)s::tsquery{where}
+                           ORDER BY rank DESC, doc_id, seq LIMIT %(k)s"""
+                    )
+                rows = conn.execute(stmt, args).fetchall()
+            # a switch between the two statements: the rows are another generation's; again
+            if all(r[5] == plan.generation for r in rows) or attempt == 3:
+                break
         except psycopg.errors.UndefinedTable:
+            if plan is not None and attempt < 3:
+                continue  # the planned generation's table was dropped meanwhile
             raise QueryError("the index is empty: run `rag-assets index PATH` first") from None
         except psycopg.errors.UndefinedColumn:
-            if attempt == 2:
+            if attempt >= 1:
                 raise
             _repair_view(conn)
     hits = []
