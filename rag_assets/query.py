@@ -4,9 +4,10 @@ Modes (``rag-assets query --mode``, the query API's ``mode``, RAG_RETRIEVAL_MODE
 
 - ``vector``: cosine similarity to the embedded question; ``score`` is the similarity (1 = same direction).
 - ``keyword``: the generation's stored ``tsvector``, in the generation's own text search configuration,
-  matched by any word of a plain question, or by ``websearch_to_tsquery`` when the text uses its
-  narrowing syntax (``"a phrase"``, ``-word``); ``score`` is ``ts_rank_cd``, plus 1 for a chunk that
-  holds every word (:func:`search_keyword`).
+  matched by the rarer words of a plain question (by the generation's ANALYZE statistics, at most
+  :data:`KEYWORD_CANDIDATES` chunks), or by ``websearch_to_tsquery`` when the text uses its narrowing
+  syntax (``"a phrase"``, ``-word``); ``score`` is ``ts_rank_cd`` over every word, plus 1 for a chunk
+  that holds every word (:func:`search_keyword`).
 - ``hybrid``: both arms, each over-fetched (:func:`arm_depth`) with the metadata filter applied inside
   it, fused by reciprocal rank fusion (:func:`rrf_fuse`); ``score`` is the fused score,
   ``sum(1 / (rrf_k + rank))`` over the arms that found the chunk (at most ``2 / (rrf_k + 1)``).
@@ -248,7 +249,7 @@ def uses_search_syntax(text: str) -> bool:
     """Whether ``text`` uses web-search syntax that narrows (``"a phrase"``, ``-word``): it is then
     taken literally by ``websearch_to_tsquery``. ``or`` does not count: questions say it ("exists() or
     count()?"), and matching any word already includes both sides. Plain text (a question) matches
-    chunks holding any of its words instead: requiring every word of "How do I make a group of database writes atomic?"
+    chunks holding any of its rarer words instead (:func:`search_keyword`): requiring every word of "How do I make a group of database writes atomic?"
     matched 12 % of the samples set's dev questions within 10, any word ranked by density far more."""
     return bool(_SEARCH_SYNTAX.search(text))
 
