@@ -66,7 +66,7 @@ def _check_upgraded(settings: Settings, before: list[str]) -> None:
     """``before``: the doc ids the previous release answered with, in order."""
     rep = index_via_dagster(settings, settings.source_path)
     # This release's chunker is a new version (structure-v3: each chunk's text starts with its heading
-    # path, docs/architecture.md Decision 29), so the upgrade re-chunks into a new generation: exactly the
+    # path, docs/architecture.md Decision 32), so the upgrade re-chunks into a new generation: exactly the
     # six new texts (one chunk per document) are embedded; the vectors the cache moved are all kept.
     assert rep.docs_unchanged == 6 and rep.chunks_embedded == 6 and rep.generation_switched
     again = index_via_dagster(settings, settings.source_path)
