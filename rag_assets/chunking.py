@@ -1089,10 +1089,16 @@ class StructureChunker:
             intro[i] = _introduces_next(piece) or _is_markup_text(piece)
             if not intro[i] and items[i + 1][0] < doc.tail:
                 raw[i] = _cut_hash(piece) | 1
-        # A cut after item i would strand an introducing item i+1: it cannot fit with what follows.
-        strands = [
-            i + 2 < n and intro[i + 1] and items[i + 1][2] + items[i + 2][2] > max_units for i in range(n)
-        ]
+        # A cut after item i would strand the introducing items from i+1 on: they could not fit
+        # together with the item they introduce.
+        strands = [False] * n
+        run, j = 0, n  # the units of the introducing run starting at i+1; j: the item after it
+        for i in range(n - 2, -1, -1):
+            if intro[i + 1]:
+                run += items[i + 1][2]
+            else:
+                run, j = 0, i + 1
+            strands[i] = intro[i + 1] and j < n and run + items[j][2] > max_units
         lo, hi = sec_start + self.min_chars, sec_end - self.min_chars
         hashes = [h if lo <= e <= hi else 0 for h, e in zip(raw, ends, strict=True)]
 
