@@ -70,6 +70,9 @@ with warnings.catch_warnings():
         price_per_mtok: float | None = None
         prices: str | None = Field(None, description="model=USD per million tokens, comma-separated (RAG_EMBEDDING_PRICES).")
         device: str | None = None
+        backend: Literal["torch", "onnx", "onnx-int8"] | None = Field(
+            None, description="The local model's runtime (RAG_LOCAL_BACKEND; part of its fingerprint)."
+        )
 
 
 class Snapshots(dg.Model, dg.Resolvable):
