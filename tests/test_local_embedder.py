@@ -196,7 +196,7 @@ def test_backend_setting_and_fingerprints_without_loading() -> None:
 
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'rag-assets[onnx]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'rag-assets[local,onnx]')")
     return tmp_path_factory.mktemp("onnx-cache")
 
 
