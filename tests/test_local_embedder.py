@@ -49,7 +49,8 @@ def test_fingerprint_needs_no_torch_and_no_model() -> None:
         "print(fp, e.fingerprint == fp, e.loaded, heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81", "True", "False", "[]"]
+    # the default backend is onnx-int8 (torch keeps 8d3f57df5f81: tests/test_embedder_fingerprint.py)
+    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:b228c81f5ba0", "True", "False", "[]"]
 
 
 def test_from_settings() -> None:
@@ -80,7 +81,7 @@ def model() -> LocalEmbedder:
         reason="sentence-transformers is not importable (pip install 'rag-assets[local]')",
         exc_type=ImportError,
     )
-    e = LocalEmbedder(batch_size=16)
+    e = LocalEmbedder(batch_size=16, backend="torch")  # the reference the ONNX backends are held to
     e.count_tokens(["warm up"])  # loads the model once for the module
     return e
 
@@ -123,7 +124,7 @@ def test_long_text_is_an_error_naming_the_label(model: LocalEmbedder) -> None:
 
 @pytest.mark.model
 def test_long_text_split_is_a_weighted_average(model: LocalEmbedder) -> None:
-    splitter = LocalEmbedder(long_text="split")
+    splitter = LocalEmbedder(long_text="split", backend="torch")
     splitter._model = model._load()  # share the loaded model
     paragraphs = [
         f"Section {i}. Postgres keeps the vector index in step with the corpus; chunk {i} describes "
@@ -177,7 +178,25 @@ def test_missing_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(EmbeddingError, match="rag-assets\\[local\\]"):
-        LocalEmbedder().embed(["x"], EmbedStats())
+        LocalEmbedder(backend="torch").embed(["x"], EmbedStats())
+
+
+def test_missing_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before any export: the ONNX backends name the extra (and the torch fallback)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("onnxruntime"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    for backend in ("onnx", "onnx-int8"):
+        with pytest.raises(EmbeddingError, match=r"onnxruntime.*rag-assets\[local\].*RAG_LOCAL_BACKEND=torch"):
+            LocalEmbedder(backend=backend, onnx_cache=tmp_path).embed(["x"], EmbedStats())
+    assert list(tmp_path.iterdir()) == []  # nothing exported
 
 
 def test_backend_setting_and_fingerprints_without_loading() -> None:
@@ -196,7 +215,7 @@ def test_backend_setting_and_fingerprints_without_loading() -> None:
 
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'rag-assets[local,onnx]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'rag-assets[local]')")
     return tmp_path_factory.mktemp("onnx-cache")
 
 

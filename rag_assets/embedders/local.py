@@ -14,8 +14,8 @@ unit length (``normalize_embeddings=True``), 384 dimensions.
 Inference is serialised by a lock: Hugging Face fast tokenizers are not safe to share between
 threads ("Already borrowed"), and torch already uses every core for one batch.
 
-``backend`` (``RAG_LOCAL_BACKEND``) picks the runtime: "torch" (sentence-transformers), "onnx" (ONNX
-Runtime, fp32) or "onnx-int8" (dynamically quantised int8); the ONNX files are exported once and
+``backend`` (``RAG_LOCAL_BACKEND``) picks the runtime: "onnx-int8" (the default: ONNX Runtime,
+dynamically quantised int8), "onnx" (ONNX Runtime, fp32) or "torch" (sentence-transformers); the ONNX files are exported once and
 cached (:mod:`rag_assets.embedders.local_onnx`). The vectors differ slightly between backends, so
 the backend is part of the fingerprint ("torch" keeps the fingerprint it always had).
 """
@@ -31,8 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors, fingerprint_of
-from rag_assets.embedders.local_onnx import ONNX_BACKENDS, OnnxEncoder, cache_root, check_backend, ensure_onnx
+from rag_assets.embedders.local_onnx import (
+    ONNX_BACKENDS,
+    OnnxEncoder,
+    cache_root,
+    check_backend,
+    ensure_onnx,
+    require_runtime,
+)
 from rag_assets.embedders.long_texts import LONG_TEXT_POLICIES, assemble, plan_inputs
+from rag_assets.settings import DEFAULT_LOCAL_BACKEND
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DIMS = 384
@@ -79,12 +87,12 @@ class LocalEmbedder(Embedder):
         device: str | None = None,
         max_input_tokens: int | None = None,
         long_text: str = "error",
-        backend: str = "torch",
+        backend: str = DEFAULT_LOCAL_BACKEND,
         onnx_cache: str | Path | None = None,
     ):
         """``model_path``: a sentence-transformers directory (default: the packaged all-MiniLM-L6-v2);
         then also give its ``model`` name and ``dims``. ``max_input_tokens`` defaults to the model's
-        max sequence length (256) and can only lower it. ``backend``: "torch", "onnx" or "onnx-int8";
+        max sequence length (256) and can only lower it. ``backend``: "onnx-int8", "onnx" or "torch";
         ``onnx_cache``: where exported ONNX files are kept (default ``.rag_home/models/onnx``)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -188,6 +196,7 @@ class LocalEmbedder(Embedder):
             return st
 
     def _load_onnx(self, path: Path, t0: float) -> OnnxEncoder:
+        require_runtime()
         files = ensure_onnx(path, self.onnx_cache, self.backend, model_name=self.model)
         enc = OnnxEncoder(files.path, path, max_seq_length=DEFAULT_MAX_SEQ)
         if enc.dims != self.dims:

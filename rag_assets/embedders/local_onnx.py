@@ -201,6 +201,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def require_runtime() -> None:
+    """A clear error, before any export, when the ONNX runtime is not installed."""
+    try:
+        import onnxruntime  # noqa: F401
+        import tokenizers  # noqa: F401
+    except ImportError:
+        raise EmbeddingError(
+            "RAG_LOCAL_BACKEND=onnx/onnx-int8 needs onnxruntime and tokenizers: pip install 'rag-assets[local]' "
+            "(or RAG_LOCAL_BACKEND=torch)"
+        ) from None
+
+
 class OnnxEncoder:
     """Tokenise with the model's ``tokenizer.json``, run the ONNX graph, mean-pool, normalise.
 
@@ -215,7 +227,7 @@ class OnnxEncoder:
             from tokenizers import Tokenizer
         except ImportError:
             raise EmbeddingError(
-                "RAG_LOCAL_BACKEND=onnx needs onnxruntime and tokenizers: pip install 'rag-assets[local,onnx]'"
+                "RAG_LOCAL_BACKEND=onnx needs onnxruntime and tokenizers: pip install 'rag-assets[local]'"
             ) from None
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         tok.no_padding()
