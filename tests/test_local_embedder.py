@@ -230,10 +230,13 @@ SENTENCES = [
 
 
 @pytest.mark.model
-@pytest.mark.parametrize(("backend", "min_cos"), [("onnx", 0.99999), ("onnx-int8", 0.97)])
-def test_onnx_backend_matches_torch(model: LocalEmbedder, onnx_cache: Path, backend: str, min_cos: float) -> None:
-    """Same tokens, same pooling: fp32 ONNX gives the torch vectors; int8 stays close to them.
-    Batches mix lengths (padding) and the batch size does not change a vector."""
+@pytest.mark.parametrize(("backend", "min_cos", "mean_cos"), [("onnx", 0.99999, 0.99999), ("onnx-int8", 0.95, 0.985)])
+def test_onnx_backend_matches_torch(
+    model: LocalEmbedder, onnx_cache: Path, backend: str, min_cos: float, mean_cos: float
+) -> None:
+    """Same tokens, same pooling: fp32 ONNX gives the torch vectors; int8 stays close to them (the
+    2-word "ok" is the farthest, ~0.97). Batches mix lengths (padding); embedding one text at a time
+    gives the same vectors (int8 runs one text at a time: its activations are quantised per run)."""
     want = model.embed(SENTENCES, EmbedStats())
     e = LocalEmbedder(batch_size=4, backend=backend, onnx_cache=onnx_cache)
     stats = EmbedStats()
@@ -241,11 +244,11 @@ def test_onnx_backend_matches_torch(model: LocalEmbedder, onnx_cache: Path, back
     assert got.shape == (len(SENTENCES), 384) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     cos = (got * want).sum(axis=1)
-    assert cos.min() >= min_cos, cos
+    assert cos.min() >= min_cos and cos.mean() >= mean_cos, cos
     assert e.count_tokens(SENTENCES) == model.count_tokens(SENTENCES)
     assert stats.texts == len(SENTENCES) and stats.tokens == sum(model.count_tokens(SENTENCES))
     one_by_one = np.vstack([e.embed([t], EmbedStats()) for t in SENTENCES])
-    np.testing.assert_allclose(one_by_one, got, atol=1e-4 if backend == "onnx" else 2e-2)
+    np.testing.assert_allclose(one_by_one, got, atol=1e-4 if backend == "onnx" else 1e-6)
     assert e.onnx_file is not None and e.onnx_file.is_relative_to(onnx_cache)
     assert e.onnx_file.name == "model.onnx" and (e.onnx_file.parent / "manifest.json").is_file()
     assert e.fingerprint == LocalEmbedder.fingerprint_for(backend=backend) != model.fingerprint

@@ -198,7 +198,9 @@ class LocalEmbedder(Embedder):
     def _load_onnx(self, path: Path, t0: float) -> OnnxEncoder:
         require_runtime()
         files = ensure_onnx(path, self.onnx_cache, self.backend, model_name=self.model)
-        enc = OnnxEncoder(files.path, path, max_seq_length=DEFAULT_MAX_SEQ)
+        enc = OnnxEncoder(
+            files.path, path, max_seq_length=DEFAULT_MAX_SEQ, batch_independent=self.backend == "onnx-int8"
+        )
         if enc.dims != self.dims:
             raise EmbeddingError(f"model at {path} produces {enc.dims}-d vectors, configured for {self.dims}")
         self.max_input_tokens = min(self._requested_max or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
