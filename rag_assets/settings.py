@@ -19,8 +19,8 @@ from pathlib import Path
 DEFAULT_INCLUDE = ("**/*.md", "**/*.markdown", "**/*.mdx", "**/*.rst", "**/*.txt")
 BINARY_INCLUDE = ("**/*.pdf", "**/*.docx", "**/*.pptx", "**/*.xlsx", "**/*.html", "**/*.htm")
 LOCAL_BACKENDS = ("torch", "onnx", "onnx-int8")  # RAG_LOCAL_BACKEND (rag_assets/embedders/local_onnx.py)
-# int8 ONNX: ~10x torch's chunks/s on 2 cores, the same hybrid recall (docs/architecture.md, Decision 29)
-DEFAULT_LOCAL_BACKEND = "onnx-int8"
+# fp32 ONNX: ~4x torch's chunks/s on 2 cores, the same vectors (docs/architecture.md, Decision 29)
+DEFAULT_LOCAL_BACKEND = "onnx"
 MAX_SHARDS = 99  # Dagster skips staleness on edges with 100+ upstream partitions.
 DEFAULT_INDEX = "default"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")

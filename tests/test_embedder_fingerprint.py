@@ -46,7 +46,7 @@ STORED = [
         {**OPENAI, "RAG_EMBEDDING_MODEL": "nomic-embed-text", "RAG_EMBEDDING_DIMENSIONS": "768"},
         "openai:nomic-embed-text:768:norm:de354134c91b",
     ),
-    # torch was the only local backend before RAG_LOCAL_BACKEND; the default is now onnx-int8, a new
+    # torch was the only local backend before RAG_LOCAL_BACKEND; the default is now onnx (fp32), a new
     # fingerprint: an index on the local model builds a new generation on upgrade unless it pins torch
     ({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": "torch"}, "local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81"),
 ]
@@ -92,7 +92,7 @@ def test_local_backend_is_part_of_the_fingerprint() -> None:
         seen[backend] = embedder_fingerprint(s)
     assert seen["torch"] == "local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81"
     assert len(set(seen.values())) == 3
-    assert embedder_fingerprint(Settings.from_env({"RAG_EMBEDDER": "local"})) == seen["onnx-int8"]  # the default
+    assert embedder_fingerprint(Settings.from_env({"RAG_EMBEDDER": "local"})) == seen["onnx"]  # the default
     assert all(fp.startswith("local:all-MiniLM-L6-v2:384:norm:") for fp in seen.values())
     # the backend means nothing to the other providers
     assert embedder_fingerprint(Settings.from_env({"RAG_LOCAL_BACKEND": "onnx"})) == embedder_fingerprint(

@@ -49,8 +49,8 @@ def test_fingerprint_needs_no_torch_and_no_model() -> None:
         "print(fp, e.fingerprint == fp, e.loaded, heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    # the default backend is onnx-int8 (torch keeps 8d3f57df5f81: tests/test_embedder_fingerprint.py)
-    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:b228c81f5ba0", "True", "False", "[]"]
+    # the default backend is onnx (torch keeps 8d3f57df5f81: tests/test_embedder_fingerprint.py)
+    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:a27884c838ac", "True", "False", "[]"]
 
 
 def test_from_settings() -> None:

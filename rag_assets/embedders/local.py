@@ -14,8 +14,8 @@ unit length (``normalize_embeddings=True``), 384 dimensions.
 Inference is serialised by a lock: Hugging Face fast tokenizers are not safe to share between
 threads ("Already borrowed"), and torch already uses every core for one batch.
 
-``backend`` (``RAG_LOCAL_BACKEND``) picks the runtime: "onnx-int8" (the default: ONNX Runtime,
-dynamically quantised int8), "onnx" (ONNX Runtime, fp32) or "torch" (sentence-transformers); the ONNX files are exported once and
+``backend`` (``RAG_LOCAL_BACKEND``) picks the runtime: "onnx" (the default: ONNX Runtime, fp32),
+"onnx-int8" (dynamically quantised int8) or "torch" (sentence-transformers); the ONNX files are exported once and
 cached (:mod:`rag_assets.embedders.local_onnx`). The vectors differ slightly between backends, so
 the backend is part of the fingerprint ("torch" keeps the fingerprint it always had).
 """
@@ -92,7 +92,7 @@ class LocalEmbedder(Embedder):
     ):
         """``model_path``: a sentence-transformers directory (default: the packaged all-MiniLM-L6-v2);
         then also give its ``model`` name and ``dims``. ``max_input_tokens`` defaults to the model's
-        max sequence length (256) and can only lower it. ``backend``: "onnx-int8", "onnx" or "torch";
+        max sequence length (256) and can only lower it. ``backend``: "onnx", "onnx-int8" or "torch";
         ``onnx_cache``: where exported ONNX files are kept (default ``.rag_home/models/onnx``)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
