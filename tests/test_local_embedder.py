@@ -193,10 +193,10 @@ def test_missing_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, t
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    for backend in ("onnx", "onnx-int8"):
+    for backend in ("onnx", "onnx-int8"):  # a model folder of its own: the test needs no model package
         with pytest.raises(EmbeddingError, match=r"onnxruntime.*rag-assets\[local\].*RAG_LOCAL_BACKEND=torch"):
-            LocalEmbedder(backend=backend, onnx_cache=tmp_path).embed(["x"], EmbedStats())
-    assert list(tmp_path.iterdir()) == []  # nothing exported
+            LocalEmbedder(tmp_path / "model", backend=backend, onnx_cache=tmp_path / "cache").embed(["x"], EmbedStats())
+    assert list(tmp_path.iterdir()) == []  # nothing exported, no cache folder made
 
 
 def test_backend_setting_and_fingerprints_without_loading() -> None:
