@@ -168,7 +168,7 @@ def bench_local(n: int, chars: int, batch_size: int) -> dict | None:
     from rag_assets.embedders.local import LocalEmbedder
 
     texts = corpus_chunks(n, chars)
-    emb = LocalEmbedder(batch_size=batch_size, long_text="split")
+    emb = LocalEmbedder(batch_size=batch_size, long_text="split", backend="torch")  # benchmarks/local_backends.py: ONNX
     t0 = time.perf_counter()
     emb.embed(texts[:4], EmbedStats())  # load + warm up
     load = time.perf_counter() - t0

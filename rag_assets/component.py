@@ -75,6 +75,9 @@ with warnings.catch_warnings():
         query_input_type: str | None = Field(None, description="Request field value for questions (Cohere: search_query).")
         passage_input_type: str | None = Field(None, description="Request field value for chunks (Cohere: search_document).")
         input_type_field: str | None = Field(None, description="The request field of the input types (default input_type).")
+        backend: Literal["torch", "onnx", "onnx-int8"] | None = Field(
+            None, description="The local model's runtime (RAG_LOCAL_BACKEND; part of its fingerprint)."
+        )
 
 
 class Snapshots(dg.Model, dg.Resolvable):

@@ -18,6 +18,9 @@ from pathlib import Path
 # binding, and a new default would make every existing index refuse its next `index PATH`.
 DEFAULT_INCLUDE = ("**/*.md", "**/*.markdown", "**/*.mdx", "**/*.rst", "**/*.txt")
 BINARY_INCLUDE = ("**/*.pdf", "**/*.docx", "**/*.pptx", "**/*.xlsx", "**/*.html", "**/*.htm")
+LOCAL_BACKENDS = ("torch", "onnx", "onnx-int8")  # RAG_LOCAL_BACKEND (rag_assets/embedders/local_onnx.py)
+# fp32 ONNX: ~4x torch's chunks/s on 2 cores, the same vectors (docs/architecture.md, Decision 33)
+DEFAULT_LOCAL_BACKEND = "onnx"
 MAX_SHARDS = 99  # Dagster skips staleness on edges with 100+ upstream partitions.
 DEFAULT_INDEX = "default"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -191,6 +194,9 @@ class Settings:
     embedding_long_text: str = "error"  # or "split"
     embedding_price_per_mtok: float | None = None
     embedding_device: str | None = None
+    # the local model's runtime: "torch" (sentence-transformers), "onnx" or "onnx-int8" (ONNX Runtime,
+    # files exported once under <home>/models/onnx); part of the local embedder's fingerprint
+    local_backend: str = DEFAULT_LOCAL_BACKEND
 
     snapshot_uri: str | None = None
     snapshot_keep: int = 10
@@ -302,6 +308,7 @@ class Settings:
             embedding_long_text=e.get("RAG_EMBEDDING_LONG_TEXT") or "error",
             embedding_price_per_mtok=_float(e, "RAG_EMBEDDING_PRICE_PER_MTOK", None),
             embedding_device=e.get("RAG_EMBEDDING_DEVICE") or None,
+            local_backend=e.get("RAG_LOCAL_BACKEND") or DEFAULT_LOCAL_BACKEND,
             snapshot_uri=e.get("RAG_SNAPSHOT_URI") or None,
             snapshot_keep=_int(e, "RAG_SNAPSHOT_KEEP", 10, 1, 10000),
             keep_generations=_int(e, "RAG_KEEP_GENERATIONS", 3, 1, 100),
@@ -403,6 +410,10 @@ class Settings:
             raise SettingsError(f"RAG_CHUNKER={self.chunker!r}: use 'structure' or 'fixed'")
         if self.embedder not in ("hashing", "openai", "local"):
             raise SettingsError(f"RAG_EMBEDDER={self.embedder!r}: use 'hashing', 'openai' or 'local'")
+        if self.local_backend not in LOCAL_BACKENDS:
+            raise SettingsError(
+                f"RAG_LOCAL_BACKEND={self.local_backend!r}: use {', '.join(repr(b) for b in LOCAL_BACKENDS)}"
+            )
         if self.embedding_long_text not in ("error", "split"):
             raise SettingsError(
                 f"RAG_EMBEDDING_LONG_TEXT={self.embedding_long_text!r}: use 'error' or 'split'"
@@ -552,6 +563,7 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "embedder.long_text": "RAG_EMBEDDING_LONG_TEXT",
     "embedder.price_per_mtok": "RAG_EMBEDDING_PRICE_PER_MTOK",
     "embedder.device": "RAG_EMBEDDING_DEVICE",
+    "embedder.backend": "RAG_LOCAL_BACKEND",
     "snapshots.uri": "RAG_SNAPSHOT_URI",
     "snapshots.keep": "RAG_SNAPSHOT_KEEP",
     "snapshots.concurrency": "RAG_SNAPSHOT_CONCURRENCY",

@@ -106,9 +106,15 @@ def test_the_style_is_part_of_the_fingerprint_offline_and_running_alike():
         embedder_fingerprint(base)
     )
     # local: prefixes count, offline (no torch import, no model load)
-    local = embedder_fingerprint(Settings.from_env({"RAG_EMBEDDER": "local"}))
-    e5_local = embedder_fingerprint(Settings.from_env({"RAG_EMBEDDER": "local", "RAG_EMBEDDING_PASSAGE_PREFIX": "passage: "}))
+    torch = {"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": "torch"}  # the backend with no option of its own
+    local = embedder_fingerprint(Settings.from_env(torch))
+    e5_local = embedder_fingerprint(Settings.from_env({**torch, "RAG_EMBEDDING_PASSAGE_PREFIX": "passage: "}))
     assert local == "local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81" and e5_local != local
+    onnx = embedder_fingerprint(Settings.from_env({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": "onnx"}))
+    e5_onnx = embedder_fingerprint(
+        Settings.from_env({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": "onnx", "RAG_EMBEDDING_PASSAGE_PREFIX": "passage: "})
+    )
+    assert len({local, e5_local, onnx, e5_onnx}) == 4  # the backend and the prefixes each count
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 
 from rag_assets.embedders import embedder_fingerprint, legacy_fingerprint, make_embedder
 from rag_assets.embedders.base import EmbeddingDimensionError, check_recorded_dims
-from rag_assets.settings import Settings, SettingsError
+from rag_assets.settings import Settings, SettingsError, settings_from_attributes
 
 try:
     from fake_openai import FakeOpenAI
@@ -46,7 +46,9 @@ STORED = [
         {**OPENAI, "RAG_EMBEDDING_MODEL": "nomic-embed-text", "RAG_EMBEDDING_DIMENSIONS": "768"},
         "openai:nomic-embed-text:768:norm:de354134c91b",
     ),
-    ({"RAG_EMBEDDER": "local"}, "local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81"),
+    # torch was the only local backend before RAG_LOCAL_BACKEND; the default is now onnx (fp32), a new
+    # fingerprint: an index on the local model builds a new generation on upgrade unless it pins torch
+    ({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": "torch"}, "local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81"),
 ]
 
 
@@ -74,6 +76,32 @@ def test_stored_fingerprints_are_unchanged(env: dict[str, str], stored: str) -> 
 def test_operational_settings_do_not_change_the_fingerprint(env: dict[str, str]) -> None:
     base = {k: v for k, v in env.items() if k in ("RAG_EMBEDDER", "RAG_EMBEDDING_API_KEY")}
     assert embedder_fingerprint(Settings.from_env(env)) == embedder_fingerprint(Settings.from_env(base))
+
+
+def test_local_backend_is_part_of_the_fingerprint() -> None:
+    """Each local backend gives other vectors: its own fingerprint, offline and running alike; torch
+    keeps the fingerprint indexes already store."""
+    seen = {}
+    for backend in ("torch", "onnx", "onnx-int8"):
+        s = Settings.from_env({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": backend})
+        emb = make_embedder(s)
+        try:
+            assert emb.fingerprint == embedder_fingerprint(s) and not emb.loaded
+        finally:
+            emb.close()
+        seen[backend] = embedder_fingerprint(s)
+    assert seen["torch"] == "local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81"
+    assert len(set(seen.values())) == 3
+    assert embedder_fingerprint(Settings.from_env({"RAG_EMBEDDER": "local"})) == seen["onnx"]  # the default
+    assert all(fp.startswith("local:all-MiniLM-L6-v2:384:norm:") for fp in seen.values())
+    # the backend means nothing to the other providers
+    assert embedder_fingerprint(Settings.from_env({"RAG_LOCAL_BACKEND": "onnx"})) == embedder_fingerprint(
+        Settings.from_env({})
+    )
+    with pytest.raises(SettingsError, match="RAG_LOCAL_BACKEND='tensorrt'"):
+        Settings.from_env({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": "tensorrt"})
+    attrs = settings_from_attributes({"name": "kb", "embedder": {"provider": "local", "backend": "onnx-int8"}})
+    assert attrs.local_backend == "onnx-int8" and embedder_fingerprint(attrs) == seen["onnx-int8"]
 
 
 def test_native_dimensions_fingerprint_equals_the_running_embedder_and_never_probes() -> None:

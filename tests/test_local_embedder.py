@@ -6,10 +6,12 @@ when sentence-transformers is not installed (``pip install 'rag-assets[local]'``
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +49,8 @@ def test_fingerprint_needs_no_torch_and_no_model() -> None:
         "print(fp, e.fingerprint == fp, e.loaded, heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:8d3f57df5f81", "True", "False", "[]"]
+    # the default backend is onnx (torch keeps 8d3f57df5f81: tests/test_embedder_fingerprint.py)
+    assert out.stdout.split() == ["local:all-MiniLM-L6-v2:384:norm:a27884c838ac", "True", "False", "[]"]
 
 
 def test_from_settings() -> None:
@@ -78,7 +81,7 @@ def model() -> LocalEmbedder:
         reason="sentence-transformers is not importable (pip install 'rag-assets[local]')",
         exc_type=ImportError,
     )
-    e = LocalEmbedder(batch_size=16)
+    e = LocalEmbedder(batch_size=16, backend="torch")  # the reference the ONNX backends are held to
     e.count_tokens(["warm up"])  # loads the model once for the module
     return e
 
@@ -121,7 +124,7 @@ def test_long_text_is_an_error_naming_the_label(model: LocalEmbedder) -> None:
 
 @pytest.mark.model
 def test_long_text_split_is_a_weighted_average(model: LocalEmbedder) -> None:
-    splitter = LocalEmbedder(long_text="split")
+    splitter = LocalEmbedder(long_text="split", backend="torch")
     splitter._model = model._load()  # share the loaded model
     paragraphs = [
         f"Section {i}. Postgres keeps the vector index in step with the corpus; chunk {i} describes "
@@ -175,4 +178,162 @@ def test_missing_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(EmbeddingError, match="rag-assets\\[local\\]"):
-        LocalEmbedder().embed(["x"], EmbedStats())
+        LocalEmbedder(backend="torch").embed(["x"], EmbedStats())
+
+
+def test_missing_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before any export: the ONNX backends name the extra (and the torch fallback)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("onnxruntime"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    for backend in ("onnx", "onnx-int8"):  # a model folder of its own: the test needs no model package
+        with pytest.raises(EmbeddingError, match=r"onnxruntime.*rag-assets\[local\].*RAG_LOCAL_BACKEND=torch"):
+            LocalEmbedder(tmp_path / "model", backend=backend, onnx_cache=tmp_path / "cache").embed(["x"], EmbedStats())
+    assert list(tmp_path.iterdir()) == []  # nothing exported, no cache folder made
+
+
+def test_backend_setting_and_fingerprints_without_loading() -> None:
+    """The backend reaches the embedder from the settings and names its fingerprint; nothing loads."""
+    fps = set()
+    for backend in ("torch", "onnx", "onnx-int8"):
+        s = Settings.from_env({"RAG_EMBEDDER": "local", "RAG_LOCAL_BACKEND": backend, "RAG_HOME": "/srv/rag"})
+        e = LocalEmbedder.from_settings(s)
+        assert e.backend == backend and e.fingerprint == LocalEmbedder.fingerprint_for(backend=backend)
+        assert e.onnx_cache == Path("/srv/rag/models/onnx") and not e.loaded
+        fps.add(e.fingerprint)
+    assert len(fps) == 3
+    with pytest.raises(ValueError, match="RAG_LOCAL_BACKEND='openvino'"):
+        LocalEmbedder(backend="openvino")
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'rag-assets[local]')")
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A kitten is sitting on a rug.",
+    "Quarterly revenue grew by five percent.",
+    "How do I reset my password?",
+    " ".join(f"Postgres keeps chunk {i} of the corpus in step." for i in range(12)),  # ~150 word pieces
+    "ok",
+]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("backend", "min_cos", "mean_cos"), [("onnx", 0.99999, 0.99999), ("onnx-int8", 0.95, 0.985)])
+def test_onnx_backend_matches_torch(
+    model: LocalEmbedder, onnx_cache: Path, backend: str, min_cos: float, mean_cos: float
+) -> None:
+    """Same tokens, same pooling: fp32 ONNX gives the torch vectors; int8 stays close to them (the
+    2-word "ok" is the farthest, ~0.97). Batches mix lengths (padding); embedding one text at a time
+    gives the same vectors (int8 runs one text at a time: its activations are quantised per run)."""
+    want = model.embed(SENTENCES, EmbedStats())
+    e = LocalEmbedder(batch_size=4, backend=backend, onnx_cache=onnx_cache)
+    stats = EmbedStats()
+    got = e.embed(SENTENCES, stats, labels=[f"d#{i}" for i in range(len(SENTENCES))])
+    assert got.shape == (len(SENTENCES), 384) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cos = (got * want).sum(axis=1)
+    assert cos.min() >= min_cos and cos.mean() >= mean_cos, cos
+    assert e.count_tokens(SENTENCES) == model.count_tokens(SENTENCES)
+    assert stats.texts == len(SENTENCES) and stats.tokens == sum(model.count_tokens(SENTENCES))
+    one_by_one = np.vstack([e.embed([t], EmbedStats()) for t in SENTENCES])
+    np.testing.assert_allclose(one_by_one, got, atol=1e-4 if backend == "onnx" else 1e-6)
+    assert e.onnx_file is not None and e.onnx_file.is_relative_to(onnx_cache)
+    assert e.onnx_file.name == "model.onnx" and (e.onnx_file.parent / "manifest.json").is_file()
+    assert e.fingerprint == LocalEmbedder.fingerprint_for(backend=backend) != model.fingerprint
+    sim = got @ got.T
+    assert sim[0, 1] > sim[0, 2] + 0.3
+
+
+@pytest.mark.model
+def test_onnx_long_text_split_and_error(onnx_cache: Path) -> None:
+    long = " ".join(f"word{i}" for i in range(400))
+    e = LocalEmbedder(backend="onnx-int8", onnx_cache=onnx_cache)
+    assert e.count_tokens([long])[0] > 256
+    with pytest.raises(TextTooLongError, match=r"guide\.md#7: \d+ tokens exceeds the input limit of 256"):
+        e.embed(["short", long], EmbedStats(), labels=["guide.md#6", "guide.md#7"])
+    split = LocalEmbedder(backend="onnx-int8", onnx_cache=onnx_cache, long_text="split")
+    out = split.embed([long], EmbedStats())
+    pieces = split_text(long, 256, split._count_one)
+    want = combine_pieces(split.embed(pieces, EmbedStats()), split.count_tokens(pieces))
+    np.testing.assert_allclose(out[0], want, atol=1e-5)
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.model
+def test_export_is_deterministic_cached_and_safe_under_concurrency(onnx_cache: Path, tmp_path: Path) -> None:
+    """Three processes asking for the int8 files of an empty cache at once: one exports (behind the
+    lock), the others wait and reuse its file; the bytes equal an export into another cache (the
+    module's, built earlier or now), and the manifest records them."""
+    from rag_assets.embedders.local import packaged_model_path
+    from rag_assets.embedders.local_onnx import ensure_onnx
+
+    reference = ensure_onnx(packaged_model_path(), onnx_cache, "onnx-int8", model_name="all-MiniLM-L6-v2")
+    fresh = tmp_path / "fresh"
+    code = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from rag_assets.embedders.local import packaged_model_path\n"
+        "from rag_assets.embedders.local_onnx import ensure_onnx\n"
+        "f = ensure_onnx(packaged_model_path(), Path(sys.argv[1]), 'onnx-int8', model_name='all-MiniLM-L6-v2')\n"
+        "print(json.dumps({'path': str(f.path), 'sha': f.sha256, 'exported': f.exported}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(fresh)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["exported"] for r in results) == [False, False, True]
+    assert len({r["path"] for r in results}) == 1 and len({r["sha"] for r in results}) == 1
+    path = Path(results[0]["path"])
+    assert _file_sha(path) == results[0]["sha"] == reference.sha256 == _file_sha(reference.path)
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["sha256"] == reference.sha256 and manifest["variant"] == "onnx-int8"
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".export-")]
+    assert leftovers == []
+    again = ensure_onnx(packaged_model_path(), fresh, "onnx-int8", model_name="all-MiniLM-L6-v2")
+    assert not again.exported and again.path == path
+
+
+@pytest.mark.model
+def test_onnx_runs_without_torch_once_exported(onnx_cache: Path) -> None:
+    """With the files cached, the ONNX backend imports no torch, transformers or sentence-transformers."""
+    warm = LocalEmbedder(backend="onnx", onnx_cache=onnx_cache)
+    want = warm.embed(SENTENCES[:2], EmbedStats())
+    code = (
+        "import sys, json\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'sentence_transformers', 'transformers'):\n"
+        "            raise ImportError('imported ' + name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from rag_assets.embedders.base import EmbedStats\n"
+        "from rag_assets.embedders.local import LocalEmbedder\n"
+        f"e = LocalEmbedder(backend='onnx', onnx_cache={str(onnx_cache)!r})\n"
+        f"v = e.embed({SENTENCES[:2]!r}, EmbedStats())\n"
+        "print(json.dumps(v.tolist()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose(np.array(json.loads(out.stdout)), want, atol=1e-6)

@@ -13,6 +13,11 @@ unit length (``normalize_embeddings=True``), 384 dimensions.
 
 Inference is serialised by a lock: Hugging Face fast tokenizers are not safe to share between
 threads ("Already borrowed"), and torch already uses every core for one batch.
+
+``backend`` (``RAG_LOCAL_BACKEND``) picks the runtime: "onnx" (the default: ONNX Runtime, fp32),
+"onnx-int8" (dynamically quantised int8) or "torch" (sentence-transformers); the ONNX files are exported once and
+cached (:mod:`rag_assets.embedders.local_onnx`). The vectors differ slightly between backends, so
+the backend is part of the fingerprint ("torch" keeps the fingerprint it always had).
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ import numpy as np
 
 from rag_assets.embedders.asymmetric import SYMMETRIC, InputStyle, check_purpose
 from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors, fingerprint_of
+from rag_assets.embedders.local_onnx import (
+    ONNX_BACKENDS,
+    OnnxEncoder,
+    cache_root,
+    check_backend,
+    ensure_onnx,
+    require_runtime,
+)
 from rag_assets.embedders.long_texts import LONG_TEXT_POLICIES, assemble, plan_inputs
+from rag_assets.settings import DEFAULT_LOCAL_BACKEND
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DIMS = 384
@@ -75,10 +89,13 @@ class LocalEmbedder(Embedder):
         max_input_tokens: int | None = None,
         long_text: str = "error",
         input_style: InputStyle = SYMMETRIC,
+        backend: str = DEFAULT_LOCAL_BACKEND,
+        onnx_cache: str | Path | None = None,
     ):
         """``model_path``: a sentence-transformers directory (default: the packaged all-MiniLM-L6-v2);
         then also give its ``model`` name and ``dims``. ``max_input_tokens`` defaults to the model's
-        max sequence length (256) and can only lower it."""
+        max sequence length (256) and can only lower it. ``backend``: "onnx", "onnx-int8" or "torch";
+        ``onnx_cache``: where exported ONNX files are kept (default ``.rag_home/models/onnx``)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if long_text not in LONG_TEXT_POLICIES:
@@ -90,6 +107,9 @@ class LocalEmbedder(Embedder):
         self.device = device
         self.long_text = long_text
         self.input_style = input_style  # query/passage prefixes (e5, bge, nomic); no input types here
+        self.backend = check_backend(backend)
+        self.onnx_cache = Path(onnx_cache) if onnx_cache is not None else cache_root(".rag_home")
+        self.onnx_file: Path | None = None  # the .onnx file in use, once loaded
         self._requested_max = max_input_tokens
         self.max_input_tokens = min(max_input_tokens or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
         self._model = None
@@ -110,31 +130,44 @@ class LocalEmbedder(Embedder):
             "long_text": settings.embedding_long_text,
             "max_input_tokens": settings.embedding_max_input_tokens,
             "input_style": InputStyle.from_settings(settings),
+            "backend": settings.local_backend,
+            "onnx_cache": cache_root(settings.home),
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def fingerprint_for(
-        cls, model: str = DEFAULT_MODEL, dims: int = DEFAULT_DIMS, style: InputStyle = SYMMETRIC
+        cls,
+        model: str = DEFAULT_MODEL,
+        dims: int = DEFAULT_DIMS,
+        style: InputStyle = SYMMETRIC,
+        backend: str = "torch",
     ) -> str:
         """The fingerprint of the model ``model`` of ``dims`` dimensions with the prefixes of
-        ``style``, without importing torch or loading the model (the model's size is checked
-        against ``dims`` when it loads)."""
-        return fingerprint_of(cls.provider, model, dims, cls.normalize, style.fingerprint_options())
+        ``style``, run by ``backend``, without importing torch or loading the model (the model's size
+        is checked against ``dims`` when it loads). "torch" adds no option, so existing indexes keep
+        their fingerprint."""
+        options = dict(style.fingerprint_options())
+        if check_backend(backend) != "torch":
+            options["backend"] = backend
+        return fingerprint_of(cls.provider, model, dims, cls.normalize, options)
 
     @classmethod
     def fingerprint_from_settings(cls, settings) -> str:
-        """The fingerprint :meth:`from_settings` would record: the packaged model, whatever the
-        batch size, device or long-text policy (the query/passage prefixes do count)."""
-        return cls.fingerprint_for(style=InputStyle.from_settings(settings))
+        """The fingerprint :meth:`from_settings` would record: the packaged model, the backend and the
+        query/passage prefixes, whatever the batch size, device or long-text policy."""
+        return cls.fingerprint_for(style=InputStyle.from_settings(settings), backend=settings.local_backend)
 
     @property
     def fingerprint(self) -> str:
-        return self.fingerprint_for(self.model, self.dims, self.input_style)
+        return self.fingerprint_for(self.model, self.dims, self.input_style, self.backend)
 
     def __repr__(self) -> str:
-        return f"LocalEmbedder(model={self.model!r}, dims={self.dims}, device={self.device!r}, loaded={self.loaded})"
+        return (
+            f"LocalEmbedder(model={self.model!r}, dims={self.dims}, backend={self.backend!r}, "
+            f"device={self.device!r}, loaded={self.loaded})"
+        )
 
     @property
     def loaded(self) -> bool:
@@ -150,6 +183,8 @@ class LocalEmbedder(Embedder):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             path = self.model_path or packaged_model_path()
+            if self.backend in ONNX_BACKENDS:
+                return self._load_onnx(path, t0)
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError:
@@ -173,6 +208,20 @@ class LocalEmbedder(Embedder):
             self._model = st
             return st
 
+    def _load_onnx(self, path: Path, t0: float) -> OnnxEncoder:
+        require_runtime()
+        files = ensure_onnx(path, self.onnx_cache, self.backend, model_name=self.model)
+        enc = OnnxEncoder(
+            files.path, path, max_seq_length=DEFAULT_MAX_SEQ, batch_independent=self.backend == "onnx-int8"
+        )
+        if enc.dims != self.dims:
+            raise EmbeddingError(f"model at {path} produces {enc.dims}-d vectors, configured for {self.dims}")
+        self.max_input_tokens = min(self._requested_max or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+        self.onnx_file = files.path
+        self.load_seconds = time.perf_counter() - t0
+        self._model = enc
+        return enc
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Word pieces as the model sees them, ``[CLS]`` and ``[SEP]`` included (loads the model)."""
         st = self._load()
@@ -180,6 +229,8 @@ class LocalEmbedder(Embedder):
         if not texts:
             return []
         with self._infer_lock:
+            if isinstance(st, OnnxEncoder):
+                return st.count_tokens(texts)
             enc = st.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         return [len(ids) for ids in enc["input_ids"]]
 
@@ -216,13 +267,16 @@ class LocalEmbedder(Embedder):
             )
             t_req = time.perf_counter()
             with self._infer_lock:
-                vectors = st.encode(
-                    plan.pieces,
-                    batch_size=self.batch_size,
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
+                if isinstance(st, OnnxEncoder):
+                    vectors = st.encode(plan.pieces, self.batch_size)
+                else:
+                    vectors = st.encode(
+                        plan.pieces,
+                        batch_size=self.batch_size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    )
             stats.add_request((time.perf_counter() - t_req) * 1000.0)
             vectors = check_vectors(
                 np.asarray(vectors), len(plan.pieces), self.dims, f"local model {self.model}"
