@@ -111,6 +111,7 @@ class RefreshReport:
         "seconds_chunks",
         "seconds_embed",
         "seconds_sync",
+        "seconds_copy",
         "cost_usd",
     ]
 
@@ -130,6 +131,8 @@ class RefreshReport:
         self.errors.extend(other.get("errors") or [])
         if other.get("generation_switched"):
             self.generation_switched = True
+        if other.get("sync_strategy") and self.sync_strategy != "rebuild":  # a rebuild anywhere shows
+            self.sync_strategy, self.sync_decision = other["sync_strategy"], dict(other.get("sync_decision") or {})
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -495,9 +498,19 @@ def embed_stage(
     fresh_token: str | None = None,
     force: bool = False,
     finalize: bool = True,
+    choose: bool = True,
 ) -> EmbedResult:
-    """Embed cache misses and sync the serving rows of ``shards``; switch a completed new generation."""
+    """Embed cache misses and sync the serving rows of ``shards``; switch a completed new generation.
+
+    When ``gen`` is the live generation (a plain incremental run: the Dagster embeddings asset),
+    ``choose`` lets the cost model send the sync to a rebuilt generation instead
+    (:meth:`StageContext.sync_target`); ``Indexer.refresh`` chooses once for all its batches and
+    passes ``choose=False``. A forced sync (audit repair) never rebuilds.
+    """
     gen = gen or ctx.target(fresh_token)
+    decision, seconds_copy = None, 0.0
+    if choose and not force and fresh_token is None:
+        gen, decision, seconds_copy = ctx.sync_target(shards, gen)
     estats = EmbedStats()
     sst = sync_serving(ctx.conn, shards, gen, ctx.embedder, ctx.embedder_id, estats, force=force)
     counts = asdict(sst)
@@ -509,7 +522,10 @@ def embed_stage(
         embedding=estats.as_dict(),
         generation=gen.id,
         cost_usd=sst.tokens_embedded * ctx.embedder.price_per_mtok() / 1e6,
+        seconds_copy=seconds_copy,
     )
+    if decision is not None:
+        out.sync_strategy, out.sync_decision = decision.strategy, decision.as_dict()
     if finalize:
         out.generation_switched = finish_generation(ctx, gen)
     return out
@@ -715,7 +731,7 @@ class Indexer:
                 gen, decision, rep.seconds_copy = ctx.sync_target(pending, gen)
                 rep.sync_strategy, rep.sync_decision = decision.strategy, decision.as_dict()
             for batch, changed in zip(batches, touched, strict=True):
-                e = embed_stage(ctx, batch, gen=gen, finalize=False)
+                e = embed_stage(ctx, batch, gen=gen, finalize=False, choose=False)
                 rep.merge(e)
                 rep.embedding = _merge_embedding(rep.embedding, e.embedding)
                 if changed or e.shards_synced:
