@@ -122,9 +122,9 @@ def fit(cases: list[dict]) -> SyncCosts:
         if d["rows_to_write"]:
             mid = d["rows_in_generation"] + d["rows_to_write"] / 2
             live.append(c["live"]["seconds_sync"] * 1e6 / (d["rows_to_write"] * math.log2(max(mid, 2))))
+        copied = d["rows_in_generation"] - d["rows_to_delete"]
         copy.append(
-            (c["rebuild"]["seconds_copy"] + c["rebuild"]["seconds_sync"]) * 1e6
-            / max(1, d["rows_in_generation"] + d["rows_to_write"])
+            (c["rebuild"]["seconds_copy"] + c["rebuild"]["seconds_sync"]) * 1e6 / max(1, copied + d["rows_to_write"])
         )
         n = d["rows_after"]
         build.append(c["rebuild"]["seconds_finish"] * 1e6 / (n * math.log2(max(n, 2))))

@@ -247,9 +247,9 @@ class Settings:
     rrf_k: int = 60  # reciprocal rank fusion: score = sum of 1 / (rrf_k + rank)
     # sync strategy (issue 15): write into the live generation, or rebuild one (sync_cost.py)
     sync_strategy: str = "auto"  # auto | live | rebuild
-    sync_live_row_us: float = 95.0  # cost model coefficients (docs/benchmarks.md, benchmarks/sync_strategy.py)
-    sync_copy_row_us: float = 140.0
-    sync_build_row_us: float = 55.0
+    sync_live_row_us: float = 1390.0  # cost model coefficients (docs/benchmarks.md, benchmarks/sync_strategy.py)
+    sync_copy_row_us: float = 800.0
+    sync_build_row_us: float = 70.0
     sync_rebuild_fixed_s: float = 0.5
     hnsw_build_workers: int | None = None  # max_parallel_maintenance_workers of an HNSW build (None: server's)
 
@@ -334,9 +334,9 @@ class Settings:
             retrieval_mode=_retrieval_mode(e.get("RAG_RETRIEVAL_MODE") or "hybrid"),
             rrf_k=_int(e, "RAG_RRF_K", 60, 1, 100_000),
             sync_strategy=e.get("RAG_SYNC_STRATEGY") or "auto",
-            sync_live_row_us=_cost(e, "RAG_SYNC_LIVE_ROW_US", 95.0),
-            sync_copy_row_us=_cost(e, "RAG_SYNC_COPY_ROW_US", 140.0),
-            sync_build_row_us=_cost(e, "RAG_SYNC_BUILD_ROW_US", 55.0),
+            sync_live_row_us=_cost(e, "RAG_SYNC_LIVE_ROW_US", 1390.0),
+            sync_copy_row_us=_cost(e, "RAG_SYNC_COPY_ROW_US", 800.0),
+            sync_build_row_us=_cost(e, "RAG_SYNC_BUILD_ROW_US", 70.0),
             sync_rebuild_fixed_s=_cost(e, "RAG_SYNC_REBUILD_FIXED_S", 0.5),
             hnsw_build_workers=_int(e, "RAG_HNSW_BUILD_WORKERS", -1, 0, 64)
             if e.get("RAG_HNSW_BUILD_WORKERS")

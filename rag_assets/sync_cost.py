@@ -31,9 +31,9 @@ class SyncCosts:
     rebuild costs whatever its size (DDL, ANALYZE, verify, switch).
     """
 
-    live_row_us: float = 95.0
-    copy_row_us: float = 140.0
-    build_row_us: float = 55.0
+    live_row_us: float = 1390.0
+    copy_row_us: float = 800.0
+    build_row_us: float = 70.0
     rebuild_fixed_s: float = 0.5
 
 
@@ -48,8 +48,8 @@ class SyncWork:
 
     @property
     def rows_to_copy(self) -> int:
-        """Rows a rebuild copies from the live generation (every row, stale ones deleted after)."""
-        return self.rows_in_generation
+        """Rows a rebuild copies from the live generation: those whose chunk is still current."""
+        return max(0, self.rows_in_generation - self.rows_to_delete)
 
 
 def _log2(n: int) -> float:

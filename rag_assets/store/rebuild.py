@@ -83,15 +83,25 @@ def start_rebuild(
             (live.embedder_id, live.chunker_version, live.dims, ORIGIN_PREFIX + run_id),
         ).fetchone()[0]
         schema.create_generation_tables(conn, gid, live.dims, text_search_config, indexes=False)
+        # Only rows that are still current: a chunk id names one text in one document (chunks'
+        # identity, decision 4), so its row and vector are still right; the sync of the lagging
+        # shards then only adds new rows and rewrites moved positions and changed metadata.
         copies = (
-            (schema.items_table, "chunk_id, doc_id, shard, chunk_hash, text, embedding"),
-            (schema.pos_table, "chunk_id, doc_id, shard, seq"),
-            (schema.docs_table, "doc_id, shard, meta_hash, metadata"),
+            (schema.items_table, "chunk_id, doc_id, shard, chunk_hash, text, embedding", "chunks", "chunk_id"),
+            (schema.pos_table, "chunk_id, doc_id, shard, seq", "chunks", "chunk_id"),
+            (schema.docs_table, "doc_id, shard, meta_hash, metadata", "chunk_docs", "doc_id"),
         )
-        for table, cols in copies:
+        for table, cols, current, key in copies:
             conn.execute(
-                sql.SQL("INSERT INTO {new} ({cols}) SELECT {cols} FROM {old} " + COPY_MARK).format(
-                    new=table(gid), old=table(live.id), cols=sql.SQL(cols)
+                sql.SQL(
+                    "INSERT INTO {new} ({cols}) SELECT {cols} FROM {old} x WHERE EXISTS ("
+                    "SELECT 1 FROM {current} c WHERE c.{key} = x.{key}) " + COPY_MARK
+                ).format(
+                    new=table(gid),
+                    old=table(live.id),
+                    cols=sql.SQL(cols),
+                    current=sql.Identifier(current),
+                    key=sql.Identifier(key),
                 )
             )
         schema.create_generation_indexes(conn, gid)
@@ -100,7 +110,7 @@ def start_rebuild(
                SELECT %s, shard, chunks_version FROM generation_shards WHERE generation = %s""",
             (gid, live.id),
         )
-        for table, _ in copies:  # the delta sync's anti-joins need real statistics
+        for table, *_ in copies:  # the delta sync's anti-joins need real statistics
             conn.execute(sql.SQL("ANALYZE {}").format(table(gid)))
         return Generation(gid, live.embedder_id, live.chunker_version, live.dims, "building")
 
