@@ -133,6 +133,7 @@ def fit(cases: list[dict]) -> SyncCosts:
         copy_row_us=round(statistics.median(copy), 1),
         build_row_us=round(statistics.median(build), 1),
         rebuild_fixed_s=0.0,
+        min_saving_s=SyncCosts().min_saving_s,
     )
 
 
@@ -251,7 +252,9 @@ def main() -> int:
 
 def _costs_in_effect() -> SyncCosts:
     s = Settings.from_env()
-    return SyncCosts(s.sync_live_row_us, s.sync_copy_row_us, s.sync_build_row_us, s.sync_rebuild_fixed_s)
+    return SyncCosts(
+        s.sync_live_row_us, s.sync_copy_row_us, s.sync_build_row_us, s.sync_rebuild_fixed_s, s.sync_min_saving_s
+    )
 
 
 def _table(cases: list[dict], fitted: SyncCosts) -> None:

@@ -132,6 +132,7 @@ class Sync(dg.Model, dg.Resolvable):
     copy_row_us: float | None = None
     build_row_us: float | None = None
     rebuild_fixed_s: float | None = None
+    min_saving_s: float | None = None
 
 
 class Retrieval(dg.Model, dg.Resolvable):

@@ -331,7 +331,9 @@ class StageContext:
 
     def sync_costs(self) -> SyncCosts:
         s = self.settings
-        return SyncCosts(s.sync_live_row_us, s.sync_copy_row_us, s.sync_build_row_us, s.sync_rebuild_fixed_s)
+        return SyncCosts(
+            s.sync_live_row_us, s.sync_copy_row_us, s.sync_build_row_us, s.sync_rebuild_fixed_s, s.sync_min_saving_s
+        )
 
     def sync_target(self, shards: Iterable[int], gen: Generation) -> tuple[Generation, SyncDecision, float]:
         """Where the sync of ``shards`` writes: ``gen``, or, when ``gen`` is the live generation and

@@ -247,10 +247,11 @@ class Settings:
     rrf_k: int = 60  # reciprocal rank fusion: score = sum of 1 / (rrf_k + rank)
     # sync strategy (issue 15): write into the live generation, or rebuild one (sync_cost.py)
     sync_strategy: str = "auto"  # auto | live | rebuild
-    sync_live_row_us: float = 1390.0  # cost model coefficients (docs/benchmarks.md, benchmarks/sync_strategy.py)
-    sync_copy_row_us: float = 800.0
-    sync_build_row_us: float = 70.0
-    sync_rebuild_fixed_s: float = 0.5
+    sync_live_row_us: float = 1050.0  # cost model coefficients (docs/benchmarks.md, benchmarks/sync_strategy.py)
+    sync_copy_row_us: float = 310.0
+    sync_build_row_us: float = 36.0
+    sync_rebuild_fixed_s: float = 0.0
+    sync_min_saving_s: float = 5.0  # auto rebuilds only when that is predicted to save at least this
     hnsw_build_workers: int | None = None  # max_parallel_maintenance_workers of an HNSW build (None: server's)
 
     @classmethod
@@ -334,10 +335,11 @@ class Settings:
             retrieval_mode=_retrieval_mode(e.get("RAG_RETRIEVAL_MODE") or "hybrid"),
             rrf_k=_int(e, "RAG_RRF_K", 60, 1, 100_000),
             sync_strategy=e.get("RAG_SYNC_STRATEGY") or "auto",
-            sync_live_row_us=_cost(e, "RAG_SYNC_LIVE_ROW_US", 1390.0),
-            sync_copy_row_us=_cost(e, "RAG_SYNC_COPY_ROW_US", 800.0),
-            sync_build_row_us=_cost(e, "RAG_SYNC_BUILD_ROW_US", 70.0),
-            sync_rebuild_fixed_s=_cost(e, "RAG_SYNC_REBUILD_FIXED_S", 0.5),
+            sync_live_row_us=_cost(e, "RAG_SYNC_LIVE_ROW_US", 1050.0),
+            sync_copy_row_us=_cost(e, "RAG_SYNC_COPY_ROW_US", 310.0),
+            sync_build_row_us=_cost(e, "RAG_SYNC_BUILD_ROW_US", 36.0),
+            sync_rebuild_fixed_s=_cost(e, "RAG_SYNC_REBUILD_FIXED_S", 0.0),
+            sync_min_saving_s=_cost(e, "RAG_SYNC_MIN_SAVING_S", 5.0),
             hnsw_build_workers=_int(e, "RAG_HNSW_BUILD_WORKERS", -1, 0, 64)
             if e.get("RAG_HNSW_BUILD_WORKERS")
             else None,
@@ -507,6 +509,7 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "sync.copy_row_us": "RAG_SYNC_COPY_ROW_US",
     "sync.build_row_us": "RAG_SYNC_BUILD_ROW_US",
     "sync.rebuild_fixed_s": "RAG_SYNC_REBUILD_FIXED_S",
+    "sync.min_saving_s": "RAG_SYNC_MIN_SAVING_S",
     "automation.source_sensor_interval_s": "RAG_SOURCE_SENSOR_INTERVAL_S",
     "automation.inbox_sensor_interval_s": "RAG_INBOX_SENSOR_INTERVAL_S",
     "automation.automation_interval_s": "RAG_AUTOMATION_INTERVAL_S",

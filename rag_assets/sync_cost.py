@@ -28,13 +28,18 @@ class SyncCosts:
     ``build_row_us`` the same for a one-shot HNSW build (as configured: memory, parallel workers);
     ``copy_row_us`` one row copied inside the server into the new tables (items + position, its
     full-text column recomputed, secondary indexes built afterwards); ``rebuild_fixed_s`` what a
-    rebuild costs whatever its size (DDL, ANALYZE, verify, switch).
+    rebuild costs whatever its size (DDL, ANALYZE, verify, switch; the fit folds it into
+    ``build_row_us``). ``min_saving_s``: ``auto`` rebuilds only when that saves at least this much,
+    because a rebuild also costs what time does not show: the serving tables twice on disk until the
+    old generation is dropped, one more retired generation kept (``RAG_KEEP_GENERATIONS``), every
+    shard lock held during the copy. Small indexes, where both paths take a second or two, stay live.
     """
 
-    live_row_us: float = 1390.0
-    copy_row_us: float = 800.0
-    build_row_us: float = 70.0
-    rebuild_fixed_s: float = 0.5
+    live_row_us: float = 1050.0
+    copy_row_us: float = 310.0
+    build_row_us: float = 36.0
+    rebuild_fixed_s: float = 0.0
+    min_saving_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class SyncDecision:
 def decide(setting: str, work: SyncWork, costs: SyncCosts) -> SyncDecision:
     """``live`` or ``rebuild`` for ``work`` under ``RAG_SYNC_STRATEGY=setting``.
 
-    ``auto`` rebuilds only when the prediction says it is cheaper; a refresh that writes nothing new
+    ``auto`` rebuilds only when the prediction says it saves at least ``costs.min_saving_s``; a
+    refresh that writes nothing new
     (deletes, moves, metadata) always stays live: a rebuild would copy the whole index for nothing.
     """
     if setting not in STRATEGIES:
@@ -116,11 +122,17 @@ def decide(setting: str, work: SyncWork, costs: SyncCosts) -> SyncDecision:
         return SyncDecision(setting, setting, f"RAG_SYNC_STRATEGY={setting}", **counts)
     if work.rows_to_write == 0:
         return SyncDecision("live", setting, "no new rows to write", **counts)
-    if rebuild_s < live_s:
+    if live_s - rebuild_s >= costs.min_saving_s:
         return SyncDecision(
             "rebuild", setting, f"predicted rebuild {rebuild_s:.2f}s < live writes {live_s:.2f}s", **counts
         )
-    return SyncDecision("live", setting, f"predicted live writes {live_s:.2f}s <= rebuild {rebuild_s:.2f}s", **counts)
+    return SyncDecision(
+        "live",
+        setting,
+        f"predicted live writes {live_s:.2f}s vs rebuild {rebuild_s:.2f}s: "
+        f"a rebuild would not save {costs.min_saving_s:g}s",
+        **counts,
+    )
 
 
 def no_choice(setting: str, reason: str) -> SyncDecision:

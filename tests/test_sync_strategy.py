@@ -25,6 +25,11 @@ def _work(gen: int, write_rows: int) -> SyncWork:
 def test_cost_model_prefers_live_for_small_changes_and_rebuild_for_large_ones():
     costs = SyncCosts(live_row_us=100, copy_row_us=20, build_row_us=30, rebuild_fixed_s=0.5)
     assert decide("auto", _work(35_000, 350), costs).strategy == "live"
+    # a rebuild must save at least min_saving_s: a small index stays live even when all of it changes
+    no_fixed = replace(costs, rebuild_fixed_s=0.0)
+    small = decide("auto", _work(150, 150), no_fixed)
+    assert small.strategy == "live" and small.predicted_rebuild_s < small.predicted_live_s
+    assert decide("auto", _work(150, 150), replace(no_fixed, min_saving_s=0.0)).strategy == "rebuild"
     big = decide("auto", _work(35_000, 21_000), costs)
     assert big.strategy == "rebuild" and big.predicted_rebuild_s < big.predicted_live_s
     assert big.rows_to_write == 21_000 and "rebuild" in big.reason
@@ -123,7 +128,10 @@ def test_rebuild_and_live_paths_give_the_same_index_and_embed_the_same_texts(set
 def test_auto_follows_the_measured_coefficients(settings, make_db, docs_dir):
     """The same 40% change: auto rebuilds when the build is cheap, writes live when it is dear."""
     _corpus(docs_dir, 80, seed=3)
-    cheap = _indexer(settings, make_db(), "auto", sync_build_row_us=0.01, sync_copy_row_us=0.01, sync_rebuild_fixed_s=0.0)
+    cheap = _indexer(
+        settings, make_db(), "auto", sync_build_row_us=0.01, sync_copy_row_us=0.01, sync_rebuild_fixed_s=0.0,
+        sync_min_saving_s=0.0,
+    )
     dear = _indexer(settings, make_db(), "auto", sync_build_row_us=1e5)
     for idx in (cheap, dear):
         idx.refresh(docs_dir)
