@@ -52,7 +52,7 @@ import psycopg  # noqa: E402
 
 from rag_assets.embedders import EmbedStats  # noqa: E402
 from rag_assets.pipeline import Indexer  # noqa: E402
-from rag_assets.query import search, search_vector  # noqa: E402
+from rag_assets.query import arm_depth, search, search_vector  # noqa: E402
 from rag_assets.settings import Settings  # noqa: E402
 from rag_assets.store.embedded import ensure_runtime_dir  # noqa: E402
 from tests.service_utils import ProcessServer, new_secret  # noqa: E402
@@ -204,6 +204,7 @@ def bench_size(
     vocab: list[str],
     corpus: str = "topics",
     hnsw_params: list[tuple[int, int]] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> dict:
     name, db_url = fresh_db(server_url)
     folder = work / f"corpus_{corpus}_{n_chunks}"
@@ -250,8 +251,21 @@ def bench_size(
                 lat.append((time.perf_counter() - t) * 1000)
             out[f"{mode}_p50_ms"], out[f"{mode}_p99_ms"] = pct(lat, 50), pct(lat, 99)
 
+        # the hybrid vector arm alone: HNSW at the arm's depth (4 x k = 40), the query vector given
+        vecs = embedder.embed(queries, EmbedStats(), labels=["query"] * len(queries), purpose="query")
+        for v in vecs[:50]:
+            search_vector(conn, v, arm_depth(10))
+        lat = []
+        for v in vecs:
+            t = time.perf_counter()
+            search_vector(conn, v, arm_depth(10))
+            lat.append((time.perf_counter() - t) * 1000)
+        out["vector_arm_p50_ms"], out["vector_arm_p99_ms"] = pct(lat, 50), pct(lat, 99)
+        if "recall" in skip:
+            idx.close()
+            return out
+
         # recall@10 vs exact search, for several ef_search values
-        vecs = embedder.embed(queries, EmbedStats(), labels=["query"] * len(queries))
         exact, t_exact = [], []
         for v in vecs:
             t = time.perf_counter()
@@ -272,6 +286,8 @@ def bench_size(
         if hnsw_params:  # back to the index the pipeline builds, for the HTTP part
             out["default_hnsw_rebuild_s"] = round(rebuild_hnsw(conn, gen, 16, 64), 1)
         idx.close()
+        if "http" in skip:
+            return out
 
         # over HTTP: a real service process, one keep-alive client, sequential requests
         env = {
@@ -321,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="M,EF_CONSTRUCTION",
         help="also rebuild the HNSW index with these build parameters and measure recall (e.g. 32,128)",
     )
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        choices=("recall", "http"),
+        default=[],
+        help="leave out the recall sweep (and the HNSW rebuilds) or the HTTP part, to time the query modes alone",
+    )
     a = p.parse_args(argv)
     hnsw = [tuple(int(x) for x in h.split(",")) for h in a.hnsw]
     vocab = vocabulary()
@@ -338,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for n in a.sizes:
                 load_before = os.getloadavg()[0]
-                r = bench_size(server_url, work, n, a.queries, vocab, a.corpus, hnsw)  # type: ignore[arg-type]
+                r = bench_size(server_url, work, n, a.queries, vocab, a.corpus, hnsw, frozenset(a.skip))  # type: ignore[arg-type]
                 r["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after
                 results.append(r)
                 print(f"# {n}: {json.dumps(r)}", file=sys.stderr, flush=True)
@@ -348,18 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     cols = [("corpus", "corpus"), ("chunks", "chunks"), ("index_build_s", "build s"), ("inproc_p50_ms", "in-proc p50 ms"),
             ("inproc_p99_ms", "in-proc p99 ms"), ("keyword_p50_ms", "keyword p50 ms"),
             ("keyword_p99_ms", "keyword p99 ms"), ("hybrid_p50_ms", "hybrid p50 ms"), ("hybrid_p99_ms", "hybrid p99 ms"),
+            ("vector_arm_p50_ms", "vector k=40 p50 ms"), ("vector_arm_p99_ms", "vector k=40 p99 ms"),
             ("http_p50_ms", "HTTP p50 ms"), ("http_p99_ms", "HTTP p99 ms"),
             ("exact_p50_ms", "exact p50 ms"), ("recall_at_10", "recall@10 (ef=40)"),
             ("loadavg_1m", "load avg before/after")]  # fmt: skip
     print(" | ".join(h for _, h in cols))
     for r in results:
-        print(" | ".join(str(r[k]) for k, _ in cols))
+        print(" | ".join(str(r.get(k, "-")) for k, _ in cols))
     print()
     print(
         "chunks | HNSW build | ef_search | recall@10 | near-chunk q | random-word q | min | p50 ms | p99 ms"
     )
     for r in results:
-        for params, d in r["hnsw_build_params"].items():
+        for params, d in r.get("hnsw_build_params", {}).items():
             for c in d["curve"]:
                 print(
                     f"{r['chunks']} | {params} | {c['ef_search']} | {c['recall_at_10']} | {c['recall_near']} | "

@@ -82,7 +82,7 @@ class PrecomputedLocal(LocalEmbedder):
         self.vectors = vectors
         self.misses = 0
 
-    def embed(self, texts, stats: EmbedStats, labels=None) -> np.ndarray:
+    def embed(self, texts, stats: EmbedStats, labels=None, *, purpose="passage") -> np.ndarray:
         texts = list(texts)
         out = np.zeros((len(texts), self.dims), dtype=np.float32)
         todo = [i for i, t in enumerate(texts) if t not in self.vectors]
@@ -92,7 +92,7 @@ class PrecomputedLocal(LocalEmbedder):
         if todo:
             self.misses += len(todo)
             out[todo] = super().embed(
-                [texts[i] for i in todo], stats, [labels[i] for i in todo] if labels else None
+                [texts[i] for i in todo], stats, [labels[i] for i in todo] if labels else None, purpose=purpose
             )
         stats.add(texts=len(texts) - len(todo))
         return out

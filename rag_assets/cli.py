@@ -86,11 +86,23 @@ def cmd_index(args, settings: Settings) -> int:
     return 0
 
 
+def _rerank_settings(args, settings: Settings) -> Settings:
+    """``--rerank off|http|local`` overrides RAG_RERANK for this command (checked like the variable)."""
+    if getattr(args, "rerank", None) is None:
+        return settings
+    s = _with(settings, rerank=args.rerank)
+    s.validate()
+    return s
+
+
 def cmd_query(args, settings: Settings) -> int:
     from rag_assets.embedders import make_embedder
     from rag_assets.query import parse_filters, search
+    from rag_assets.rerank import make_reranker
     from rag_assets.store.db import connect_index
 
+    settings = _rerank_settings(args, settings)
+    reranker = make_reranker(settings)
     conn = connect_index(settings)
     emb = make_embedder(settings)
     try:
@@ -104,10 +116,17 @@ def cmd_query(args, settings: Settings) -> int:
             mode=args.mode or settings.retrieval_mode,
             rrf_k=settings.rrf_k,
             ef_search=settings.hnsw_ef_search,
+            reranker=reranker,
+            rerank_depth=settings.rerank_depth,
+            rerank_on_error=settings.rerank_on_error,
         )
     finally:
         emb.close()
         conn.close()
+        if reranker is not None:
+            reranker.close()
+    if res.rerank is not None and not res.rerank.applied:
+        print(f"warning: not reranked (first-stage order): {res.rerank.error}", file=sys.stderr)
 
     def human(d: dict) -> None:
         from rag_assets.failures import one_line
@@ -131,6 +150,7 @@ def cmd_eval(args, settings: Settings) -> int:
 
     if args.compare:
         return _eval_compare(args, settings)
+    settings = _rerank_settings(args, settings)
     rep = evaluate(
         settings,
         load_questions(args.questions),
@@ -139,6 +159,7 @@ def cmd_eval(args, settings: Settings) -> int:
         generation=args.generation,
         split=args.split,
         exact=args.exact,
+        rerank=settings.rerank != "off",
     )
     d = rep.as_dict()
     for qid, doc in rep.missing:  # labelled but not in this generation: the set or the index is off
@@ -151,6 +172,7 @@ def cmd_eval(args, settings: Settings) -> int:
         print(
             f"{args.questions}: {d['n']} questions (split {d['split'] or 'all'}), "
             f"generation {d['generation']}, mode {d['mode']}{' (exact)' if d['exact'] else ''}"
+            + (f", reranked by {d['rerank']} (depth {d['rerank_depth']})" if d.get("rerank") else "")
         )
         chunks = d["chunk_metrics"] or {}
         print(f"{'metric':<12}{'by doc':>8}" + (f"{'by chunk':>10}" if chunks else ""))
@@ -509,6 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ranking: vector, keyword (full text) or hybrid (both, fused by RRF); default RAG_RETRIEVAL_MODE",
     )
+    s.add_argument(
+        "--rerank",
+        choices=("off", "http", "local"),
+        default=None,
+        help="second stage over the top RAG_RERANK_DEPTH candidates: the http endpoint (RAG_RERANK_URL) "
+        "or a local cross-encoder (RAG_RERANK_MODEL); default RAG_RERANK (off)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_query)
 
@@ -524,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--generation", type=int, default=None, help="a generation other than the live one")
     s.add_argument("--split", choices=("dev", "report"), default=None, help="only this part of the set")
     s.add_argument("--exact", action="store_true", help="rank by exact distance, not through the HNSW index")
+    s.add_argument(
+        "--rerank",
+        choices=("off", "http", "local"),
+        default=None,
+        help="second stage over the top RAG_RERANK_DEPTH candidates: the http endpoint (RAG_RERANK_URL) "
+        "or a local cross-encoder (RAG_RERANK_MODEL); default RAG_RERANK (off)",
+    )
     s.add_argument(
         "--compare",
         action="store_true",

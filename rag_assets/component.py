@@ -70,6 +70,11 @@ with warnings.catch_warnings():
         price_per_mtok: float | None = None
         prices: str | None = Field(None, description="model=USD per million tokens, comma-separated (RAG_EMBEDDING_PRICES).")
         device: str | None = None
+        query_prefix: str | None = Field(None, description="Sent before each question (e5: 'query: ').")
+        passage_prefix: str | None = Field(None, description="Sent before each chunk (e5: 'passage: ').")
+        query_input_type: str | None = Field(None, description="Request field value for questions (Cohere: search_query).")
+        passage_input_type: str | None = Field(None, description="Request field value for chunks (Cohere: search_document).")
+        input_type_field: str | None = Field(None, description="The request field of the input types (default input_type).")
 
 
 class Snapshots(dg.Model, dg.Resolvable):
@@ -141,6 +146,19 @@ class Retrieval(dg.Model, dg.Resolvable):
     rrf_k: int | None = None
 
 
+class Rerank(dg.Model, dg.Resolvable):
+    provider: Literal["off", "http", "local"] | None = None
+    url: str | None = None
+    model: str | None = None
+    api: Literal["cohere", "voyage", "tei"] | None = None
+    api_key_env: str | None = Field(None, description="Variable holding the API key (default RAG_RERANK_API_KEY).")
+    depth: int | None = None
+    timeout_s: float | None = None
+    max_retry_s: float | None = None
+    on_error: Literal["fallback", "fail"] | None = None
+    device: str | None = None
+
+
 class RagIndexScaffolder(dg.Scaffolder):
     """``dg scaffold defs rag_assets.RagIndex NAME``: a defs.yaml for an index named after its folder."""
 
@@ -190,6 +208,7 @@ class RagIndex(dg.Component, dg.Model, dg.Resolvable):
     formats: Formats = Field(default_factory=Formats)
     quality: Quality = Field(default_factory=Quality)
     retrieval: Retrieval = Field(default_factory=Retrieval)
+    rerank: Rerank = Field(default_factory=Rerank)
     keep_generations: int | None = None
     home: str | None = Field(None, description="Embedded server, snapshots and Dagster CLI runs (default .rag_home).")
 

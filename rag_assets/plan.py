@@ -5,7 +5,8 @@ The index's current chunks are reused when the configured chunker is the one the
 otherwise every stored document body is chunked again in memory (the same chunker code the chunk
 stage runs). Texts already in the shared embedding cache under the configured embedder's
 fingerprint cost nothing: the plan counts only distinct texts missing from it, and their tokens at
-the configured price (exact token counts of the stored chunks, cl100k for new texts).
+the configured price (exact token counts of the stored chunks, cl100k for new texts, plus the
+passage prefix of an asymmetric model once per text: it is sent and billed with each).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import psycopg
 
 from rag_assets.chunking import make_chunker
 from rag_assets.embedders import embedder_fingerprint, make_embedder
+from rag_assets.embedders.asymmetric import InputStyle
 from rag_assets.embedders.pricing import lookup_price
 from rag_assets.settings import Settings
 from rag_assets.tokens import count_tokens_batch
@@ -79,6 +81,9 @@ def plan_switch(conn: psycopg.Connection, settings: Settings) -> SwitchPlan:
     unknown = [h for h, (_, n) in missing.items() if n is None]
     counted = dict(zip(unknown, count_tokens_batch([missing[h][0] for h in unknown]), strict=True))
     tokens = sum(n if n is not None else counted[h] for h, (_, n) in missing.items())
+    prefix = InputStyle.from_settings(settings).passage_prefix
+    if prefix and missing:  # an asymmetric model's passage prefix is sent (and billed) with every text
+        tokens += len(missing) * count_tokens_batch([prefix])[0]
     probe = make_embedder(replace(settings, embedding_api_key=settings.embedding_api_key or "unused-by-plan"))
     try:  # (constructing an embedder opens no connection: only its provider and model name are read)
         price = lookup_price(

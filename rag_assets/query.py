@@ -4,9 +4,10 @@ Modes (``rag-assets query --mode``, the query API's ``mode``, RAG_RETRIEVAL_MODE
 
 - ``vector``: cosine similarity to the embedded question; ``score`` is the similarity (1 = same direction).
 - ``keyword``: the generation's stored ``tsvector``, in the generation's own text search configuration,
-  matched by any word of a plain question, or by ``websearch_to_tsquery`` when the text uses its
-  narrowing syntax (``"a phrase"``, ``-word``); ``score`` is ``ts_rank_cd``, plus 1 for a chunk that
-  holds every word (:func:`search_keyword`).
+  matched by the rarer words of a plain question (by the generation's ANALYZE statistics, at most
+  :data:`KEYWORD_CANDIDATES` chunks), or by ``websearch_to_tsquery`` when the text uses its narrowing
+  syntax (``"a phrase"``, ``-word``); ``score`` is ``ts_rank_cd`` over every word, plus 1 for a chunk
+  that holds every word (:func:`search_keyword`).
 - ``hybrid``: both arms, each over-fetched (:func:`arm_depth`) with the metadata filter applied inside
   it, fused by reciprocal rank fusion (:func:`rrf_fuse`); ``score`` is the fused score,
   ``sum(1 / (rrf_k + rank))`` over the arms that found the chunk (at most ``2 / (rrf_k + 1)``).
@@ -25,6 +26,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -35,6 +37,9 @@ from rag_assets.embedders import Embedder, EmbedStats
 from rag_assets.store import schema
 from rag_assets.store.generations import GEN_LOCK
 from rag_assets.store.serving import live_generation
+
+if TYPE_CHECKING:
+    from rag_assets.rerank.base import Reranker
 
 MODES = ("vector", "keyword", "hybrid")
 DEFAULT_RRF_K = 60  # Cormack et al. 2009's constant; RAG_RRF_K
@@ -98,12 +103,28 @@ def with_pages(conn: psycopg.Connection, result: QueryResult) -> QueryResult:
 
 
 @dataclass(frozen=True)
+class RerankInfo:
+    """What the second stage did (:mod:`rag_assets.rerank.apply`): ``applied`` False means the
+    reranker failed and the hits are the first stage's, in its order (``error`` says why)."""
+
+    reranker: str  # e.g. "http:rerank-v3.5@api.cohere.com", "local:ms-marco-MiniLM-L-6-v2"
+    candidates: int  # first-stage hits it was given
+    applied: bool
+    seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class QueryResult:
     results: list[Hit]
     generation: int | None
+    rerank: RerankInfo | None = None  # None: no rerank step was asked for
 
     def as_dict(self) -> dict:
-        return {"results": [asdict(h) for h in self.results], "generation": self.generation}
+        out: dict = {"results": [asdict(h) for h in self.results], "generation": self.generation}
+        if self.rerank is not None:
+            out["rerank"] = asdict(self.rerank)
+        return out
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, object]:
@@ -154,6 +175,12 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def candidate_depth(k: int, depth: int) -> int:
+    """First-stage hits a reranker re-scores for a top-``k`` answer: ``depth`` (RAG_RERANK_DEPTH),
+    at least ``k``, at most :data:`MAX_K`."""
+    return min(MAX_K, max(k, depth))
+
+
 def arm_depth(k: int) -> int:
     """Candidates each hybrid arm ranks for a top-``k`` answer: 4×k (at least 20, at most 1000), so a
     chunk ranked low by one arm but high by the other can still reach the fused top k."""
@@ -189,7 +216,32 @@ def _repair_view(conn: psycopg.Connection) -> None:
 
 # The OR of the text's lexemes, normalised by the generation's configuration (stop words dropped).
 _ANY_WORD = """(SELECT string_agg(quote_literal(l), ' | ')
-                FROM unnest(tsvector_to_array(to_tsvector(ts_config, %s))) l)::tsquery"""
+                FROM unnest(tsvector_to_array(to_tsvector(v.ts_config, %(text)s))) l)::tsquery"""
+# The OR of the text's rarest lexemes: sorted by the number of chunks ANALYZE estimates to hold each
+# (pg_stats.most_common_elem_freqs of the generation's tsv column times its rows; a lexeme not in the
+# list is rarer than the list's minimum, counted as that minimum), a lexeme is kept while its chunks and
+# those of the rarer ones add up to at most %(budget)s. The rarest is always kept; with no statistics
+# (never analysed) every lexeme counts 0 chunks, so all are kept: the any-word query.
+# ``v`` is the view's one row of :data:`_PLAN` (its generation and text search configuration).
+_RARE_WORDS = """(SELECT string_agg(quote_literal(w.l), ' | ') FILTER (WHERE w.n = 1 OR w.upto <= %(budget)s)
+                  FROM (SELECT d.l, sum(d.df) OVER (ORDER BY d.df, d.l ROWS UNBOUNDED PRECEDING) AS upto,
+                               row_number() OVER (ORDER BY d.df, d.l) AS n
+                        FROM (SELECT l, coalesce(st.n * coalesce(st.f[array_position(st.e, l)],
+                                                                 st.f[array_length(st.f, 1) - 1]), 0) AS df
+                              FROM unnest(tsvector_to_array(to_tsvector(v.ts_config, %(text)s))) l
+                              LEFT JOIN (SELECT s.most_common_elems::text::text[] AS e,
+                                                s.most_common_elem_freqs AS f, greatest(c.reltuples, 0) AS n
+                                         FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+                                         JOIN pg_stats s ON s.schemaname = ns.nspname
+                                              AND s.tablename = c.relname AND s.attname = 'tsv'
+                                         WHERE c.oid = to_regclass('g' || v.generation || '_items')) st ON true
+                             ) d
+                       ) w)::tsquery"""
+# Chunks a plain question's keyword match may cover: the rarer words are kept while their estimated
+# chunks add up to this, and at most this many chunks are ranked per branch (the rarer words', the
+# all-words'): the rarest word alone can be in most chunks, and ranking reads each candidate's row.
+# Chosen on the dev splits (docs/benchmarks.md): 500 and 1000 lost Django recall@10, 2000 lost nothing.
+KEYWORD_CANDIDATES = 2000
 _SEARCH_SYNTAX = re.compile(r'"|(^|\s)-\w')
 
 
@@ -197,9 +249,54 @@ def uses_search_syntax(text: str) -> bool:
     """Whether ``text`` uses web-search syntax that narrows (``"a phrase"``, ``-word``): it is then
     taken literally by ``websearch_to_tsquery``. ``or`` does not count: questions say it ("exists() or
     count()?"), and matching any word already includes both sides. Plain text (a question) matches
-    chunks holding any of its words instead: requiring every word of "How do I make a group of database writes atomic?"
+    chunks holding any of its rarer words instead (:func:`search_keyword`): requiring every word of "How do I make a group of database writes atomic?"
     matched 12 % of the samples set's dev questions within 10, any word ranked by density far more."""
     return bool(_SEARCH_SYNTAX.search(text))
+
+
+@dataclass(frozen=True)
+class KeywordPlan:
+    """What :func:`search_keyword` matches and ranks, worked out from the view ``items`` and the
+    statistics of the generation it shows, as tsquery texts (None: the text has no lexeme)."""
+
+    generation: int
+    stored_tsv: bool  # the generation's table has the stored (GIN-indexed) tsv column
+    match: str | None  # the chunks ranked: the rarest words' OR, or the literal search-syntax query
+    rank_by: str | None  # what ts_rank_cd scores: every word's OR, or the literal query
+    every: str | None  # websearch_to_tsquery of the whole text: +1 to the chunks it matches
+
+
+_PLAN = """SELECT v.generation,
+                   EXISTS (SELECT 1 FROM pg_attribute a
+                           WHERE a.attrelid = to_regclass('g' || v.generation || '_items')
+                             AND a.attname = 'tsv' AND NOT a.attisdropped),
+                   {match}::text, {rank_by}::text, websearch_to_tsquery(v.ts_config, %(text)s)::text
+            FROM (SELECT generation, ts_config FROM items LIMIT 1) v"""
+
+
+def _budget(candidates: int | None) -> int:
+    budget = KEYWORD_CANDIDATES if candidates is None else int(candidates)
+    if budget < 1:
+        raise QueryError(f"candidates={budget}: must be at least 1")
+    return budget
+
+
+def keyword_plan(conn: psycopg.Connection, text: str, candidates: int | None = None) -> KeywordPlan | None:
+    """The tsqueries of ``text`` for the generation the view ``items`` shows (None: it is empty).
+
+    One small statement before the ranking one: the ranking statement then carries constant
+    tsqueries, which the planner estimates from the same statistics (rather than a generic guess
+    for a subquery's result), and it can rank in the generation's own table (:func:`search_keyword`)."""
+    every = "websearch_to_tsquery(v.ts_config, %(text)s)"
+    if uses_search_syntax(text):
+        stmt = _PLAN.format(match=every, rank_by=every)
+    else:
+        stmt = _PLAN.format(match=_RARE_WORDS, rank_by=_ANY_WORD)
+    row = conn.execute(stmt, {"text": text, "budget": _budget(candidates)}).fetchone()
+    if row is None:
+        return None
+    gen, stored, match, rank_by, all_words = row
+    return KeywordPlan(int(gen), bool(stored), match or None, rank_by or None, all_words or None)
 
 
 def search_keyword(
@@ -208,32 +305,79 @@ def search_keyword(
     k: int = 10,
     filt: Mapping[str, object] | None = None,
     min_score: float | None = None,
+    *,
+    candidates: int | None = None,
 ) -> QueryResult:
     """Top-k chunks of the live generation whose full text matches ``text``, by ``ts_rank_cd``.
 
     Text with web-search syntax must match as ``websearch_to_tsquery`` reads it; plain text matches
-    any of its words (:func:`uses_search_syntax`). The score is ``ts_rank_cd`` over the words, plus 1
-    when the chunk matches ``websearch_to_tsquery`` of the whole text (every word). A text of stop
-    words only matches nothing."""
+    its rarer words (:func:`uses_search_syntax`, ``_RARE_WORDS``): the words are taken rarest first,
+    by the chunk counts ANALYZE recorded for the generation, while the chunks of those already taken
+    add up to less than ``candidates`` (default :data:`KEYWORD_CANDIDATES`); the rarest is always
+    taken, so every chunk holding all the words is a candidate. Ranking reads each candidate's
+    tsvector, so a word found in most chunks made a question rank most of the index; its chunks
+    now count only when they also hold a rarer word. The score is ``ts_rank_cd`` over all the
+    words, plus 1 when the chunk matches ``websearch_to_tsquery`` of the whole text (every word).
+    A text of stop words only matches nothing.
+
+    Without a metadata filter the candidates are ranked in the generation's table alone and only
+    the top k are joined to their positions and metadata (the view ``items`` joins three tables
+    for every candidate)."""
     _check_k(k)
     if not text or not text.strip():
         raise QueryError("query text is empty")
     where, params = _and_filter_sql(filt)
-    # a question matches any of its words (chunks holding all of them first); search syntax is literal
-    match = "websearch_to_tsquery(ts_config, %s)" if uses_search_syntax(text) else _ANY_WORD
-    stmt = f"""SELECT chunk_id, doc_id, seq, text, metadata, generation,
-                      ts_rank_cd(tsv, {match}) + (tsv @@ websearch_to_tsquery(ts_config, %s))::int AS rank
-               FROM items WHERE tsv @@ {match}{where}
-               ORDER BY rank DESC, doc_id, seq LIMIT %s"""
-    for attempt in (1, 2):
+    where = where.replace("%s", "%(f{})s").format(*range(len(params)))
+    budget = _budget(candidates)
+    rows: list = []
+    plan = None
+    for attempt in range(4):
         try:
             with conn.transaction():
-                rows = conn.execute(stmt, [text, text, text, *params, k]).fetchall()
-            break
+                plan = keyword_plan(conn, text, budget)
+                if plan is None or plan.match is None or plan.rank_by is None:
+                    rows = []
+                    break
+                args = {
+                    "match": plan.match,
+                    "rank_by": plan.rank_by,
+                    "every": plan.every or plan.match,
+                    "k": k,
+                    "cap": budget,
+                    **{f"f{i}": p for i, p in enumerate(params)},
+                }
+                rank = "ts_rank_cd(tsv, %(rank_by)s::tsquery) + (tsv @@ %(every)s::tsquery)::int"
+                if plan.stored_tsv and not where:
+                    stmt = sql.SQL(
+                        f"""WITH top AS MATERIALIZED (
+                               SELECT chunk_id, doc_id, {rank} AS rank
+                               FROM (SELECT chunk_id, doc_id, tsv FROM {{items}}
+                                     WHERE tsv @@ %(match)s::tsquery LIMIT %(cap)s) a
+                               UNION
+                               SELECT chunk_id, doc_id, {rank} AS rank
+                               FROM (SELECT chunk_id, doc_id, tsv FROM {{items}}
+                                     WHERE tsv @@ %(every)s::tsquery LIMIT %(cap)s) b
+                               ORDER BY rank DESC, doc_id, chunk_id LIMIT %(k)s)
+                           SELECT v.chunk_id, v.doc_id, v.seq, v.text, v.metadata, v.generation, top.rank
+                           FROM top JOIN items v ON v.chunk_id = top.chunk_id
+                           ORDER BY top.rank DESC, v.doc_id, v.seq"""
+                    ).format(items=schema.items_table(plan.generation))
+                else:
+                    stmt = sql.SQL(
+                        f"""SELECT chunk_id, doc_id, seq, text, metadata, generation, {rank} AS rank
+                           FROM items WHERE tsv @@ %(match)s::tsquery{where}
+                           ORDER BY rank DESC, doc_id, seq LIMIT %(k)s"""
+                    )
+                rows = conn.execute(stmt, args).fetchall()
+            # a switch between the two statements: the rows are another generation's; again
+            if all(r[5] == plan.generation for r in rows) or attempt == 3:
+                break
         except psycopg.errors.UndefinedTable:
+            if plan is not None and attempt < 3:
+                continue  # the planned generation's table was dropped meanwhile
             raise QueryError("the index is empty: run `rag-assets index PATH` first") from None
         except psycopg.errors.UndefinedColumn:
-            if attempt == 2:
+            if attempt >= 1:
                 raise
             _repair_view(conn)
     hits = []
@@ -375,7 +519,7 @@ def embed_query(embedder: Embedder, text: str) -> np.ndarray:
     then takes a connection for the SQL only)."""
     if not text or not text.strip():
         raise QueryError("query text is empty")
-    return embedder.embed([text], EmbedStats(), labels=["query"])[0]
+    return embedder.embed([text], EmbedStats(), labels=["query"], purpose="query")[0]
 
 
 def search_embedded(
@@ -418,17 +562,29 @@ def search(
     *,
     mode: str = "vector",
     rrf_k: int = DEFAULT_RRF_K,
+    reranker: Reranker | None = None,
+    rerank_depth: int = 50,
+    rerank_on_error: str = "fallback",
     **kw,
 ) -> QueryResult:
     """Top-k chunks for ``text`` in ``mode`` (the text is embedded by the live generation's
-    embedder unless the mode is ``keyword``).
+    embedder unless the mode is ``keyword``); with a ``reranker``, the first stage ranks
+    :func:`candidate_depth` candidates and the reranker picks the best k of them
+    (:func:`rag_assets.rerank.apply.rerank_result`, ``rerank_on_error`` ``fallback`` or ``fail``).
 
     For a dedicated connection (the CLI). With a pool, call :func:`check_embedder_matches`,
-    :func:`embed_query` without a connection, then :func:`search_embedded` (as the service does).
+    :func:`embed_query` without a connection, then :func:`search_embedded`, and rerank after
+    giving the connection back (as the service does).
     """
     if not text or not text.strip():
         raise QueryError("query text is empty")
     check_mode(mode)
     check_embedder_matches(conn, embedder)
     vector = None if mode == "keyword" else embed_query(embedder, text)
-    return search_embedded(conn, embedder, vector, k, filt, min_score, mode=mode, text=text, rrf_k=rrf_k, **kw)
+    depth = k if reranker is None else candidate_depth(k, rerank_depth)
+    first = search_embedded(conn, embedder, vector, depth, filt, min_score, mode=mode, text=text, rrf_k=rrf_k, **kw)
+    if reranker is None:
+        return first
+    from rag_assets.rerank.apply import rerank_result  # the rerank package imports this module
+
+    return rerank_result(reranker, text, first, k, on_error=rerank_on_error)

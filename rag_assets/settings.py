@@ -23,7 +23,7 @@ DEFAULT_INDEX = "default"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 RESERVED_SCHEMAS = ("rag_cache", "public", "information_schema")
-SECRET_FIELDS = ("database_url", "embedding_api_key", "webhook_secret", "query_api_key")
+SECRET_FIELDS = ("database_url", "embedding_api_key", "webhook_secret", "query_api_key", "rerank_api_key")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -133,6 +133,18 @@ RETRIEVAL_MODES = ("vector", "keyword", "hybrid")
 def _retrieval_mode(value: str) -> str:
     if value not in RETRIEVAL_MODES:
         raise SettingsError(f"RAG_RETRIEVAL_MODE={value!r}: use one of {', '.join(RETRIEVAL_MODES)}")
+    return value
+
+
+RERANKERS = ("off", "http", "local")
+RERANK_APIS = ("cohere", "voyage", "tei")
+RERANK_ON_ERROR = ("fallback", "fail")
+MAX_RERANK_DEPTH = 1000  # rag_assets.query's bound on k
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SettingsError(f"{name}={value!r}: use one of {', '.join(allowed)}")
     return value
 
 
@@ -253,6 +265,24 @@ class Settings:
     sync_rebuild_fixed_s: float = 0.0
     sync_min_saving_s: float = 5.0  # auto rebuilds only when that is predicted to save at least this
     hnsw_build_workers: int | None = None  # max_parallel_maintenance_workers of an HNSW build (None: server's)
+    # asymmetric embedders (issue 14): how queries and passages are told apart; part of the fingerprint
+    embedding_query_prefix: str = ""  # e.g. "query: " (e5), "search_query: " (nomic)
+    embedding_passage_prefix: str = ""  # e.g. "passage: " (e5), "search_document: " (nomic)
+    embedding_query_input_type: str | None = None  # e.g. "search_query" (Cohere), "query" (Voyage)
+    embedding_passage_input_type: str | None = None  # e.g. "search_document" (Cohere), "document" (Voyage)
+    embedding_input_type_field: str = "input_type"  # the request field they go in ("task" for Jina)
+    # rerank (issue 14): an optional second stage over the first stage's top rerank_depth candidates
+    rerank: str = "off"  # off | http | local
+    rerank_url: str | None = None  # http: the base URL; requests go to {url}/rerank
+    rerank_model: str | None = None  # http: the model name sent; local: a CrossEncoder directory or name
+    rerank_api: str = "cohere"  # http: request/answer shape: cohere (Cohere, Jina, vLLM, Infinity) | voyage | tei
+    rerank_api_key: str | None = field(default=None, repr=False)
+    rerank_api_key_env: str = "RAG_RERANK_API_KEY"
+    rerank_depth: int = 50  # candidates the first stage hands the reranker (at least k)
+    rerank_timeout_s: float = 10.0  # http: one request
+    rerank_max_retry_s: float = 5.0  # http: retries of one query's request stop after this
+    rerank_on_error: str = "fallback"  # fallback: first-stage order, flagged in the answer | fail: the query fails
+    rerank_device: str | None = None  # local: torch device (cpu, cuda)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -343,6 +373,25 @@ class Settings:
             hnsw_build_workers=_int(e, "RAG_HNSW_BUILD_WORKERS", -1, 0, 64)
             if e.get("RAG_HNSW_BUILD_WORKERS")
             else None,
+            # asymmetric embedders (issue 14): prefixes are taken verbatim (a trailing space matters)
+            embedding_query_prefix=e.get("RAG_EMBEDDING_QUERY_PREFIX") or "",
+            embedding_passage_prefix=e.get("RAG_EMBEDDING_PASSAGE_PREFIX") or "",
+            embedding_query_input_type=e.get("RAG_EMBEDDING_QUERY_INPUT_TYPE") or None,
+            embedding_passage_input_type=e.get("RAG_EMBEDDING_PASSAGE_INPUT_TYPE") or None,
+            embedding_input_type_field=e.get("RAG_EMBEDDING_INPUT_TYPE_FIELD") or "input_type",
+            # rerank (issue 14)
+            rerank=_choice("RAG_RERANK", e.get("RAG_RERANK") or "off", RERANKERS),
+            rerank_url=e.get("RAG_RERANK_URL") or None,
+            rerank_model=e.get("RAG_RERANK_MODEL") or None,
+            rerank_api=_choice("RAG_RERANK_API", e.get("RAG_RERANK_API") or "cohere", RERANK_APIS),
+            rerank_api_key=e.get("RAG_RERANK_API_KEY") or None,
+            rerank_depth=_int(e, "RAG_RERANK_DEPTH", 50, 1, MAX_RERANK_DEPTH),
+            rerank_timeout_s=_float(e, "RAG_RERANK_TIMEOUT_S", 10.0),  # type: ignore[arg-type]
+            rerank_max_retry_s=_float(e, "RAG_RERANK_MAX_RETRY_S", 5.0),  # type: ignore[arg-type]
+            rerank_on_error=_choice(
+                "RAG_RERANK_ON_ERROR", e.get("RAG_RERANK_ON_ERROR") or "fallback", RERANK_ON_ERROR
+            ),
+            rerank_device=e.get("RAG_RERANK_DEVICE") or None,
         )
         if e.get("RAG_INCLUDE") and not _split(e["RAG_INCLUDE"]):
             raise SettingsError(f"RAG_INCLUDE={e['RAG_INCLUDE']!r} names no pattern (it would match no file)")
@@ -387,6 +436,8 @@ class Settings:
             raise SettingsError(
                 f"RAG_EMBEDDING_LONG_TEXT={self.embedding_long_text!r}: use 'error' or 'split'"
             )
+        self._validate_asymmetric()
+        self._validate_rerank()
         for var, value in (
             ("RAG_SERVICE_HEADER_TIMEOUT_S", self.service_header_timeout_s),
             ("RAG_SERVICE_BODY_TIMEOUT_S", self.service_body_timeout_s),
@@ -402,6 +453,49 @@ class Settings:
             s3_max_attempts=self.snapshot_s3_max_attempts,
             multipart_mb=self.snapshot_multipart_mb,
         )
+
+    def _validate_asymmetric(self) -> None:
+        from rag_assets.embedders.asymmetric import InputStyle  # lazy: the embedders package imports settings
+
+        try:
+            style = InputStyle.from_settings(self)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        if self.embedder == "hashing" and not style.is_symmetric:
+            raise SettingsError(
+                "RAG_EMBEDDING_QUERY_PREFIX, RAG_EMBEDDING_PASSAGE_PREFIX and the input types need an "
+                "asymmetric model (RAG_EMBEDDER=openai or local); the hashing embedder is symmetric"
+            )
+        if self.embedder == "local" and style.uses_input_type:
+            raise SettingsError(
+                "RAG_EMBEDDING_QUERY_INPUT_TYPE / RAG_EMBEDDING_PASSAGE_INPUT_TYPE are request fields of an "
+                "HTTP provider (RAG_EMBEDDER=openai); a local model takes RAG_EMBEDDING_QUERY_PREFIX and "
+                "RAG_EMBEDDING_PASSAGE_PREFIX"
+            )
+
+    def _validate_rerank(self) -> None:
+        _choice("RAG_RERANK", self.rerank, RERANKERS)
+        _choice("RAG_RERANK_API", self.rerank_api, RERANK_APIS)
+        _choice("RAG_RERANK_ON_ERROR", self.rerank_on_error, RERANK_ON_ERROR)
+        if not 1 <= self.rerank_depth <= MAX_RERANK_DEPTH:
+            raise SettingsError(f"RAG_RERANK_DEPTH={self.rerank_depth}: must be between 1 and {MAX_RERANK_DEPTH}")
+        for var, value in (("RAG_RERANK_TIMEOUT_S", self.rerank_timeout_s), ("RAG_RERANK_MAX_RETRY_S", self.rerank_max_retry_s)):
+            if not 0 <= value <= 3600 or (var == "RAG_RERANK_TIMEOUT_S" and value == 0):
+                raise SettingsError(f"{var}={value:g}: must be between 0 and 3600 seconds (the timeout more than 0)")
+        if self.rerank == "http":
+            if not self.rerank_url:
+                raise SettingsError("RAG_RERANK=http needs RAG_RERANK_URL (the base URL; requests go to {url}/rerank)")
+            if not re.match(r"https?://[^/\s]", self.rerank_url):
+                raise SettingsError(f"RAG_RERANK_URL={self.rerank_url!r}: an http:// or https:// URL")
+            if self.rerank_api != "tei" and not self.rerank_model:
+                raise SettingsError(
+                    f"RAG_RERANK=http with RAG_RERANK_API={self.rerank_api} needs RAG_RERANK_MODEL (the model name sent)"
+                )
+        if self.rerank == "local" and not self.rerank_model:
+            raise SettingsError(
+                "RAG_RERANK=local needs RAG_RERANK_MODEL: a sentence-transformers CrossEncoder directory "
+                "(or a model name already in the local Hugging Face cache; nothing is downloaded)"
+            )
 
     def with_secrets(self, env: dict[str, str] | None = None) -> Settings:
         """These settings with every unset secret read from its variable (``*_env``), at run time.
@@ -522,6 +616,20 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "retrieval.mode": "RAG_RETRIEVAL_MODE",
     "retrieval.text_search_config": "RAG_TEXT_SEARCH_CONFIG",
     "retrieval.rrf_k": "RAG_RRF_K",
+    "embedder.query_prefix": "RAG_EMBEDDING_QUERY_PREFIX",
+    "embedder.passage_prefix": "RAG_EMBEDDING_PASSAGE_PREFIX",
+    "embedder.query_input_type": "RAG_EMBEDDING_QUERY_INPUT_TYPE",
+    "embedder.passage_input_type": "RAG_EMBEDDING_PASSAGE_INPUT_TYPE",
+    "embedder.input_type_field": "RAG_EMBEDDING_INPUT_TYPE_FIELD",
+    "rerank.provider": "RAG_RERANK",
+    "rerank.url": "RAG_RERANK_URL",
+    "rerank.model": "RAG_RERANK_MODEL",
+    "rerank.api": "RAG_RERANK_API",
+    "rerank.depth": "RAG_RERANK_DEPTH",
+    "rerank.timeout_s": "RAG_RERANK_TIMEOUT_S",
+    "rerank.max_retry_s": "RAG_RERANK_MAX_RETRY_S",
+    "rerank.on_error": "RAG_RERANK_ON_ERROR",
+    "rerank.device": "RAG_RERANK_DEVICE",
 }
 # Attributes that are not one variable's string: lists, and the names of the secrets' variables.
 ATTRIBUTE_FIELD: dict[str, str] = {
@@ -531,6 +639,7 @@ ATTRIBUTE_FIELD: dict[str, str] = {
     "embedder.api_key_env": "embedding_api_key_env",
     "service.webhook_secret_env": "webhook_secret_env",
     "service.query_api_key_env": "query_api_key_env",
+    "rerank.api_key_env": "rerank_api_key_env",
 }
 
 

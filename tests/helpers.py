@@ -78,16 +78,16 @@ class RecordingEmbedder(HashingEmbedder):
     def texts(self) -> list[str]:
         return [t for c in self.calls for t in c]
 
-    def embed(self, texts: Sequence[str], stats: EmbedStats, labels=None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], stats: EmbedStats, labels=None, *, purpose="passage") -> np.ndarray:
         self.calls.append(list(texts))
-        return super().embed(texts, stats, labels)
+        return super().embed(texts, stats, labels, purpose=purpose)
 
 
 class WrongDimEmbedder(HashingEmbedder):
     """Returns vectors one dimension too long: a provider that changed its model under us."""
 
-    def embed(self, texts, stats, labels=None):
-        v = super().embed(texts, stats, labels)
+    def embed(self, texts, stats, labels=None, *, purpose="passage"):
+        v = super().embed(texts, stats, labels, purpose=purpose)
         return np.hstack([v, np.zeros((len(texts), 1), np.float32)])
 
 

@@ -267,7 +267,9 @@ def test_every_component_attribute_is_one_setting_and_back():
 
     src = (Path(__file__).resolve().parent.parent / "rag_assets/settings.py").read_text()
     env_vars = set(re.findall(r'"(RAG_[A-Z0-9_]+)"', src[src.index("def from_env") : src.index("def validate")]))
-    secrets_and_lists = {"RAG_EMBEDDING_API_KEY", "RAG_WEBHOOK_SECRET", "RAG_QUERY_API_KEY", "RAG_INCLUDE", "RAG_EXCLUDE"}
+    secrets_and_lists = {
+        "RAG_EMBEDDING_API_KEY", "RAG_WEBHOOK_SECRET", "RAG_QUERY_API_KEY", "RAG_RERANK_API_KEY", "RAG_INCLUDE", "RAG_EXCLUDE"
+    }
     assert env_vars - secrets_and_lists == set(ATTRIBUTE_ENV.values())
 
 

@@ -144,3 +144,86 @@ def test_a_generation_without_the_column_still_answers_keyword_queries(settings,
     assert [(h.doc_id, h.seq) for h in got.results] == expected
     assert any("predates full-text search" in r.message for r in caplog.records)
     assert _rank(search(idx.conn, idx.embedder, TERM, 5, mode="hybrid"), "target.md") == 1
+
+
+# Keyword candidates: the rarest words of a question, by the generation's own ANALYZE statistics.
+COMMON, RARE, MID = "zorblat", "quuxite", "fribble"
+
+
+def _frequency_corpus(docs_dir) -> None:
+    """Every document holds COMMON; MID is in four; RARE in one, which also holds MID."""
+    rng = random.Random(9)
+    for i in range(16):
+        extra = f" Mind the {MID} here." if i % 4 == 0 else ""
+        rare = f" Only this one says {RARE}." if i == 0 else ""
+        write(docs_dir / f"f{i:02d}.md", f"# Note {i}\n\n{paragraph(rng)} A {COMMON} line.{extra}{rare}\n")
+
+
+def _tsv_stats(conn, gen: int) -> dict[str, float]:
+    row = conn.execute(
+        """SELECT most_common_elems::text::text[], most_common_elem_freqs FROM pg_stats
+           WHERE schemaname = current_schema() AND tablename = %s AND attname = 'tsv'""",
+        (f"g{gen}_items",),
+    ).fetchone()
+    return dict(zip(row[0], row[1], strict=False)) if row else {}
+
+
+def test_a_frequent_word_no_longer_makes_every_chunk_a_candidate(settings, docs_dir):
+    from rag_assets.query import search_keyword
+
+    _frequency_corpus(docs_dir)
+    idx = _indexer(settings)
+    gen = idx.refresh(docs_dir).generation
+    stats = _tsv_stats(idx.conn, gen)  # the build analysed the generation's table
+    assert stats["zorblat"] == 1.0 and stats["quuxit"] == pytest.approx(1 / 16)
+    q = f"Where is the {COMMON} {RARE}?"
+    everything = search_keyword(idx.conn, q, 50, candidates=10**9).results
+    assert len(everything) == 16  # the any-word query: every chunk holds COMMON
+    # a budget of one chunk: RARE (the rarest word, always kept) fills it, so COMMON is left out
+    bounded = search_keyword(idx.conn, q, 50, candidates=1).results
+    assert [h.doc_id for h in bounded] == ["f00.md"] and bounded[0].score > 1  # holds every word
+    assert bounded[0].score == everything[0].score  # ranked by all the words still
+    # the default budget (2,000 chunks) leaves a small corpus's any-word answer as it was
+    assert [(h.doc_id, h.seq) for h in search_keyword(idx.conn, q, 50).results] == [
+        (h.doc_id, h.seq) for h in everything
+    ]
+
+
+def test_chunks_holding_every_word_are_always_candidates_and_first(settings, docs_dir):
+    from rag_assets.query import search_keyword
+
+    _frequency_corpus(docs_dir)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    q = f"{COMMON} {MID}"
+    # a budget of four chunks: the rarest word (MID, four chunks) is matched; COMMON only ranks
+    got = search_keyword(idx.conn, q, 50, candidates=4).results
+    assert sorted(h.doc_id for h in got) == ["f00.md", "f04.md", "f08.md", "f12.md"]
+    assert all(h.score > 1 for h in got)  # each holds both words
+    wide = search_keyword(idx.conn, q, 50, candidates=10**9).results
+    assert [h.doc_id for h in wide[:4]] == [h.doc_id for h in got] and wide[4].score < 1
+    # a question whose rarest word is in every chunk ranks at most the budget's chunks
+    assert len(search_keyword(idx.conn, COMMON, 50, candidates=4).results) == 4
+    assert len(search_keyword(idx.conn, COMMON, 50).results) == 16
+    with pytest.raises(QueryError, match="candidates=0"):
+        search_keyword(idx.conn, q, 5, candidates=0)
+
+
+def test_a_generation_without_statistics_matches_any_word(settings, docs_dir):
+    """A generation never analysed (an earlier release's, or statistics lost) answers with every word."""
+    from rag_assets.query import search_keyword
+
+    _frequency_corpus(docs_dir)
+    idx = _indexer(settings)
+    gen = idx.refresh(docs_dir).generation
+    q = f"{COMMON} {RARE}"
+    assert len(search_keyword(idx.conn, q, 50, candidates=16).results) == 1  # COMMON: 1 + 16 > 16
+    with idx.conn.transaction():  # what a table never analysed looks like to pg_stats
+        idx.conn.execute(
+            "DELETE FROM pg_statistic WHERE starelid = %s::regclass", (schema.items_table(gen).as_string(idx.conn),)
+        )
+    assert _tsv_stats(idx.conn, gen) == {}
+    got = search_keyword(idx.conn, q, 50, candidates=16).results
+    assert len(got) == 16 and got[0].doc_id == "f00.md" and got[0].score > 1
+    hy = search(idx.conn, idx.embedder, q, 5, mode="hybrid")
+    assert _rank(hy, "f00.md") is not None and len(hy.results) == 5

@@ -733,11 +733,11 @@ def test_service_applier_keeps_events_when_a_refresh_fails_and_retries(svc_setti
     class FailsOnce(HashingEmbedder):
         failed = False
 
-        def embed(self, texts, stats, labels=None):
+        def embed(self, texts, stats, labels=None, *, purpose="passage"):
             if not FailsOnce.failed:
                 FailsOnce.failed = True
                 raise RuntimeError("provider down for a moment")
-            return super().embed(texts, stats, labels)
+            return super().embed(texts, stats, labels, purpose=purpose)
 
     write(docs_dir / "base.md", "# Base\n\nan existing document about gardening")
     s = replace(svc_settings, source_path=docs_dir, service_apply_interval_s=0.2)

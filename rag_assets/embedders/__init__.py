@@ -87,6 +87,10 @@ def legacy_fingerprint(settings: Settings, dims: int) -> str | None:
     """
     if settings.embedder != "openai" or settings.embedding_dimensions:
         return None
+    from rag_assets.embedders.asymmetric import InputStyle
+
+    if not InputStyle.from_settings(settings).is_symmetric:
+        return None  # earlier versions had no query/passage options: nothing to adopt
     from rag_assets.embedders.base import fingerprint_of
     from rag_assets.embedders.openai_compat import OpenAICompatEmbedder
     from rag_assets.embedders.openai_protocol import DEFAULT_MODEL, native_dims

@@ -137,9 +137,18 @@ class Embedder(ABC):
 
     @abstractmethod
     def embed(
-        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        stats: EmbedStats,
+        labels: Sequence[str] | None = None,
+        *,
+        purpose: str = "passage",
     ) -> np.ndarray:
-        """Embed ``texts``; return float32 ``(len(texts), dims)``. ``labels`` name each text in errors."""
+        """Embed ``texts``; return float32 ``(len(texts), dims)``. ``labels`` name each text in errors.
+
+        ``purpose`` is ``"passage"`` (chunks to store: the pipeline) or ``"query"`` (a question:
+        :func:`rag_assets.query.embed_query`); an asymmetric model embeds the two differently
+        (:mod:`rag_assets.embedders.asymmetric`), a symmetric one ignores it."""
 
     @property
     def commit_group_size(self) -> int:

@@ -104,7 +104,12 @@ class HashingEmbedder(Embedder):
         return self.embed_many([text])[0]
 
     def embed(
-        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        stats: EmbedStats,
+        labels: Sequence[str] | None = None,
+        *,
+        purpose: str = "passage",  # symmetric: queries and passages are hashed alike
     ) -> np.ndarray:
         t0 = time.perf_counter()
         out = self.embed_many(list(texts)) if texts else np.empty((0, self.dims), dtype=np.float32)

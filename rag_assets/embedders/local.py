@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_assets.embedders.asymmetric import SYMMETRIC, InputStyle, check_purpose
 from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors, fingerprint_of
 from rag_assets.embedders.long_texts import LONG_TEXT_POLICIES, assemble, plan_inputs
 
@@ -73,6 +74,7 @@ class LocalEmbedder(Embedder):
         device: str | None = None,
         max_input_tokens: int | None = None,
         long_text: str = "error",
+        input_style: InputStyle = SYMMETRIC,
     ):
         """``model_path``: a sentence-transformers directory (default: the packaged all-MiniLM-L6-v2);
         then also give its ``model`` name and ``dims``. ``max_input_tokens`` defaults to the model's
@@ -87,6 +89,7 @@ class LocalEmbedder(Embedder):
         self.batch_size = batch_size
         self.device = device
         self.long_text = long_text
+        self.input_style = input_style  # query/passage prefixes (e5, bge, nomic); no input types here
         self._requested_max = max_input_tokens
         self.max_input_tokens = min(max_input_tokens or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
         self._model = None
@@ -106,25 +109,29 @@ class LocalEmbedder(Embedder):
             "device": settings.embedding_device,
             "long_text": settings.embedding_long_text,
             "max_input_tokens": settings.embedding_max_input_tokens,
+            "input_style": InputStyle.from_settings(settings),
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def fingerprint_for(cls, model: str = DEFAULT_MODEL, dims: int = DEFAULT_DIMS) -> str:
-        """The fingerprint of the model ``model`` of ``dims`` dimensions, without importing torch or
-        loading the model (the model's size is checked against ``dims`` when it loads)."""
-        return fingerprint_of(cls.provider, model, dims, cls.normalize, {})
+    def fingerprint_for(
+        cls, model: str = DEFAULT_MODEL, dims: int = DEFAULT_DIMS, style: InputStyle = SYMMETRIC
+    ) -> str:
+        """The fingerprint of the model ``model`` of ``dims`` dimensions with the prefixes of
+        ``style``, without importing torch or loading the model (the model's size is checked
+        against ``dims`` when it loads)."""
+        return fingerprint_of(cls.provider, model, dims, cls.normalize, style.fingerprint_options())
 
     @classmethod
     def fingerprint_from_settings(cls, settings) -> str:
         """The fingerprint :meth:`from_settings` would record: the packaged model, whatever the
-        batch size, device or long-text policy."""
-        return cls.fingerprint_for()
+        batch size, device or long-text policy (the query/passage prefixes do count)."""
+        return cls.fingerprint_for(style=InputStyle.from_settings(settings))
 
     @property
     def fingerprint(self) -> str:
-        return self.fingerprint_for(self.model, self.dims)
+        return self.fingerprint_for(self.model, self.dims, self.input_style)
 
     def __repr__(self) -> str:
         return f"LocalEmbedder(model={self.model!r}, dims={self.dims}, device={self.device!r}, loaded={self.loaded})"
@@ -180,17 +187,23 @@ class LocalEmbedder(Embedder):
         return self.count_tokens([text])[0]
 
     def embed(
-        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        stats: EmbedStats,
+        labels: Sequence[str] | None = None,
+        *,
+        purpose: str = "passage",
     ) -> np.ndarray:
         t0 = time.perf_counter()
         try:
+            prefix = self.input_style.prefix(check_purpose(purpose))  # counted and sent with each piece
             texts = list(texts)
             if labels is not None and len(labels) != len(texts):
                 raise ValueError(f"got {len(labels)} labels for {len(texts)} texts")
             if not texts:
                 return np.zeros((0, self.dims), dtype=np.float32)
             st = self._load()
-            counts = self.count_tokens(texts)
+            counts = self.count_tokens([prefix + t for t in texts] if prefix else texts)
             plan = plan_inputs(
                 texts,
                 counts,
@@ -199,6 +212,7 @@ class LocalEmbedder(Embedder):
                 long_text=self.long_text,
                 count_one=self._count_one,
                 model=self.model,
+                prefix=prefix,
             )
             t_req = time.perf_counter()
             with self._infer_lock:

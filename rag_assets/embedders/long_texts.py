@@ -150,10 +150,14 @@ def plan_inputs(
     long_text: str,
     count_one: Callable[[str], int],
     model: str,
+    prefix: str = "",
 ) -> InputPlan:
     """Check every text against the input limit and apply the long-text policy (see module docs).
 
     A count of None means "known to fit, not counted yet" (the piece's count stays None).
+    ``prefix`` (an asymmetric model's ``query: `` or ``passage: ``, :mod:`rag_assets.embedders.asymmetric`)
+    is sent before every piece: ``counts`` and ``count_one`` count what is sent (prefix included),
+    and a split text is cut so that each piece fits *with* its prefix.
     Raises :class:`TextTooLongError` for the first over-long text when the policy is "error", and
     :class:`EmbeddingError` for an empty text (providers reject them), both before any request.
     """
@@ -172,6 +176,13 @@ def plan_inputs(
             label=label_of(labels, i),
         )
     too_long_set = set(too_long)
+    if too_long and prefix:
+        assert max_input_tokens is not None
+        if count_one(prefix) >= max_input_tokens:
+            raise EmbeddingError(
+                f"the prefix {prefix[:40]!r} alone takes {count_one(prefix)} of the {max_input_tokens} input "
+                f"tokens of model {model}: no text fits after it"
+            )
     for i, (text, c) in enumerate(zip(texts, counts, strict=True)):
         if not text:
             raise EmbeddingError(
@@ -179,12 +190,13 @@ def plan_inputs(
             )
         if i in too_long_set:
             assert max_input_tokens is not None
-            for piece in split_text(text, max_input_tokens, count_one):
-                pieces.append(piece)
-                piece_tokens.append(count_one(piece))
+            fits = (lambda s: count_one(prefix + s)) if prefix else count_one
+            for piece in split_text(text, max_input_tokens, fits):
+                pieces.append(prefix + piece)
+                piece_tokens.append(count_one(prefix + piece))
                 owners.append(i)
         else:
-            pieces.append(text)
+            pieces.append(prefix + text)
             piece_tokens.append(None if c is None else int(c))
             owners.append(i)
     return InputPlan(pieces, piece_tokens, owners, len(texts))

@@ -99,6 +99,7 @@ from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadP
 import httpx
 import numpy as np
 
+from rag_assets.embedders.asymmetric import SYMMETRIC, InputStyle, check_purpose
 from rag_assets.embedders.base import (
     NATIVE_DIMS,
     Embedder,
@@ -140,9 +141,12 @@ log = logging.getLogger(__name__)
 PROBE_TEXT = "dimension probe"
 
 
-def _fingerprint_options(dimensions: int | None) -> dict[str, object]:
-    """The request options that change the vectors: only ``dimensions``, when set."""
-    return {"dimensions": dimensions} if dimensions else {}
+def _fingerprint_options(dimensions: int | None, style: InputStyle = SYMMETRIC) -> dict[str, object]:
+    """The request options that change the vectors: ``dimensions``, when set, and the asymmetric
+    input style's prefixes and input types, when set (:meth:`InputStyle.fingerprint_options`)."""
+    out: dict[str, object] = {"dimensions": dimensions} if dimensions else {}
+    out.update(style.fingerprint_options())
+    return out
 
 
 class _Cancelled(Exception):
@@ -191,6 +195,7 @@ class OpenAICompatEmbedder(Embedder):
         extra_headers: Mapping[str, str] | None = None,
         seed: int | None = None,
         encoding_format: str = "float",
+        input_style: InputStyle = SYMMETRIC,
     ):
         """``tokenizer``: "auto" (tiktoken for known OpenAI models, else the estimate), a tiktoken
         encoding name, or None/"estimate". ``limiter``: share a specific budget instead of the
@@ -199,7 +204,9 @@ class OpenAICompatEmbedder(Embedder):
         table (model -> USD per million tokens), consulted after ``price_per_mtok``.
         ``encoding_format``: "float" (JSON numbers, every server supports it) or "base64" (float32
         bytes: the same vectors, ~50x cheaper to parse, which matters for 1536-d batches at high
-        concurrency; not every gateway supports it). Not part of the fingerprint."""
+        concurrency; not every gateway supports it). Not part of the fingerprint.
+        ``input_style``: the prefixes and input type field an asymmetric model needs for queries
+        and passages (:mod:`rag_assets.embedders.asymmetric`; part of the fingerprint)."""
         endpoint = parse_endpoint(base_url)
         check_dimensions(model, dimensions)
         if batch_size < 1 or batch_tokens < 1 or concurrency < 1:
@@ -229,6 +236,7 @@ class OpenAICompatEmbedder(Embedder):
         self.backoff_max_s = backoff_max_s
         self.max_malformed_retries = max_malformed_retries
         self.encoding_format = encoding_format
+        self.input_style = input_style
         self._price_override = price_per_mtok
         self._prices = dict(prices or {})
         self._api_key = api_key or None
@@ -268,6 +276,7 @@ class OpenAICompatEmbedder(Embedder):
             "long_text": settings.embedding_long_text,
             "price_per_mtok": settings.embedding_price_per_mtok,
             "prices": dict(settings.embedding_prices),
+            "input_style": InputStyle.from_settings(settings),
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
@@ -303,7 +312,7 @@ class OpenAICompatEmbedder(Embedder):
             return self._dims
 
     @classmethod
-    def fingerprint_for(cls, model: str, dimensions: int | None) -> str:
+    def fingerprint_for(cls, model: str, dimensions: int | None, style: InputStyle = SYMMETRIC) -> str:
         """The fingerprint of ``model`` with the ``dimensions`` option, computed offline.
 
         The dimension it names is ``dimensions`` when set, else the native size of a known model,
@@ -312,19 +321,23 @@ class OpenAICompatEmbedder(Embedder):
         """
         check_dimensions(model, dimensions)
         dims: int | str = dimensions or native_dims(model) or NATIVE_DIMS
-        return fingerprint_of(cls.provider, model, dims, cls.normalize, _fingerprint_options(dimensions))
+        return fingerprint_of(cls.provider, model, dims, cls.normalize, _fingerprint_options(dimensions, style))
 
     @classmethod
     def fingerprint_from_settings(cls, settings) -> str:
         """The fingerprint :meth:`from_settings` would record, without building a client."""
-        return cls.fingerprint_for(settings.embedding_model or DEFAULT_MODEL, settings.embedding_dimensions)
+        return cls.fingerprint_for(
+            settings.embedding_model or DEFAULT_MODEL,
+            settings.embedding_dimensions,
+            InputStyle.from_settings(settings),
+        )
 
     @property
     def fingerprint(self) -> str:
-        return self.fingerprint_for(self.model, self.dimensions)
+        return self.fingerprint_for(self.model, self.dimensions, self.input_style)
 
     def fingerprint_options(self) -> dict[str, object]:
-        return _fingerprint_options(self.dimensions)
+        return _fingerprint_options(self.dimensions, self.input_style)
 
     def price(self) -> Price:
         """The price and its source (``known`` False: no table entry or override)."""
@@ -378,26 +391,39 @@ class OpenAICompatEmbedder(Embedder):
         return out
 
     def embed(
-        self, texts: Sequence[str], stats: EmbedStats, labels: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        stats: EmbedStats,
+        labels: Sequence[str] | None = None,
+        *,
+        purpose: str = "passage",
     ) -> np.ndarray:
+        """Embed ``texts`` as ``purpose`` (see :meth:`Embedder.embed`): each input is sent with the
+        purpose's prefix, and the request carries its input type, so the token counts, the input
+        limit and the billing all see what is actually sent."""
         t0 = time.perf_counter()
         try:
+            check_purpose(purpose)
             texts = list(texts)
             if labels is not None and len(labels) != len(texts):
                 raise ValueError(f"got {len(labels)} labels for {len(texts)} texts")
             if not texts:
                 return np.zeros((0, self._dims), dtype=np.float32)
+            prefix = self.input_style.prefix(purpose)
             plan = plan_inputs(
                 texts,
-                self._upfront_counts(texts),
+                self._upfront_counts([prefix + t for t in texts] if prefix else texts),
                 labels,
                 max_input_tokens=self.max_input_tokens,
                 long_text=self.long_text,
                 count_one=self._count_one,
                 model=self.model,
+                prefix=prefix,
             )
             piece_labels = [label_of(labels, owner) for owner in plan.owners]
-            vectors = self._embed_pieces(plan.pieces, plan.piece_tokens, stats, piece_labels)
+            vectors = self._embed_pieces(
+                plan.pieces, plan.piece_tokens, stats, piece_labels, self.input_style.request_fields(purpose)
+            )
             out = assemble(plan, vectors)
             stats.add(texts=len(texts))
             return out
@@ -433,6 +459,7 @@ class OpenAICompatEmbedder(Embedder):
         tokens: list[int | None],
         stats: EmbedStats,
         labels: Sequence[str] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> np.ndarray:
         cancel = threading.Event()
         errors: list[BaseException] = []
@@ -440,7 +467,7 @@ class OpenAICompatEmbedder(Embedder):
         first = next(batches)
         second = next(batches, None)
         if second is None:  # one request: no thread hop
-            return self._run_batch(first, stats, cancel, errors)
+            return self._run_batch(first, stats, cancel, errors, extra)
         workers = min(self.concurrency, -(-len(pieces) // self.effective_batch_size) + 1)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embed-openai")
         futures: list[Future[np.ndarray]] = []
@@ -454,7 +481,7 @@ class OpenAICompatEmbedder(Embedder):
                     _, pending = wait(pending, return_when=FIRST_COMPLETED)
                 if errors:
                     break  # a batch failed for good: stop tokenising and submitting
-                future = pool.submit(self._run_batch, batch, stats, cancel, errors)
+                future = pool.submit(self._run_batch, batch, stats, cancel, errors, extra)
                 futures.append(future)
                 pending.add(future)
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -494,10 +521,15 @@ class OpenAICompatEmbedder(Embedder):
         return text
 
     def _run_batch(
-        self, batch: Batch, stats: EmbedStats, cancel: threading.Event, errors: list[BaseException]
+        self,
+        batch: Batch,
+        stats: EmbedStats,
+        cancel: threading.Event,
+        errors: list[BaseException],
+        extra: Mapping[str, object] | None = None,
     ) -> np.ndarray:
         try:
-            return self._send_batch(batch, stats, cancel)
+            return self._send_batch(batch, stats, cancel, extra)
         except _Cancelled:
             raise
         except BaseException as exc:
@@ -513,7 +545,13 @@ class OpenAICompatEmbedder(Embedder):
                 raise
             raise err from None
 
-    def _send_batch(self, batch: Batch, stats: EmbedStats, cancel: threading.Event) -> np.ndarray:
+    def _send_batch(
+        self,
+        batch: Batch,
+        stats: EmbedStats,
+        cancel: threading.Event,
+        extra: Mapping[str, object] | None = None,
+    ) -> np.ndarray:
         """Send ``batch`` as requests of at most the learned size; split further when one is too large.
 
         The pieces go one after another in this worker, in order. Pieces cut from a request that
@@ -529,7 +567,7 @@ class OpenAICompatEmbedder(Embedder):
                 queue.extendleft(reversed(part.parts(size)))
                 continue
             try:
-                arr = self._request(part, stats, cancel, budget)
+                arr = self._request(part, stats, cancel, budget, extra)
             except _SplitBatch as split:
                 stats.add(batch_splits=1, retries=1)
                 queue.extendleft(reversed(part.parts(split.size)))
@@ -572,8 +610,9 @@ class OpenAICompatEmbedder(Embedder):
         stats: EmbedStats,
         cancel: threading.Event,
         budget: RetryBudget | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> np.ndarray:
-        body = request_body(self.model, batch.texts, self.encoding_format, self.dimensions)
+        body = request_body(self.model, batch.texts, self.encoding_format, self.dimensions, extra)
         n = len(batch.texts)
         where = f"{self.endpoint} (model {self.model})"
         what = f" for {batch.describe()}"

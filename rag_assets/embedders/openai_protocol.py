@@ -19,7 +19,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -91,11 +91,20 @@ def parse_endpoint(base_url: str) -> Endpoint:
     )
 
 
-def request_body(model: str, texts: Sequence[str], encoding_format: str, dimensions: int | None) -> bytes:
-    """The JSON body of one embeddings request (``dimensions`` only when set)."""
+def request_body(
+    model: str,
+    texts: Sequence[str],
+    encoding_format: str,
+    dimensions: int | None,
+    extra: Mapping[str, object] | None = None,
+) -> bytes:
+    """The JSON body of one embeddings request (``dimensions`` only when set; ``extra``: an
+    asymmetric model's input type field, e.g. ``{"input_type": "search_query"}``)."""
     payload: dict[str, object] = {"model": model, "input": list(texts), "encoding_format": encoding_format}
     if dimensions:
         payload["dimensions"] = dimensions
+    if extra:
+        payload.update(extra)
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 

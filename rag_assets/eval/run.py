@@ -25,12 +25,15 @@ from rag_assets.query import (
     MODES,
     QueryError,
     QueryResult,
+    candidate_depth,
     embed_query,
     search,
     search_hybrid,
     search_keyword,
     search_vector,
 )
+from rag_assets.rerank import make_reranker
+from rag_assets.rerank.apply import rerank_result
 from rag_assets.settings import Settings
 from rag_assets.store import schema
 from rag_assets.store.db import connect_index
@@ -109,6 +112,8 @@ class EvalReport:
     chunks: Scores | None  # means over the questions that label chunks; None when none does
     missing: list[tuple[str, str]] = field(default_factory=list)  # (question, doc) labelled but not indexed
     exact: bool = False  # ranked by exact distance rather than through the HNSW index
+    rerank: str | None = None  # the reranker of the second stage (None: first stage only)
+    rerank_depth: int | None = None  # first-stage candidates it re-scored per question
 
     @property
     def n(self) -> int:
@@ -131,6 +136,8 @@ class EvalReport:
             "generation": self.generation,
             "split": self.split,
             "exact": self.exact,
+            "rerank": self.rerank,
+            "rerank_depth": self.rerank_depth,
             "n": self.n,
             "metrics": self.docs.as_dict(self.k),
             "n_chunk_labelled": self.n_chunk_labelled,
@@ -218,6 +225,7 @@ def evaluate(
     generation: int | None = None,
     split: str | None = None,
     exact: bool = False,
+    rerank: bool = False,
 ) -> EvalReport:
     """Score ``questions`` (only those of ``split`` when given) against the index ``settings`` name.
 
@@ -225,6 +233,8 @@ def evaluate(
     a generation other than the live one, e.g. one a backfill has just built. ``exact`` ranks by exact
     distance instead of the HNSW index: the embedder's and chunker's own quality, without the graph's
     approximation (two builds of one corpus can rank a few questions differently; docs/benchmarks.md).
+    ``rerank`` adds the second stage configured by RAG_RERANK over ``max(RAG_RERANK_DEPTH, 5k)``
+    first-stage chunks; a reranker failure fails the evaluation (never a silent first-stage score).
     """
     mode = mode or settings.retrieval_mode
     if mode not in MODES:
@@ -235,6 +245,12 @@ def evaluate(
     if not chosen:
         raise EvalError(f"no questions to evaluate (split={split!r})")
     fetch = min(MAX_FETCH, k * OVERFETCH)
+    reranker = None
+    if rerank:
+        reranker = make_reranker(settings.with_secrets())
+        if reranker is None:
+            raise EvalError("rerank asked for but RAG_RERANK=off: set RAG_RERANK=http or local (or --rerank)")
+    depth = candidate_depth(fetch, settings.rerank_depth) if reranker is not None else fetch
     conn = connect_index(settings)
     embedder = make_embedder(settings)
     try:
@@ -252,11 +268,13 @@ def evaluate(
                 if mode != "keyword":
                     opts.update(ef_search=settings.hnsw_ef_search, exact=exact)
                 if is_live:
-                    res = search(conn, embedder, q.question, fetch, **opts)
+                    res = search(conn, embedder, q.question, depth, **opts)
                 else:
                     # the shadow view is generation G's: the live-embedder check of search() does not apply
                     vec = None if mode == "keyword" else embed_query(embedder, q.question)
-                    res = _search_shadow(conn, vec, q.question, fetch, opts)
+                    res = _search_shadow(conn, vec, q.question, depth, opts)
+                if reranker is not None:
+                    res = rerank_result(reranker, q.question, res, fetch, on_error="fail")
             except QueryError as e:
                 raise EvalError(f"question {q.id!r}: {e}") from None
             seconds = time.perf_counter() - t0
@@ -283,6 +301,8 @@ def evaluate(
     finally:
         embedder.close()
         conn.close()
+        if reranker is not None:
+            reranker.close()
     labelled = [r.chunks for r in results if r.chunks is not None]
     return EvalReport(
         k=k,
@@ -294,4 +314,6 @@ def evaluate(
         chunks=Scores.mean(labelled) if labelled else None,
         missing=missing,
         exact=exact,
+        rerank=reranker.name if reranker is not None else None,
+        rerank_depth=depth if reranker is not None else None,
     )

@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -58,7 +59,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rag_assets.embedders import Embedder, EmbeddingError, TextTooLongError, make_embedder
 from rag_assets.query import MODES as QUERY_MODES
-from rag_assets.query import QueryError, check_embedder_matches, embed_query, search_embedded
+from rag_assets.query import (
+    QueryError,
+    QueryResult,
+    candidate_depth,
+    check_embedder_matches,
+    embed_query,
+    search_embedded,
+)
+from rag_assets.rerank import RerankError, make_reranker
+from rag_assets.rerank.apply import rerank_result
 from rag_assets.service import logsafe
 from rag_assets.service.applier import InboxApplier
 from rag_assets.service.events import (
@@ -181,7 +191,7 @@ def _scalar_ok(v: object) -> bool:
 
 def parse_query(obj: dict) -> dict[str, Any]:
     """Validate a ``POST /query`` body → kwargs for ``search``. Raises BadRequest."""
-    unknown = set(obj) - {"text", "k", "filter", "min_score", "mode"}
+    unknown = set(obj) - {"text", "k", "filter", "min_score", "mode", "rerank"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     text = obj.get("text")
@@ -223,7 +233,10 @@ def parse_query(obj: dict) -> dict[str, Any]:
     mode = obj.get("mode")
     if mode is not None and mode not in QUERY_MODES:
         raise BadRequest(f"mode must be one of {', '.join(QUERY_MODES)}")
-    return {"text": text, "k": k, "filt": filt or None, "min_score": min_score, "mode": mode}
+    rerank = obj.get("rerank")
+    if rerank is not None and not isinstance(rerank, bool):
+        raise BadRequest("rerank must be true or false (default: on when RAG_RERANK is set)")
+    return {"text": text, "k": k, "filt": filt or None, "min_score": min_score, "mode": mode, "rerank": rerank}
 
 
 # --- the app --------------------------------------------------------------------------------
@@ -259,6 +272,7 @@ class ServiceState:
         api_key = settings.query_api_key
         self.query_key = api_key.encode("utf-8") if api_key else None  # as a client sends it
         self.embed_limiter = anyio.CapacityLimiter(EMBED_THREADS)
+        self.reranker = make_reranker(settings)  # None: RAG_RERANK=off; connects at the first query
 
     def query_authorized(self, header: str | None) -> bool:
         if self.query_key is None:
@@ -370,6 +384,8 @@ def create_app(
                 state.applier = None
             state.pool = None
             await run_in_threadpool(pool.close)
+            if state.reranker is not None:
+                state.reranker.close()
 
     async def webhook(request: Request) -> Response:
         try:
@@ -448,20 +464,20 @@ def create_app(
         except QueryError as e:
             raise _empty_index(e) from None
 
-    def _search(conn: psycopg.Connection, vector: Any, q: dict[str, Any]) -> dict:
+    def _search(conn: psycopg.Connection, vector: Any, q: dict[str, Any], depth: int) -> QueryResult:
         try:
             return search_embedded(
                 conn,
                 state.embedder,
                 vector,
-                q["k"],
+                depth,
                 q["filt"],
                 q["min_score"],
                 mode=q["mode"] or settings.retrieval_mode,
                 text=q["text"],
                 rrf_k=settings.rrf_k,
                 ef_search=settings.hnsw_ef_search,
-            ).as_dict()
+            )
         except QueryError as e:
             raise _empty_index(e) from None
 
@@ -482,9 +498,13 @@ def create_app(
             q = parse_query(parse_json(body))
         except (EventError, BadRequest) as e:
             return _error(400, str(e))
+        use_rerank = state.reranker is not None if q["rerank"] is None else q["rerank"]
+        if use_rerank and state.reranker is None:
+            return _error(400, "rerank: no reranker is configured (RAG_RERANK=off)")
+        depth = candidate_depth(q["k"], settings.rerank_depth) if use_rerank else q["k"]
         t0 = time.perf_counter()
         try:
-            # three steps, and no connection is held while the embedder waits on the network
+            # three (four) steps, and no connection is held while the embedder (reranker) waits on the network
             await run_in_threadpool(state.db, _precheck)
             vector = (
                 None
@@ -493,9 +513,19 @@ def create_app(
                     embed_query, state.embedder, q["text"], limiter=state.embed_limiter
                 )
             )
-            out = await run_in_threadpool(state.db, lambda conn: _search(conn, vector, q))
+            res = await run_in_threadpool(state.db, lambda conn: _search(conn, vector, q, depth))
+            if use_rerank:
+                res = await anyio.to_thread.run_sync(
+                    partial(rerank_result, state.reranker, q["text"], res, q["k"], on_error=settings.rerank_on_error),
+                    limiter=state.embed_limiter,
+                )
+                if res.rerank is not None and not res.rerank.applied:
+                    m.rerank_fallbacks.inc()
+            out = res.as_dict()
         except EmptyIndex as e:
             return _error(503, str(e), {"Retry-After": str(EMPTY_INDEX_RETRY_S)})
+        except RerankError as e:
+            return _error(502, f"reranker failed: {e}")
         except QueryError as e:
             return _error(409, str(e))
         except TextTooLongError as e:
@@ -755,6 +785,12 @@ def openapi_spec(settings: Settings) -> dict:
                                             "minimum": -1,
                                             "maximum": 1,
                                         },
+                                        "rerank": {
+                                            "type": ["boolean", "null"],
+                                            "description": "re-score the top RAG_RERANK_DEPTH candidates with the "
+                                            "configured reranker (default: on when RAG_RERANK is set); "
+                                            "score is then the reranker's",
+                                        },
                                     },
                                 }
                             }
@@ -771,6 +807,18 @@ def openapi_spec(settings: Settings) -> dict:
                                         "properties": {
                                             "results": {"type": "array", "items": hit},
                                             "generation": {"type": ["integer", "null"]},
+                                            "rerank": {
+                                                "type": "object",
+                                                "description": "present when reranked; applied false: the "
+                                                "reranker failed and the hits are in first-stage order",
+                                                "properties": {
+                                                    "reranker": {"type": "string"},
+                                                    "candidates": {"type": "integer"},
+                                                    "applied": {"type": "boolean"},
+                                                    "seconds": {"type": "number"},
+                                                    "error": {"type": ["string", "null"]},
+                                                },
+                                            },
                                         },
                                     }
                                 }
@@ -781,7 +829,7 @@ def openapi_spec(settings: Settings) -> dict:
                         "408": _err("body not received in time"),
                         "409": _err("the live index cannot answer this query (embedder mismatch)"),
                         "413": _err("body too large"),
-                        "502": _err("the query embedder failed"),
+                        "502": _err("the query embedder failed (or the reranker, with RAG_RERANK_ON_ERROR=fail)"),
                         "503": _err("the index is empty, or the database is unavailable"),
                     },
                 }

@@ -36,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from rag_assets import query as rq
 from rag_assets.embedders import Embedder, EmbeddingError
+from rag_assets.rerank import Reranker, make_reranker
 from rag_assets.settings import Settings
 
 T = TypeVar("T")
@@ -74,6 +75,7 @@ class IndexBackend:
     settings: Settings
     embedder: Embedder
     db: Callable[[Callable[[psycopg.Connection], Any]], Any]
+    reranker: Reranker | None = None  # RAG_RERANK: applied to every search, after the connection is given back
 
 
 def search_accepts_mode() -> bool:
@@ -93,20 +95,31 @@ def run_search(
     if mode is None:
         backend.db(lambda conn: rq.check_embedder_matches(conn, backend.embedder))
         vector = rq.embed_query(backend.embedder, text)
-        return backend.db(
+        depth = k if backend.reranker is None else rq.candidate_depth(k, settings.rerank_depth)
+        res = backend.db(
             lambda conn: rq.search_embedded(
-                conn, backend.embedder, vector, k, filt, ef_search=settings.hnsw_ef_search
+                conn, backend.embedder, vector, depth, filt, ef_search=settings.hnsw_ef_search
             )
         )
+        if backend.reranker is None:
+            return res
+        from rag_assets.rerank.apply import rerank_result
+
+        return rerank_result(backend.reranker, text, res, k, on_error=settings.rerank_on_error)
     if not search_accepts_mode():
         if mode != "vector":
             raise rq.QueryError(
                 f"mode {mode!r}: this version ranks by vector similarity only (mode 'vector')"
             )
         return run_search(backend, text, k, filt, None)
+    rerank = (
+        {"reranker": backend.reranker, "rerank_depth": settings.rerank_depth, "rerank_on_error": settings.rerank_on_error}
+        if backend.reranker is not None
+        else {}
+    )
     return backend.db(
         lambda conn: rq.search(
-            conn, backend.embedder, text, k, filt, mode=mode, ef_search=settings.hnsw_ef_search
+            conn, backend.embedder, text, k, filt, mode=mode, ef_search=settings.hnsw_ef_search, **rerank
         )
     )
 
@@ -225,7 +238,7 @@ def http_endpoint(name: str, app) -> McpEndpoint:
     # the SDK's records can quote a client's tool arguments: escaped like the service's own
     logsafe.install(*(m.logger.name for m in (lowlevel, high, transport, manager)))
     state = app.state.service
-    backend = IndexBackend(name, state.settings, state.embedder, state.db)
+    backend = IndexBackend(name, state.settings, state.embedder, state.db, state.reranker)
     return McpEndpoint(build_mcp(backend), state.query_authorized)
 
 
@@ -242,8 +255,11 @@ def serve_stdio(settings: Settings) -> None:
             return fn(conn)
 
     embedder = make_embedder(settings)
+    reranker = make_reranker(settings)
     try:
-        build_mcp(IndexBackend(settings.index_name, settings, embedder, db)).run("stdio")
+        build_mcp(IndexBackend(settings.index_name, settings, embedder, db, reranker)).run("stdio")
     finally:
         embedder.close()
+        if reranker is not None:
+            reranker.close()
         conn.close()

@@ -70,6 +70,11 @@ class ServiceMetrics:
         self.query_latency = Histogram(
             "rag_query_latency_seconds", "POST /query handling time", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.rerank_fallbacks = Counter(
+            "rag_rerank_fallbacks",
+            "Queries answered in first-stage order because the reranker failed (RAG_RERANK_ON_ERROR=fallback)",
+            registry=r,
+        )
         self.http_requests = Counter(
             "rag_http_requests",
             "HTTP requests by route, method and status",
