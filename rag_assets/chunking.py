@@ -37,6 +37,7 @@ no dict-order or hash-seed dependence) and fast: the 5.9 MB of Django 5.0 docs c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -49,13 +50,16 @@ from rag_assets.tokens import count_tokens_batch, tokenizer_name
 
 __all__ = [
     "FIXED_CHUNKER_VERSION",
+    "HEADING_PATH_SEPARATOR",
     "STRUCTURE_CHUNKER_VERSION",
     "TOKEN_ESTIMATOR_VERSION",
     "Chunk",
     "Chunker",
     "FixedWindowChunker",
     "StructureChunker",
+    "context_header",
     "count_tokens",
+    "heading_path_of",
     "make_chunker",
 ]
 
@@ -63,17 +67,22 @@ __all__ = [
 # version is part of the chunks asset's code_version, so bumping it re-chunks (not re-embeds:
 # unchanged chunk texts still hit the embedding cache).
 TOKEN_ESTIMATOR_VERSION = "tok1"
-STRUCTURE_CHUNKER_VERSION = "structure-v2"  # v2: the bound holds for the stored (cl100k) count too
+STRUCTURE_CHUNKER_VERSION = "structure-v3"  # v3: heading-path header, no heading/markup-only chunks
+# (v2: the bound holds for the stored (cl100k) count too)
 FIXED_CHUNKER_VERSION = "fixed512-v1"
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One chunk of a document: ``text == doc_text[start:end]``.
+    """One chunk of a document: ``text == context + doc_text[start:end]``.
 
-    ``chunk_hash`` (a prefix of sha256 of the text) is the embedding cache key, so two chunks with
-    the same text share one embedding wherever they occur. ``text`` never starts or ends with
-    whitespace, which keeps the hash independent of how much blank space surrounds a block.
+    ``text`` is what the index stores, embeds, full-text indexes and returns: the chunk's
+    ``context`` (its heading path as a one-line header, ``"Title › Section\n\n"``, or ``""`` for
+    text before the first heading and for chunkers without structure) followed by the document
+    slice (:attr:`body`). ``chunk_hash`` (a prefix of sha256 of ``text``) is the embedding cache
+    key, so it changes exactly when what is embedded changes: the slice, or the heading path (a
+    renamed section re-embeds the chunks under it, nothing else). ``text`` never starts or ends
+    with whitespace, which keeps the hash independent of how much blank space surrounds a block.
     """
 
     seq: int
@@ -82,11 +91,47 @@ class Chunk:
     end: int
     chunk_hash: str
     n_tokens: int
+    heading_path: tuple[str, ...] = ()
+    context: str = ""
+
+    @property
+    def body(self) -> str:
+        """The document slice ``doc_text[start:end]`` (``text`` without the context header)."""
+        return self.text[len(self.context) :]
 
 
 def chunk_hash(text: str) -> str:
     """The cache key of a chunk text: the first 32 hex digits of its SHA-256."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+# The contextual header: the heading path joined by " › ", then a blank line. A title containing
+# "›" has it replaced by ">", so the header splits back into the path exactly (heading_path_of).
+HEADING_PATH_SEPARATOR = " \u203a "
+_CONTEXT_END = "\n\n"
+_MAX_TITLE_CHARS = 200
+
+
+def context_header(path: tuple[str, ...] | list[str]) -> str:
+    """The header a chunk under ``path`` starts with: ``"A › B\n\n"``, or ``""`` for no path."""
+    return HEADING_PATH_SEPARATOR.join(path) + _CONTEXT_END if path else ""
+
+
+def heading_path_of(text: str, body_chars: int) -> list[str]:
+    """The heading path of a stored chunk ``text`` whose document slice has ``body_chars``
+    characters (``char_end - char_start``): the header is everything before the slice.
+
+    Used at query time, where a hit has its text and its chunk row's span but no stored path:
+    the path is carried by the text itself, so snapshots, restores and old generations need no
+    column for it (a chunk of a generation built before the header gives ``[]``).
+    """
+    if body_chars < 0 or body_chars > len(text):
+        return []
+    head = text[: len(text) - body_chars]
+    if not head.endswith(_CONTEXT_END):
+        return []
+    head = head[: -len(_CONTEXT_END)]
+    return head.split(HEADING_PATH_SEPARATOR) if head else []
 
 
 @runtime_checkable
@@ -447,6 +492,176 @@ def _blocks(text: str, start: int, end: int, fences: list[tuple[int, int]]) -> l
     return out
 
 
+# Markup that renders as nothing but introduces what follows: a chunk made only of it (and of
+# headings) is noise that matches any question about its words ("How Does It Work?", "(how)=").
+# One line of such markup: a MyST target "(label)=", a reST target ".. _label:" (or a named
+# hyperlink ".. _name: URL"), an anonymous target "__ URL", a substitution definition, an empty
+# comment "..", a Markdown thematic break, a reST transition or stray adornment line, an HTML
+# anchor (<a name=...>, <a id=...>, an empty <span|div id=...>) or a one-line HTML comment.
+_MARKUP_LINE = re.compile(
+    r"""[ \t]*(?:
+        \([^()\s]+\)=
+      | \.\.[ \t]+_[^\n]*?:(?:[ \t]+\S+)?
+      | __[ \t]+\S+
+      | \.\.[ \t]+\|[^|\n]+\|[ \t]+[\w-]+::[^\n]*
+      | \.\.
+      | ([-*_])(?:[ \t]*\1){2,}
+      | ([!-/:-@\[-`{-~])\2{3,}
+      | <a\s[^<>\n]*\b(?:name|id)=[^<>\n]*>[ \t]*(?:</a>)?
+      | <(span|div)\s[^<>\n]*\bid=[^<>\n]*>[ \t]*</\3>
+      | <!--[^\n]*?-->
+    )[ \t]*""",
+    re.X,
+)
+# Sphinx directives that render nothing in place (index entries, the current module, highlighting
+# defaults, a local table of contents, authorship, HTML meta): the directive and its indented
+# options or body are markup.
+_MARKUP_DIRECTIVE = re.compile(
+    r"[ \t]*\.\.[ \t]+(?:index|contents|highlight|currentmodule|module|default-role|default-domain"
+    r"|sectionauthor|moduleauthor|codeauthor|meta|tags|py:currentmodule|py:module|program)::"
+)
+
+
+def _markup_flags(text: str, blocks: list[list]) -> list[bool]:
+    """For each block: is it markup only (see ``_MARKUP_LINE``, ``_MARKUP_DIRECTIVE``)? A block
+    indented deeper than a markup directive just before it is that directive's body."""
+    flags: list[bool] = []
+    directive_indent = -1
+    for bs, be, ind, code in blocks:
+        if directive_indent >= 0 and ind > directive_indent:
+            flags.append(True)
+            continue
+        directive_indent = -1
+        if code:
+            flags.append(False)
+            continue
+        piece = text[bs:be]
+        lines = piece.split("\n")
+        if _MARKUP_DIRECTIVE.match(lines[0]) and all(ln[:1].isspace() for ln in lines[1:]):
+            flags.append(True)
+            directive_indent = ind
+        else:
+            flags.append(all(_MARKUP_LINE.fullmatch(ln) for ln in lines))
+    return flags
+
+
+def _is_markup_text(piece: str) -> bool:
+    """Is ``piece`` (one or more blocks) markup only? It then introduces what follows it."""
+    lines = [ln for ln in piece.split("\n") if ln.strip()]
+    if _MARKUP_DIRECTIVE.match(lines[0]) and all(ln[:1].isspace() for ln in lines[1:]):
+        return True
+    return all(_MARKUP_LINE.fullmatch(ln) for ln in lines)
+
+
+_ATX_TITLE = re.compile(r"#{1,6}[ \t]*(.*?)(?:[ \t]+#+)?[ \t]*")
+_SPACES = re.compile(r"\s+")
+
+
+def _heading_titles(text: str, headings: list[tuple[int, int]], markdown: bool) -> list[tuple[int, str]]:
+    """``(level, title)`` of each heading span. Markdown: ``#`` count, setext ``=`` 1 and ``-`` 2.
+    reST: the order in which each adornment style (character, with or without overline) first
+    appears, as docutils assigns levels."""
+    styles: dict[tuple[str, bool], int] = {}
+    out: list[tuple[int, str]] = []
+    for s, e in headings:
+        seg = text[s:e]
+        lines = seg.split("\n")
+        if len(lines) == 1:  # ATX
+            m = _ATX_TITLE.fullmatch(seg.strip())
+            level = len(seg) - len(seg.lstrip("#"))
+            title = m.group(1) if m else seg.strip("# \t")
+        else:
+            over = len(lines) >= 3
+            title = lines[1] if over else lines[0]
+            char = lines[-1].strip()[:1]
+            if markdown:
+                level = 1 if char == "=" else 2
+            else:
+                level = styles.setdefault((char, over), len(styles) + 1)
+        title = _SPACES.sub(" ", title).strip().replace("\u203a", ">")[:_MAX_TITLE_CHARS].rstrip()
+        out.append((level, title))
+    return out
+
+
+@dataclass(slots=True)
+class _Section:
+    """What becomes one chunk, or several when it is over the bound: ``text[start:end]``, with
+    ``heading`` (the heading span, from ``start``: the headings and markup that lead into the
+    content) kept together with the first content, and the heading path of the content."""
+
+    heading: tuple[int, int] | None
+    start: int
+    content_start: int
+    end: int
+    path: tuple[str, ...]
+
+
+def _sections(
+    text: str, base: int, headings: list[tuple[int, int]], markdown: bool, fences: list[tuple[int, int]]
+) -> tuple[list[_Section], int]:
+    """Group the document into sections such that none is made only of headings and markup.
+
+    Headings and markup (targets, anchors, index entries, breaks) carry forward to the content
+    they introduce: a title directly followed by a subsection title, a ``(label)=`` or
+    ``.. _label:`` in front of a heading, a section whose body is only an ``.. index::`` all start
+    the next section that has content. Trailing markup of a section (the label of the next
+    heading) moves to the next section too. What has no content after it (headings at the end of
+    the document) joins the last section; a document of nothing but markup is one section.
+    Also returns where that last part begins (``len(text) + 1`` when there is none).
+    """
+    titles = _heading_titles(text, headings, markdown)
+    raw: list[tuple[int, int, int]] = [(-1, base, headings[0][0] if headings else len(text))]
+    for k, (_hs, he) in enumerate(headings):
+        raw.append((k, he, headings[k + 1][0] if k + 1 < len(headings) else len(text)))
+    stack: list[tuple[int, str]] = []
+    out: list[_Section] = []
+    tail = len(text) + 1
+    pending = -1  # start of the headings/markup carried to the next section with content
+    for idx, (k, bs, be) in enumerate(raw):
+        if k >= 0:
+            level, title = titles[k]
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, title))
+            if pending < 0:
+                pending = headings[k][0]
+        blocks = _blocks(text, bs, be, fences)
+        if not blocks:
+            continue
+        flags = _markup_flags(text, blocks)
+        content = [i for i, f in enumerate(flags) if not f]
+        if not content:
+            if pending < 0:
+                pending = blocks[0][0]
+            continue
+        last = content[-1]
+        is_last = idx == len(raw) - 1
+        end = blocks[-1][1] if is_last else blocks[last][1]
+        path = tuple(t for _, t in stack if t) if k >= 0 else ()
+        # The lead (headings, then markup before the first content block) stays with that block.
+        first = content[0]
+        if k >= 0:
+            lead_end = blocks[first - 1][1] if first else headings[k][1]
+            out.append(_Section((pending, lead_end), pending, lead_end, end, path))
+        elif first:
+            lead_end = blocks[first - 1][1]
+            out.append(_Section((blocks[0][0], lead_end), blocks[0][0], lead_end, end, path))
+        else:
+            out.append(_Section(None, blocks[0][0], blocks[0][0], end, path))
+        pending = blocks[last + 1][0] if last + 1 < len(blocks) else -1
+        if is_last and pending >= 0:
+            tail, pending = pending, -1  # markup ending the document: it ends this section
+    if pending >= 0:
+        end = len(text.rstrip())
+        if out:
+            out[-1].end = end
+            tail = pending
+        else:
+            path = tuple(t for _, t in stack if t)
+            out.append(_Section(None, pending, pending, end, path))
+    return out, tail
+
+
 def _cut_hash(piece: str) -> int:
     """Deterministic 64-bit hash of a block: decides content-defined boundaries."""
     return int.from_bytes(
@@ -459,10 +674,57 @@ def _cut_hash(piece: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
+def _context(path: tuple[str, ...], cap: int) -> tuple[str, int, int, tuple[str, ...]]:
+    """``(header, its estimate units, its stored token count, the path it names)`` for ``path``.
+
+    A header is capped at ``cap`` tokens (a quarter of ``max_tokens``) in both counts, so every
+    chunk keeps most of its room for text: the outermost titles are dropped first, then the one
+    left is shortened. The path reported (and stored in the text) is the one the header names.
+    """
+    p = path
+    while p:
+        h = context_header(p)
+        units = int(_char_weights(h).sum())
+        if _units_to_tokens(units) <= cap:
+            n = count_tokens_batch([h])[0]
+            if n <= cap:
+                return h, units, n, p
+        if len(p) > 1:
+            p = p[1:]
+        else:
+            t = p[0][: len(p[0]) * 2 // 3].rstrip()
+            p = (t,) if t else ()
+    return "", 0, 0, ()
+
+
+def _contexts(paths: list[tuple[str, ...]], cap: int) -> dict[tuple[str, ...], tuple[str, int, int, tuple[str, ...]]]:
+    """:func:`_context` of every distinct path of one document, with one weight pass and one
+    token-count batch (a header ends with a blank line, so its weights do not depend on what
+    precedes it and the headers can be weighed as one string)."""
+    distinct = [p for p in dict.fromkeys(paths) if p]
+    out: dict[tuple[str, ...], tuple[str, int, int, tuple[str, ...]]] = {(): ("", 0, 0, ())}
+    if not distinct:
+        return out
+    headers = [context_header(p) for p in distinct]
+    w = np.cumsum(_char_weights("".join(headers)))
+    ends = np.cumsum([len(h) for h in headers]) - 1
+    totals = w[ends].tolist()
+    real = count_tokens_batch(headers)
+    prev = 0
+    for p, h, t, n in zip(distinct, headers, totals, real, strict=True):
+        units, prev = int(t - prev), t
+        if n <= cap and _units_to_tokens(units) <= cap:
+            out[p] = (h, units, n, p)
+        else:
+            out[p] = _context(p, cap)  # over the cap: shortened (rare)
+    return out
+
+
 class _Doc:
     """One document being chunked: its text and prefix sums of token weights."""
 
-    __slots__ = ("prefix", "text")
+    __slots__ = ("prefix", "tail", "text")
 
     def __init__(self, text: str):
         self.text = text
@@ -471,6 +733,9 @@ class _Doc:
         prefix[0] = 0
         np.cumsum(w, out=prefix[1:])
         self.prefix = prefix
+        # Where headings/markup with no content after them begin (they end the last chunk): no
+        # boundary is put before them. Past the end when there are none.
+        self.tail = len(text) + 1
 
     def units(self, a: int, b: int) -> int:
         """Exact weight of ``text[a:b]`` read on its own (fast when ``a`` follows whitespace)."""
@@ -563,54 +828,47 @@ class StructureChunker:
         markdown = _looks_like_markdown(padded, base)
         fences = _find_fences(padded, base) if markdown else []
         headings = _find_headings(text, padded, base, markdown, fences)
+        sections, doc.tail = _sections(text, base, headings, markdown, fences)
+        contexts = _contexts([sec.path for sec in sections], self.max_tokens // 4)
 
-        # Sections: (heading span or None, content start, content end). Consecutive headings with
-        # nothing but whitespace between them (a title directly followed by its first subsection
-        # title) form one heading span: they start one chunk together, so a heading never ends a
-        # chunk on its own unless it is the last thing in the document.
-        sections: list[tuple[tuple[int, int] | None, int, int]] = []
-        bounds = [h[0] for h in headings] + [len(text)]
-        if _NON_SPACE.search(text, base, bounds[0]) is not None:
-            sections.append((None, base, bounds[0]))
-        group_start = -1
-        for k, (hs, he) in enumerate(headings):
-            if group_start < 0:
-                group_start = hs
-            if k + 1 == len(headings) or _NON_SPACE.search(text, he, bounds[k + 1]) is not None:
-                sections.append(((group_start, he), he, bounds[k + 1]))
-                group_start = -1
-
-        # Each section's trimmed extent, and its weight from one numpy gather.
-        extents: list[int] = []
-        for h, cs, ce in sections:
-            body = text[cs:ce]
-            end = cs + len(body.rstrip())
-            if h is not None:
-                extents.append(h[0])
-                extents.append(max(end, h[1]))
-            else:
-                extents.append(cs + len(body) - len(body.lstrip()))
-                extents.append(end)
+        # Each section's weight from one numpy gather; its budget is the bound less its header's.
+        extents = [p for s in sections for p in (s.start, s.end)]
         vals = doc.prefix[np.array(extents, dtype=np.int64)].tolist()
-
-        spans: list[tuple[int, int]] = []
-        heading_at: dict[int, tuple[int, int]] = {}  # a section's start -> its heading span
-        for k, (h, cs, ce) in enumerate(sections):
-            start, end = extents[2 * k], extents[2 * k + 1]
-            if h is not None:
-                heading_at[h[0]] = h
-            if vals[2 * k + 1] - vals[2 * k] <= self._max_units:
-                spans.append((start, end))  # the whole section fits: one chunk
+        planned: list[tuple[_Section, tuple, list[tuple[int, int]]]] = []
+        for k, sec in enumerate(sections):
+            context = contexts[sec.path]
+            units = self._max_units - context[1]
+            spans: list[tuple[int, int]] = []
+            if vals[2 * k + 1] - vals[2 * k] <= units:
+                spans.append((sec.start, sec.end))  # the whole section fits: one chunk
             else:
-                self._long_section(doc, h, _blocks(text, cs, ce, fences), spans)
-        spans = self._fit_stored_count(doc, spans, heading_at, fences)
-
+                self._long_section(doc, sec.heading, _blocks(text, sec.content_start, sec.end, fences), spans, units)
+            planned.append((sec, context, spans))
+        # The stored (cl100k) count of every planned chunk in one batch: most fit as they are.
+        counts = count_tokens_batch([c[0] + text[a:b] for _, c, spans in planned for a, b in spans])
         chunks: list[Chunk] = []
-        for a, b in spans:
-            piece = text[a:b]
-            chunks.append(
-                Chunk(len(chunks), piece, a, b, chunk_hash(piece), max(1, _units_to_tokens(doc.units(a, b))))
-            )
+        at = 0
+        for sec, (ctx, ctx_units, ctx_tokens, path), spans in planned:
+            n = counts[at : at + len(spans)]
+            at += len(spans)
+            if max(n) > self.max_tokens:
+                spans = self._fit_stored_count(
+                    doc, spans, {sec.start: sec.heading} if sec.heading else {}, fences, ctx, ctx_tokens, n
+                )
+            for a, b in spans:
+                piece = ctx + text[a:b]
+                chunks.append(
+                    Chunk(
+                        len(chunks),
+                        piece,
+                        a,
+                        b,
+                        chunk_hash(piece),
+                        max(1, _units_to_tokens(ctx_units + doc.units(a, b))),
+                        path,
+                        ctx,
+                    )
+                )
         return chunks
 
     # ---- the bound in the stored token count ---------------------------------------------------
@@ -621,6 +879,9 @@ class StructureChunker:
         spans: list[tuple[int, int]],
         heading_at: dict[int, tuple[int, int]],
         fences: list[tuple[int, int]],
+        ctx: str = "",
+        ctx_tokens: int = 0,
+        counts: list[int] | None = None,
     ) -> list[tuple[int, int]]:
         """Enforce ``max_tokens`` in the count the index stores (``tokens.count_tokens_batch``:
         cl100k_base, or this module's estimate without it), not only in the estimate.
@@ -629,17 +890,41 @@ class StructureChunker:
         without spaces, rare scripts, punctuation runs), and a chunk's real count is not the sum of
         its pieces' counts. Spans over the bound are chunked again on their own with a bound scaled
         down by how much the estimate missed, then, failing that, cut by the real count. Only text
-        inside an over-long span is involved, so edit locality elsewhere is unchanged.
+        inside an over-long span is involved, so edit locality elsewhere is unchanged. The bound
+        holds for the stored text, ``ctx`` (the section's header, ``ctx_tokens`` tokens) + slice.
         """
-        counts = count_tokens_batch([doc.text[a:b] for a, b in spans])
+        if counts is None:  # (the stored counts of ``spans``, when the caller has them)
+            counts = count_tokens_batch([ctx + doc.text[a:b] for a, b in spans])
         if not counts or max(counts) <= self.max_tokens:
             return spans
+        bound = self.max_tokens - ctx_tokens  # the header's tokens come off every piece's budget
         out: list[tuple[int, int]] = []
+        refitted: list[int] = []
         for (a, b), n in zip(spans, counts, strict=True):
             if n <= self.max_tokens:
                 out.append((a, b))
             else:
-                self._refit(doc, a, b, heading_at.get(a), n, fences, out, 0)
+                k = len(out)
+                self._refit(doc, a, b, heading_at.get(a), max(1, n - ctx_tokens), fences, out, 0, bound)
+                refitted.extend(range(k, len(out)))
+        if not ctx or not refitted:
+            return out
+        # BPE counts are not additive: make sure header + piece fits too, cutting tighter if not.
+        for _ in range(4):
+            full = count_tokens_batch([ctx + doc.text[out[i][0] : out[i][1]] for i in refitted])
+            bad = {i: n for i, n in zip(refitted, full, strict=True) if n > self.max_tokens}
+            if not bad:
+                break
+            fixed: list[tuple[int, int]] = []
+            refitted = []
+            for i, (a, b) in enumerate(out):
+                if i in bad:
+                    k = len(fixed)
+                    _cut_to_fit(doc.text, a, b, max(4, bound - (bad[i] - self.max_tokens) - 1), fixed)
+                    refitted.extend(range(k, len(fixed)))
+                else:
+                    fixed.append((a, b))
+            out = fixed
         return out
 
     def _refit(
@@ -652,13 +937,16 @@ class StructureChunker:
         fences: list[tuple[int, int]],
         out: list[tuple[int, int]],
         depth: int,
+        max_tokens: int | None = None,
     ) -> None:
-        """Append spans covering ``text[a:b]`` (``n_real`` stored tokens, over the bound) that fit."""
+        """Append spans covering ``text[a:b]`` (``n_real`` stored tokens, over the bound) that fit
+        ``max_tokens`` (default the chunker's; less the header's tokens under a heading path)."""
+        mt = self.max_tokens if max_tokens is None else max_tokens
         text = doc.text
         if heading is not None and b <= heading[1]:
             heading = None
         units = doc.units(a, b)
-        limit = min(units - 1, units * self.max_tokens // n_real - _UNIT)
+        limit = min(units - 1, units * mt // n_real - _UNIT)
         sub: list[tuple[int, int]] = []
         if depth < 4 and limit >= 4 * _UNIT:
             inner = [f for f in fences if a <= f[0] and f[1] <= b]
@@ -666,14 +954,14 @@ class StructureChunker:
                 doc, heading, _blocks(text, heading[1] if heading else a, b, inner), sub, limit
             )
         if len(sub) < 2:
-            _cut_to_fit(text, a, b, self.max_tokens, out)
+            _cut_to_fit(text, a, b, mt, out)
             return
         counts = count_tokens_batch([text[x:y] for x, y in sub])
         for (x, y), m in zip(sub, counts, strict=True):
-            if m <= self.max_tokens:
+            if m <= mt:
                 out.append((x, y))
             else:
-                self._refit(doc, x, y, heading if x == a else None, m, fences, out, depth + 1)
+                self._refit(doc, x, y, heading if x == a else None, m, fences, out, depth + 1, mt)
 
     # ---- a section too long for one chunk -------------------------------------------------------
 
@@ -705,7 +993,18 @@ class StructureChunker:
                 heading = None
             else:
                 limit -= head_units
-        items = self._items(doc, at, blocks, limit)
+        k = len(blocks)
+        while k and blocks[k - 1][0] >= doc.tail:
+            k -= 1
+        tail_units = at[blocks[-1][1]] - at[blocks[k][0]] if 0 < k < len(blocks) else 0
+        if tail_units and tail_units * 2 <= limit:
+            # Headings/markup ending the document stay with the last content: its last unit is
+            # made small enough to take them.
+            items = self._items(doc, at, blocks[:k], limit - tail_units)
+            s0 = items[-1][0]
+            items[-1] = (s0, blocks[-1][1], doc.units(s0, blocks[-1][1]))
+        else:
+            items = self._items(doc, at, blocks, limit)
         self._pack(doc, at, heading, items, out, max_units)
 
     def _items(
@@ -784,10 +1083,22 @@ class StructureChunker:
 
         ends = [it[1] for it in items]
         raw = [0] * n  # 0: never a boundary unless nothing else is possible
+        intro = [False] * n  # the item introduces the next one (markup, "Example:")
         for i in range(n - 1):
             piece = text[items[i][0] : ends[i]]
-            if not _introduces_next(piece):
+            intro[i] = _introduces_next(piece) or _is_markup_text(piece)
+            if not intro[i] and items[i + 1][0] < doc.tail:
                 raw[i] = _cut_hash(piece) | 1
+        # A cut after item i would strand the introducing items from i+1 on: they could not fit
+        # together with the item they introduce.
+        strands = [False] * n
+        run, j = 0, n  # the units of the introducing run starting at i+1; j: the item after it
+        for i in range(n - 2, -1, -1):
+            if intro[i + 1]:
+                run += items[i + 1][2]
+            else:
+                run, j = 0, i + 1
+            strands[i] = intro[i + 1] and j < n and run + items[j][2] > max_units
         lo, hi = sec_start + self.min_chars, sec_end - self.min_chars
         hashes = [h if lo <= e <= hi else 0 for h, e in zip(raw, ends, strict=True)]
 
@@ -811,7 +1122,7 @@ class StructureChunker:
                         ok = False
                         break
                     j += 1
-            natural[i] = ok
+            natural[i] = ok and not strands[i]
 
         min_forced = self.min_chars // 2
         prefix = doc.prefix
@@ -835,7 +1146,7 @@ class StructureChunker:
                 # (or at least on this side); failing that, right before the overflowing item.
                 best, best_key = i - 1, (-1, -1)
                 for m in range(first, i):
-                    if ends[m] - a >= min_forced:
+                    if ends[m] - a >= min_forced and not strands[m]:
                         key = (sec_end - ends[m] >= min_forced, raw[m])
                         if key > best_key:
                             best, best_key = m, key

@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from rag_assets.chunking import heading_path_of
 from rag_assets.embedders import Embedder, EmbedStats
 from rag_assets.store import schema
 from rag_assets.store.generations import GEN_LOCK
@@ -72,26 +73,35 @@ class Hit:
 
 
 def with_pages(conn: psycopg.Connection, result: QueryResult) -> QueryResult:
-    """Each hit of a paged document (a converted PDF, PPTX or XLSX: ``page_starts`` in its metadata)
-    with the page numbers its chunk spans, so an answer can cite them; ``page_starts`` itself (one
-    offset per page) is left out of the hit's metadata."""
-    paged = [h for h in result.results if isinstance(h.metadata.get("page_starts"), list)]
-    if not paged:
+    """Each hit with what its chunk row adds, from one lookup of the hits' spans:
+
+    - ``metadata["heading_path"]``: the chunk's heading path (document title › section › ...), a
+      list of strings, ``[]`` before the first heading or for a chunk indexed before heading paths
+      (``chunking.heading_path_of``: the stored text is the header followed by the document slice,
+      so the span's length says where the header ends; nothing else stores it);
+    - ``pages`` for a paged document (a converted PDF, PPTX or XLSX: ``page_starts`` in its
+      metadata): the page numbers its chunk spans, so an answer can cite them; ``page_starts``
+      itself (one offset per page) is left out of the hit's metadata.
+    """
+    if not result.results:
         return result
     spans = dict(
         (cid, (s, e))
         for cid, s, e in conn.execute(
-            "SELECT chunk_id, char_start, char_end FROM chunks WHERE chunk_id = ANY(%s)", ([h.chunk_id for h in paged],)
+            "SELECT chunk_id, char_start, char_end FROM chunks WHERE chunk_id = ANY(%s)",
+            ([h.chunk_id for h in result.results],),
         )
     )
     out = []
     for h in result.results:
+        span = spans.get(h.chunk_id)
+        path = heading_path_of(h.text, span[1] - span[0]) if span is not None else []
         starts = h.metadata.get("page_starts")
         if not isinstance(starts, list):
-            out.append(h)
+            out.append(replace(h, metadata={**h.metadata, "heading_path": path}))
             continue
         meta = {k: v for k, v in h.metadata.items() if k != "page_starts"}
-        span = spans.get(h.chunk_id)
+        meta["heading_path"] = path
         pages = None
         if span is not None:
             s, e = span

@@ -30,7 +30,9 @@ from rag_assets.chunking import (
     Chunker,
     FixedWindowChunker,
     StructureChunker,
+    context_header,
     count_tokens,
+    heading_path_of,
     make_chunker,
 )
 from rag_assets.tokens import count_tokens_batch, tokenizer_name
@@ -152,8 +154,11 @@ def assert_valid(text: str, chunks: list[Chunk], max_tokens: int | None, *, body
     stored = count_tokens_batch([c.text for c in chunks])  # the count the index stores (cl100k)
     for i, c in enumerate(chunks):
         assert c.seq == i
-        assert c.text == text[c.start : c.end]
-        assert c.text and c.text == c.text.strip(), (
+        # the stored text is the heading-path header followed by the document slice
+        assert c.text == c.context + text[c.start : c.end] and c.body == text[c.start : c.end]
+        assert c.context == context_header(c.heading_path)
+        assert heading_path_of(c.text, c.end - c.start) == list(c.heading_path)
+        assert c.body and c.body == c.body.strip() and c.text == c.text.strip(), (
             f"chunk {i} is empty or has edge whitespace: {c.text[:40]!r}"
         )
         assert c.start >= body_start and c.start >= prev_end and c.end > c.start
@@ -505,15 +510,29 @@ def test_rst_title_styles_and_markdown_headings_are_recognised():
         "  Inset title  \n----------------\n\nnot a title: indented without overline.\n"
     )
     chunks = StructureChunker().chunk(rst)
-    assert [c.text.split("\n")[0] for c in chunks] == ["=========", "Section one", "Short", "Plus"]
+    assert [c.body.split("\n")[0] for c in chunks] == ["=========", "Section one", "Short", "Plus"]
     assert "Inset title" in chunks[-1].text
+    # levels follow the order in which adornment styles first appear
+    assert [c.heading_path for c in chunks] == [
+        ("Doc title",),
+        ("Doc title", "Section one"),
+        ("Doc title", "Section one", "Short"),
+        ("Doc title", "Section one", "Short", "Plus"),
+    ]
+    assert chunks[1].text.startswith("Doc title \u203a Section one\n\nSection one\n***")
 
     md = (
         "# Title\n\nIntro.\n\n## Section\n\nText.\n\nSetext heading\n--------------\n\nMore.\n\n"
         "Another one\n===\n\nLast.\n\n```bash\n# not a heading\necho hi\n```\n\n~~~\n## nor this\n~~~\n"
     )
     chunks = StructureChunker().chunk(md)
-    assert [c.text.split("\n")[0] for c in chunks] == [
+    assert [c.heading_path for c in chunks] == [
+        ("Title",),
+        ("Title", "Section"),
+        ("Title", "Setext heading"),
+        ("Another one",),
+    ]
+    assert [c.body.split("\n")[0] for c in chunks] == [
         "# Title",
         "## Section",
         "Setext heading",
@@ -528,15 +547,16 @@ def test_rst_literal_block_is_not_a_title_source_and_hash_comments_are_not_headi
         ".. code-block:: python\n\n    # just a comment\n    x = 1\n"
     )
     chunks = StructureChunker().chunk(text)
-    assert len(chunks) == 1 and chunks[0].text == text.strip()
+    assert len(chunks) == 1 and chunks[0].body == text.strip() and chunks[0].heading_path == ("Guide",)
 
 
 def test_heading_sticks_to_what_follows_and_consecutive_headings_stay_together():
     text = "Part\n====\n\nChapter\n-------\n\nBody of the chapter.\n\nEnd\n---\n"
     chunks = StructureChunker().chunk(text)
     # A title directly followed by its first subsection title never ends a chunk on its own; a
-    # heading is alone only when its section is empty (here: the last one).
-    assert texts(chunks) == ["Part\n====\n\nChapter\n-------\n\nBody of the chapter.", "End\n---"]
+    # heading with nothing after it (here: the last one) joins the chunk before it.
+    assert [c.body for c in chunks] == ["Part\n====\n\nChapter\n-------\n\nBody of the chapter.\n\nEnd\n---"]
+    assert chunks[0].text == "Part \u203a Chapter\n\n" + chunks[0].body
 
 
 def test_heading_is_never_alone_when_its_section_is_long():
@@ -545,22 +565,204 @@ def test_heading_is_never_alone_when_its_section_is_long():
     text = "A heading\n=========\n\n" + body
     chunks = StructureChunker(max_tokens=128).chunk(text)
     assert_valid(text, chunks, 128)
-    assert chunks[0].text.startswith("A heading\n=========\n\n") and len(chunks[0].text) > 40
+    assert chunks[0].body.startswith("A heading\n=========\n\n") and len(chunks[0].body) > 40
+    assert all(c.heading_path == ("A heading",) for c in chunks)
 
 
 def test_front_matter_is_skipped():
     text = "---\ntitle: Guide\ntags: [a, b]\n---\n# Heading\n\nSome text.\n"
     chunks = StructureChunker().chunk(text)
-    assert texts(chunks) == ["# Heading\n\nSome text."]
+    assert [c.body for c in chunks] == ["# Heading\n\nSome text."]
     assert chunks[0].start == text.index("# Heading")
     assert FixedWindowChunker().chunk(text)[0].text.startswith("# Heading")
     # front matter alone is no content
     assert StructureChunker().chunk("---\na: 1\n---\n") == []
     # an over- and underlined reST title is not front matter
     rst = "---\nTitle\n---\n\nBody.\n"
-    assert texts(StructureChunker().chunk(rst)) == ["---\nTitle\n---\n\nBody."]
+    assert [c.body for c in StructureChunker().chunk(rst)] == ["---\nTitle\n---\n\nBody."]
     # an unclosed block is not front matter either
     assert StructureChunker().chunk("---\ntitle: x\n\nBody.\n")[0].start == 0
+
+
+# --------------------------------------------------------------------------------------------
+# headings and markup never make a chunk of their own; every chunk carries its heading path
+# --------------------------------------------------------------------------------------------
+
+_RST_MARKUP = (
+    ".. _target-{n}:",
+    ".. index:: single: topic{n}",
+    ".. index::\n   single: topic{n}; sub\n   pair: a; b",
+    ".. index::\n\n   single: topic{n}",
+    ".. highlight:: python",
+    ".. contents::\n   :local:\n   :depth: 1",
+    ".. module:: pkg.mod{n}\n   :synopsis: A module.",
+    "----------",
+    ".. _target-{n}:\n.. _alias-{n}:",
+    "..",
+)
+_MD_MARKUP = (
+    "(target-{n})=",
+    "***",
+    "* * *",
+    "___",
+    '<a name="anchor-{n}"></a>',
+    '<a id="anchor-{n}"></a>',
+    '<span id="s{n}"></span>',
+    "<!-- comment {n} -->",
+    "(target-{n})=\n<a id=\"a{n}\"></a>",
+)
+
+
+# Content words: no heading title or markup above contains any of them.
+_CONTENT_WORDS = tuple(w for w in VOCAB if len(w) >= 5 and w != "index")
+_CONTENT = re.compile(r"\b(?:Content|p\d+|" + "|".join(_CONTENT_WORDS) + r")\b")
+
+
+def _render_elements(flavor: str, elements: list[tuple[str, int]]) -> tuple[str, int, int]:
+    """Render ``(kind, n)`` elements (heading level n, markup variant n, content paragraph n);
+    return the text, the number of content paragraphs (only they hold ``_CONTENT_WORDS``) and the
+    estimated tokens of the longest run of headings and markup."""
+    parts, content, run, longest = [], 0, [], 0
+    for i, (kind, n) in enumerate(elements):
+        if kind == "content":
+            run = []
+        else:
+            run.append(i)
+        if kind == "heading":
+            title = f"Heading {i}"
+            parts.append(heading(title, n, flavor) if flavor == "rst" or n else f"# {title}")
+        elif kind == "markup":
+            choices = _RST_MARKUP if flavor == "rst" else _MD_MARKUP
+            m = choices[n % len(choices)].format(n=i)
+            if not parts and m.startswith(("---", "***", "___", "* * *")):
+                m = choices[0].format(n=i)  # a break first would be front matter (or a list)
+            parts.append(m)
+        else:
+            content += 1
+            r = random.Random(i)
+            parts.append(f"Content p{i} " + " ".join(r.choice(_CONTENT_WORDS) for _ in range(6 + n)) + ".")
+        if run:
+            longest = max(longest, count_tokens("\n\n".join(parts[run[0] :])))
+    return "\n\n".join(parts) + "\n", content, longest
+
+
+_ELEMENT = st.one_of(
+    st.tuples(st.just("heading"), st.integers(0, 3)),
+    st.tuples(st.just("markup"), st.integers(0, 20)),
+    st.tuples(st.just("content"), st.integers(0, 60)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    flavor=st.sampled_from(["rst", "md"]),
+    elements=st.lists(_ELEMENT, min_size=1, max_size=30),
+    max_tokens=st.sampled_from([64, 128, 512]),
+)
+def test_no_chunk_is_only_headings_or_markup(flavor, elements, max_tokens):
+    text, n_content, longest_lead = _render_elements(flavor, elements)
+    chunks = StructureChunker(max_tokens=max_tokens).chunk(text)
+    assert_valid(text, chunks, max_tokens)
+    # Headings and markup that alone exceed (a fifth of) the bound may have to be cut somewhere:
+    # only then can a piece of them be a chunk. At 512 tokens that is a run of ~10 headings.
+    assume(longest_lead * 5 <= max_tokens)
+    if n_content == 0:
+        assert len(chunks) == 1  # a document of nothing but headings and markup is one chunk
+        return
+    for c in chunks:
+        assert _CONTENT.search(c.body), f"a chunk of headings and markup only: {c.body!r}"
+
+
+@pytest.mark.parametrize(
+    "text, first_body",
+    [
+        # MyST target before the title (README command 1's vector hit: "(how)=" + "How Does It Work?")
+        ("(how)=\n\n# How Does It Work?\n\n## Boilerplate\n\nThe body.\n", "(how)=\n\n# How Does It Work?"),
+        # reST target and index entries between a title and its first subsection
+        (
+            "=====\nTitle\n=====\n\n.. index:: single: x\n\n.. _sub:\n\nSub\n---\n\nThe body.\n",
+            "=====\nTitle\n=====\n\n.. index:: single: x\n\n.. _sub:\n\nSub\n---\n\nThe body.",
+        ),
+        # an HTML anchor and a thematic break before a heading
+        ('Intro text.\n\n---\n\n<a name="x"></a>\n\n# Next\n\nThe body.\n', "Intro text."),
+    ],
+)
+def test_markup_joins_the_chunk_it_introduces(text, first_body):
+    chunks = StructureChunker().chunk(text)
+    assert chunks[0].body.startswith(first_body)
+    assert all("body" in c.body.lower() or "intro" in c.body.lower() for c in chunks)
+    if first_body == "Intro text.":
+        assert [c.body for c in chunks] == ["Intro text.", '---\n\n<a name="x"></a>\n\n# Next\n\nThe body.']
+        assert [c.heading_path for c in chunks] == [(), ("Next",)]
+
+
+def test_a_label_ending_a_section_moves_to_the_section_it_names():
+    text = "Title\n=====\n\nFirst text.\n\n.. _second:\n\nSecond\n------\n\nSecond text.\n"
+    chunks = StructureChunker().chunk(text)
+    assert [c.body for c in chunks] == [
+        "Title\n=====\n\nFirst text.",
+        ".. _second:\n\nSecond\n------\n\nSecond text.",
+    ]
+    assert [c.text for c in chunks] == [
+        "Title\n\nTitle\n=====\n\nFirst text.",
+        "Title \u203a Second\n\n.. _second:\n\nSecond\n------\n\nSecond text.",
+    ]
+
+
+def test_heading_path_header_is_capped_and_round_trips():
+    long_title = " ".join(["word"] * 60)
+    text = f"# {long_title}\n\n## Sub \u203a section\n\nBody text here.\n"
+    chunker = StructureChunker(max_tokens=128)
+    (c,) = chunker.chunk(text)
+    assert_valid(text, [c], 128)
+    # the outermost title is dropped to keep the header within a quarter of the bound; "›" in a
+    # title becomes ">" so the header splits back into the path
+    assert c.heading_path == ("Sub > section",) and c.text.startswith("Sub > section\n\n# word")
+    assert heading_path_of(c.text, c.end - c.start) == ["Sub > section"]
+    assert heading_path_of("no header", len("no header")) == [] and heading_path_of("x", 5) == []
+
+
+def _rename(doc: Doc, j: int, title: str) -> Doc:
+    sections = list(doc.sections)
+    _, level, blocks = sections[j]
+    sections[j] = (title, level, blocks)
+    return Doc(doc.flavor, sections)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), flavor=st.sampled_from(["rst", "md"]))
+def test_renaming_a_heading_changes_exactly_the_chunks_under_it(seed, flavor):
+    rng = random.Random(seed)
+    doc = make_doc(rng, flavor)
+    j = rng.randrange(len(doc.sections))
+    old_title = doc.sections[j][0]
+    new_title = old_title + " Renamed"
+    chunker = StructureChunker()
+    old = chunker.chunk(doc.render()[0])
+    new_text = _rename(doc, j, new_title).render()[0]
+    new = chunker.chunk(new_text)
+    assert_valid(new_text, new, 512)
+    new_texts = {c.text for c in new}
+    under_old = [c for c in old if old_title in c.heading_path]
+    under_new = [c for c in new if new_title in c.heading_path]
+    assert under_old and under_new
+    # every chunk elsewhere keeps its exact text (so its embedding); every chunk under it changes
+    assert all(c.text in new_texts for c in old if old_title not in c.heading_path)
+    assert not any(c.text in new_texts for c in under_old)
+    assert {c.text for c in new} - {c.text for c in old} == {c.text for c in under_new}
+
+
+def test_an_edit_inside_one_section_changes_only_its_chunk():
+    rng = random.Random(5)
+    doc = make_doc(rng, "md", n_sections=8, long_sections=False)
+    chunker = StructureChunker()
+    old = chunker.chunk(doc.render()[0])
+    sections = [(t, lv, list(bs)) for t, lv, bs in doc.sections]
+    sections[3][2][0] += " One more sentence."
+    new = chunker.chunk(Doc("md", sections).render()[0])
+    assert len(new) == len(old)
+    changed = [(a, b) for a, b in zip(old, new, strict=True) if a.text != b.text]
+    assert len(changed) == 1 and changed[0][1].heading_path[-1] == sections[3][0]
 
 
 def _long_section_with(rng: random.Random, special: str, flavor: str = "rst") -> str:

@@ -414,3 +414,62 @@ def test_merged_embedding_stats_keep_the_smallest_learned_batch_size():
     assert m == {"requests": 5, "batch_splits": 1, "batch_size_limit": 4, "latency_p95_ms": 30.0}
     assert _merge_embedding(m, {"batch_size_limit": 2})["batch_size_limit"] == 2
     assert _merge_embedding(m, {"batch_size_limit": None})["batch_size_limit"] == 4
+
+
+_GUIDE = """# Guide
+
+The guide explains how shards and vectors fit together in the index.
+
+## Install
+
+Install the package from the registry and point it at a database.
+
+### From source
+
+Clone the repository and install it in a virtual environment with the test extras.
+
+## Usage
+
+Run the index command on a folder; the query command answers questions over it.
+
+## Snapshots
+
+Snapshots copy every shard to a folder or a bucket and restore them atomically.
+"""
+
+
+def test_renaming_a_heading_reembeds_exactly_the_chunks_under_it(settings, docs_dir):
+    write(docs_dir / "guide.md", _GUIDE)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    assert idx.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 5  # one per section
+    write(docs_dir / "guide.md", _GUIDE.replace("## Install\n", "## Installation\n"))
+    before = len(idx.embedder.texts)
+    r = idx.refresh(docs_dir)
+    new = idx.embedder.texts[before:]
+    # "Install" and its subsection "From source" carry the renamed title in their heading path
+    assert r.docs_modified == 1 and r.chunks_embedded == 2 == len(new)
+    assert sorted(t.split("\n\n", 1)[0] for t in new) == [
+        "Guide \u203a Installation",
+        "Guide \u203a Installation \u203a From source",
+    ]
+    hits = search(idx.conn, idx.embedder, "clone the repository virtual environment", 5, mode="keyword").results
+    assert hits[0].metadata["heading_path"] == ["Guide", "Installation", "From source"]
+    assert hits[0].text.startswith("Guide \u203a Installation \u203a From source\n\n### From source\n\nClone")
+
+
+def test_an_edit_inside_one_section_reembeds_only_that_chunk(settings, docs_dir):
+    write(docs_dir / "guide.md", _GUIDE)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    write(docs_dir / "guide.md", _GUIDE.replace("answers questions over it.", "answers questions over it, fast."))
+    before = len(idx.embedder.texts)
+    r = idx.refresh(docs_dir)
+    assert r.chunks_embedded == 1 and r.chunks_reused == 0
+    (text,) = idx.embedder.texts[before:]
+    assert text.startswith("Guide \u203a Usage\n\n## Usage\n\n") and "fast." in text
+    # a heading-only or label-only chunk never appears in the index
+    write(docs_dir / "labels.md", "(top)=\n\n# Labels\n\n(sub)=\n\n## Sub\n\nThe only text.\n")
+    idx.refresh(docs_dir)
+    rows = idx.conn.execute("SELECT text FROM chunks WHERE doc_id = 'labels.md'").fetchall()
+    assert rows == [("Labels \u203a Sub\n\n(top)=\n\n# Labels\n\n(sub)=\n\n## Sub\n\nThe only text.",)]

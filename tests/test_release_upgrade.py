@@ -3,8 +3,9 @@
 The previous release (``PREVIOUS``: one index, schema ``rag`` holding its own embedding cache, Dagster
 names without prefixes) is extracted from this repository's history and run as a user ran it
 (README command 1's ``rag-assets index``, through Dagster). Then this release opens the same home:
-the cache moves to ``rag_cache`` (or merges into one that another index already made), nothing is
-re-embedded, answers are unchanged and the Dagster history is still the default index's.
+the cache moves to ``rag_cache`` (or merges into one that another index already made), nothing cached is
+lost (only the texts of this release's new chunker version are embedded), answers are the same documents
+and the Dagster history is still the default index's.
 """
 
 from __future__ import annotations
@@ -62,15 +63,23 @@ def _docs(folder: Path) -> None:
 
 
 def _check_upgraded(settings: Settings, before: list[str]) -> None:
+    """``before``: the doc ids the previous release answered with, in order."""
     rep = index_via_dagster(settings, settings.source_path)
-    assert rep.docs_unchanged == 6 and rep.chunks_embedded == 0 and rep.shards_refreshed == 0
+    # This release's chunker is a new version (structure-v3: each chunk's text starts with its heading
+    # path, docs/architecture.md Decision 32), so the upgrade re-chunks into a new generation: exactly the
+    # six new texts (one chunk per document) are embedded; the vectors the cache moved are all kept.
+    assert rep.docs_unchanged == 6 and rep.chunks_embedded == 6 and rep.generation_switched
+    again = index_via_dagster(settings, settings.source_path)
+    assert again.chunks_embedded == 0 and again.shards_refreshed == 0
     emb = make_embedder(settings)
     try:
         with connect_index(settings) as c:
-            assert [h.chunk_id for h in search(c, emb, "vectors and snapshot number 3", k=5).results] == before
+            hits = search(c, emb, "vectors and snapshot number 3", k=5).results
+            assert [h.doc_id for h in hits] == before
+            assert all(h.text.startswith(f"Topic {h.doc_id[1]}\n\n# Topic") for h in hits)
             assert c.execute("SELECT to_regclass('rag.embedders'), to_regclass('rag.embedding_cache')").fetchone() == (None, None)
             n = c.execute("SELECT count(*) FROM rag_cache.embedding_cache").fetchone()[0]
-            assert n >= 6
+            assert n >= 12
     finally:
         emb.close()
 
@@ -79,7 +88,7 @@ def test_a_home_built_by_the_previous_release_is_adopted(previous_release, db_ur
     docs, home = tmp_path / "docs", tmp_path / "home"
     _docs(docs)
     _old(previous_release, home, db_url, "index", str(docs))
-    before = [h["chunk_id"] for h in json.loads(_old(previous_release, home, db_url, "query", "vectors and snapshot number 3", "--json").stdout)["results"]]
+    before = [h["doc_id"] for h in json.loads(_old(previous_release, home, db_url, "query", "vectors and snapshot number 3", "--json").stdout)["results"]]
     settings = Settings.from_env({}, home=home, database_url=db_url, shards=8, source_path=docs)
     _check_upgraded(settings, before)
     # the Dagster history of the old runs belongs to the same (unprefixed) assets
@@ -96,7 +105,7 @@ def test_the_previous_release_merges_into_a_cache_another_index_made(previous_re
     docs, home = tmp_path / "docs", tmp_path / "home"
     _docs(docs)
     _old(previous_release, home, db_url, "index", str(docs), "--core")
-    before = [h["chunk_id"] for h in json.loads(_old(previous_release, home, db_url, "query", "vectors and snapshot number 3", "--json").stdout)["results"]]
+    before = [h["doc_id"] for h in json.loads(_old(previous_release, home, db_url, "query", "vectors and snapshot number 3", "--json").stdout)["results"]]
     settings = Settings.from_env({}, home=home, database_url=db_url, shards=8, source_path=docs)
     _check_upgraded(settings, before)
     with connect_index(settings) as c:
