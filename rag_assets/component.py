@@ -129,6 +129,18 @@ class Hnsw(dg.Model, dg.Resolvable):
     ef_construction: int | None = None
     ef_search: int | None = None
     build_memory_mb: int | None = None
+    build_workers: int | None = Field(None, description="max_parallel_maintenance_workers of an HNSW build.")
+
+
+class Sync(dg.Model, dg.Resolvable):
+    """How a refresh writes its rows: into the live generation, or a rebuilt one (docs/architecture.md)."""
+
+    strategy: str | None = Field(None, description="auto (cost model) | live | rebuild.")
+    live_row_us: float | None = None
+    copy_row_us: float | None = None
+    build_row_us: float | None = None
+    rebuild_fixed_s: float | None = None
+    min_saving_s: float | None = None
 
 
 class Retrieval(dg.Model, dg.Resolvable):
@@ -195,6 +207,7 @@ class RagIndex(dg.Component, dg.Model, dg.Resolvable):
     automation: Automation = Field(default_factory=Automation)
     service: Service = Field(default_factory=Service)
     hnsw: Hnsw = Field(default_factory=Hnsw)
+    sync: Sync = Field(default_factory=Sync)
     formats: Formats = Field(default_factory=Formats)
     quality: Quality = Field(default_factory=Quality)
     retrieval: Retrieval = Field(default_factory=Retrieval)

@@ -43,6 +43,7 @@ from rag_assets.store.serving import (
 from rag_assets.store.shard_count import require_shard_count
 from rag_assets.store.source_binding import SourceSpec, bind_source, bound_folder
 from rag_assets.store.webhook_docs import apply_inbox, pending_inbox_shards
+from rag_assets.sync_cost import SyncCosts, SyncDecision, decide, no_choice
 from rag_assets.tokens import preload as preload_tokenizer
 
 
@@ -77,6 +78,10 @@ class RefreshReport:
     seconds_chunks: float = 0.0
     seconds_embed: float = 0.0
     seconds_sync: float = 0.0
+    seconds_copy: float = 0.0  # the rebuild path's copy of the live rows (0 on the live path)
+    seconds_finish: float = 0.0  # HNSW build, verify and switch of a new generation (0 when none)
+    sync_strategy: str = ""  # live | rebuild | new: how the serving rows were written (sync_cost.py)
+    sync_decision: dict = field(default_factory=dict)  # SyncDecision.as_dict(): inputs and predictions
     price_per_mtok: float = 0.0
     cost_usd: float = 0.0
     cost_avoided_usd: float = 0.0
@@ -106,6 +111,7 @@ class RefreshReport:
         "seconds_chunks",
         "seconds_embed",
         "seconds_sync",
+        "seconds_copy",
         "cost_usd",
     ]
 
@@ -125,6 +131,8 @@ class RefreshReport:
         self.errors.extend(other.get("errors") or [])
         if other.get("generation_switched"):
             self.generation_switched = True
+        if other.get("sync_strategy") and self.sync_strategy != "rebuild":  # a rebuild anywhere shows
+            self.sync_strategy, self.sync_decision = other["sync_strategy"], dict(other.get("sync_decision") or {})
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -321,6 +329,32 @@ class StageContext:
             text_search_config=self.settings.text_search_config,
         )
 
+    def sync_costs(self) -> SyncCosts:
+        s = self.settings
+        return SyncCosts(
+            s.sync_live_row_us, s.sync_copy_row_us, s.sync_build_row_us, s.sync_rebuild_fixed_s, s.sync_min_saving_s
+        )
+
+    def sync_target(self, shards: Iterable[int], gen: Generation) -> tuple[Generation, SyncDecision, float]:
+        """Where the sync of ``shards`` writes: ``gen``, or, when ``gen`` is the live generation and
+        the cost model (``RAG_SYNC_STRATEGY``) says a rebuild is cheaper, a new generation that
+        starts as a copy of it. Call after the chunk stage of every shard of the refresh: the
+        decision counts the rows the chunks need. Returns the generation, the decision and the
+        seconds the copy took."""
+        from rag_assets.store.rebuild import measure_sync_work, start_rebuild
+
+        setting = self.settings.sync_strategy
+        live = live_generation(self.conn)
+        if live is None or gen.id != live.id:
+            why = "first generation" if live is None else f"generation {gen.id} is being built"
+            return gen, no_choice(setting, why), 0.0
+        decision = decide(setting, measure_sync_work(self.conn, gen, shards), self.sync_costs())
+        if decision.strategy != "rebuild":
+            return gen, decision, 0.0
+        t0 = time.perf_counter()
+        new = start_rebuild(self.conn, live, self.run_id, self.settings.text_search_config)
+        return new, decision, time.perf_counter() - t0
+
     def pending_shards(self, plan: ScanPlan, gen: Generation) -> set[int]:
         """Shards with source changes, plus any whose chunk or serving stage is behind."""
         return (
@@ -466,9 +500,19 @@ def embed_stage(
     fresh_token: str | None = None,
     force: bool = False,
     finalize: bool = True,
+    choose: bool = True,
 ) -> EmbedResult:
-    """Embed cache misses and sync the serving rows of ``shards``; switch a completed new generation."""
+    """Embed cache misses and sync the serving rows of ``shards``; switch a completed new generation.
+
+    When ``gen`` is the live generation (a plain incremental run: the Dagster embeddings asset),
+    ``choose`` lets the cost model send the sync to a rebuilt generation instead
+    (:meth:`StageContext.sync_target`); ``Indexer.refresh`` chooses once for all its batches and
+    passes ``choose=False``. A forced sync (audit repair) never rebuilds.
+    """
     gen = gen or ctx.target(fresh_token)
+    decision, seconds_copy = None, 0.0
+    if choose and not force and fresh_token is None:
+        gen, decision, seconds_copy = ctx.sync_target(shards, gen)
     estats = EmbedStats()
     sst = sync_serving(ctx.conn, shards, gen, ctx.embedder, ctx.embedder_id, estats, force=force)
     counts = asdict(sst)
@@ -480,7 +524,10 @@ def embed_stage(
         embedding=estats.as_dict(),
         generation=gen.id,
         cost_usd=sst.tokens_embedded * ctx.embedder.price_per_mtok() / 1e6,
+        seconds_copy=seconds_copy,
     )
+    if decision is not None:
+        out.sync_strategy, out.sync_decision = decision.strategy, decision.as_dict()
     if finalize:
         out.generation_switched = finish_generation(ctx, gen)
     return out
@@ -501,7 +548,10 @@ def finish_generation(ctx: StageContext, gen: Generation | None = None) -> bool:
         return False
     s = ctx.settings
     decision = None
-    if s.quality_questions and generation_complete(ctx.conn, current):
+    from rag_assets.store.rebuild import is_rebuild_of_live
+
+    gated = s.quality_questions and not is_rebuild_of_live(ctx.conn, current.id)
+    if gated and generation_complete(ctx.conn, current):
         from rag_assets.quality_gate import judge, record_decision
 
         decision = ctx.last_gate = judge(s, ctx.conn, current)
@@ -518,6 +568,7 @@ def finish_generation(ctx: StageContext, gen: Generation | None = None) -> bool:
         hnsw_m=s.hnsw_m,
         hnsw_ef_construction=s.hnsw_ef_construction,
         hnsw_memory_cap_mb=s.hnsw_build_memory_mb,
+        hnsw_workers=s.hnsw_build_workers,
     )
     if switched and decision is not None:
         record_decision(ctx.conn, decision, s.quality_questions)  # the new baseline
@@ -668,18 +719,31 @@ class Indexer:
 
             bar = tqdm(total=len(pending), unit="shard", desc="indexing", file=sys.stderr, leave=False)
         try:
-            for batch in shard_batches(sorted(pending), plan, shard_batch_docs):
+            # Manifest and chunks of every batch first: the choice between writing into the live
+            # generation and rebuilding one needs the number of rows the new chunks need.
+            batches = shard_batches(sorted(pending), plan, shard_batch_docs)
+            touched = []
+            for batch in batches:
                 m = manifest_stage(ctx, batch, plan, source)
                 c = chunk_stage(ctx, batch, force=full)
-                e = embed_stage(ctx, batch, gen=gen, finalize=False)
-                for part in (m, c, e):
+                for part in (m, c):
                     rep.merge(part)
+                touched.append(m.changed or bool(c.shards_rechunked))
+            if pending:
+                gen, decision, rep.seconds_copy = ctx.sync_target(pending, gen)
+                rep.sync_strategy, rep.sync_decision = decision.strategy, decision.as_dict()
+            for batch, changed in zip(batches, touched, strict=True):
+                e = embed_stage(ctx, batch, gen=gen, finalize=False, choose=False)
+                rep.merge(e)
                 rep.embedding = _merge_embedding(rep.embedding, e.embedding)
-                if m.changed or c.shards_rechunked or e.shards_synced:
+                if changed or e.shards_synced:
                     rep.shards_refreshed += len(batch)
                 if bar is not None:
                     bar.update(len(batch))
+            t_finish = time.perf_counter()
             rep.generation_switched = finish_generation(ctx, gen)
+            if rep.generation_switched:
+                rep.seconds_finish = time.perf_counter() - t_finish
         except Exception as e:
             if ctx.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 ctx.conn.rollback()

@@ -111,6 +111,14 @@ def _fraction(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def _cost(env: dict[str, str], name: str, default: float) -> float:
+    """A cost-model coefficient: a finite number >= 0."""
+    value = _float(env, name, default)
+    if value is None or not 0.0 <= value < 1e9:
+        raise SettingsError(f"{name}={env.get(name)!r} must be a number >= 0 (a measured cost; docs/benchmarks.md)")
+    return value
+
+
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -255,6 +263,14 @@ class Settings:
     text_search_config: str = "english"  # a PostgreSQL text search configuration (regconfig)
     retrieval_mode: str = "hybrid"  # vector | keyword | hybrid (chosen by docs/benchmarks.md's measurements)
     rrf_k: int = 60  # reciprocal rank fusion: score = sum of 1 / (rrf_k + rank)
+    # sync strategy (issue 15): write into the live generation, or rebuild one (sync_cost.py)
+    sync_strategy: str = "auto"  # auto | live | rebuild
+    sync_live_row_us: float = 1050.0  # cost model coefficients (docs/benchmarks.md, benchmarks/sync_strategy.py)
+    sync_copy_row_us: float = 310.0
+    sync_build_row_us: float = 36.0
+    sync_rebuild_fixed_s: float = 0.0
+    sync_min_saving_s: float = 5.0  # auto rebuilds only when that is predicted to save at least this
+    hnsw_build_workers: int | None = None  # max_parallel_maintenance_workers of an HNSW build (None: server's)
     # asymmetric embedders (issue 14): how queries and passages are told apart; part of the fingerprint
     embedding_query_prefix: str = ""  # e.g. "query: " (e5), "search_query: " (nomic)
     embedding_passage_prefix: str = ""  # e.g. "passage: " (e5), "search_document: " (nomic)
@@ -355,6 +371,15 @@ class Settings:
             text_search_config=_text_search_config(e.get("RAG_TEXT_SEARCH_CONFIG") or "english"),
             retrieval_mode=_retrieval_mode(e.get("RAG_RETRIEVAL_MODE") or "hybrid"),
             rrf_k=_int(e, "RAG_RRF_K", 60, 1, 100_000),
+            sync_strategy=e.get("RAG_SYNC_STRATEGY") or "auto",
+            sync_live_row_us=_cost(e, "RAG_SYNC_LIVE_ROW_US", 1050.0),
+            sync_copy_row_us=_cost(e, "RAG_SYNC_COPY_ROW_US", 310.0),
+            sync_build_row_us=_cost(e, "RAG_SYNC_BUILD_ROW_US", 36.0),
+            sync_rebuild_fixed_s=_cost(e, "RAG_SYNC_REBUILD_FIXED_S", 0.0),
+            sync_min_saving_s=_cost(e, "RAG_SYNC_MIN_SAVING_S", 5.0),
+            hnsw_build_workers=_int(e, "RAG_HNSW_BUILD_WORKERS", -1, 0, 64)
+            if e.get("RAG_HNSW_BUILD_WORKERS")
+            else None,
             # asymmetric embedders (issue 14): prefixes are taken verbatim (a trailing space matters)
             embedding_query_prefix=e.get("RAG_EMBEDDING_QUERY_PREFIX") or "",
             embedding_passage_prefix=e.get("RAG_EMBEDDING_PASSAGE_PREFIX") or "",
@@ -413,6 +438,10 @@ class Settings:
         if self.local_backend not in LOCAL_BACKENDS:
             raise SettingsError(
                 f"RAG_LOCAL_BACKEND={self.local_backend!r}: use {', '.join(repr(b) for b in LOCAL_BACKENDS)}"
+            )
+        if self.sync_strategy not in ("auto", "live", "rebuild"):
+            raise SettingsError(
+                f"RAG_SYNC_STRATEGY={self.sync_strategy!r}: use 'auto', 'live' or 'rebuild'"
             )
         if self.embedding_long_text not in ("error", "split"):
             raise SettingsError(
@@ -580,6 +609,13 @@ ATTRIBUTE_ENV: dict[str, str] = {
     "hnsw.ef_construction": "RAG_HNSW_EF_CONSTRUCTION",
     "hnsw.ef_search": "RAG_HNSW_EF_SEARCH",
     "hnsw.build_memory_mb": "RAG_HNSW_BUILD_MEMORY_MB",
+    "hnsw.build_workers": "RAG_HNSW_BUILD_WORKERS",
+    "sync.strategy": "RAG_SYNC_STRATEGY",
+    "sync.live_row_us": "RAG_SYNC_LIVE_ROW_US",
+    "sync.copy_row_us": "RAG_SYNC_COPY_ROW_US",
+    "sync.build_row_us": "RAG_SYNC_BUILD_ROW_US",
+    "sync.rebuild_fixed_s": "RAG_SYNC_REBUILD_FIXED_S",
+    "sync.min_saving_s": "RAG_SYNC_MIN_SAVING_S",
     "automation.source_sensor_interval_s": "RAG_SOURCE_SENSOR_INTERVAL_S",
     "automation.inbox_sensor_interval_s": "RAG_INBOX_SENSOR_INTERVAL_S",
     "automation.automation_interval_s": "RAG_AUTOMATION_INTERVAL_S",

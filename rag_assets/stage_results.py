@@ -84,3 +84,14 @@ class EmbedResult(StageResult):
     generation: int | None = None
     generation_switched: bool = False
     embedding: dict = field(default_factory=dict)  # EmbedStats.as_dict(): requests, retries, latency...
+    seconds_copy: float = 0.0  # the rebuild path's copy of the live rows
+    sync_strategy: str = ""  # live | rebuild | new (sync_cost.py); "" when the caller chose the generation
+    sync_decision: dict = field(default_factory=dict)  # SyncDecision.as_dict()
+
+    def metadata(self) -> dict[str, int | float | str]:
+        meta: dict[str, int | float | str] = dict(super().metadata())
+        if self.sync_strategy:
+            meta["sync_strategy"] = self.sync_strategy
+            meta["sync_predicted_live_s"] = round(self.sync_decision.get("predicted_live_s", 0.0), 4)
+            meta["sync_predicted_rebuild_s"] = round(self.sync_decision.get("predicted_rebuild_s", 0.0), 4)
+        return meta

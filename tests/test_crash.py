@@ -257,3 +257,59 @@ def test_sigkill_during_hnsw_build_is_finished_by_the_default_path(db_url, make_
     assert conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0] == 0
     hits = conn.execute("SELECT count(*) FROM items").fetchone()[0]
     assert hits > 0
+
+
+@pytest.mark.parametrize("stage", ["copy", "delta-sync", "hnsw-build"])
+def test_sigkill_during_a_rebuild_refresh_keeps_the_old_generation_serving(db_url, make_db, tmp_path, stage):
+    """Issue 15: a refresh on the rebuild path (copy of the live rows, delta sync into the new
+    tables, one HNSW build, switch) killed at any of its steps leaves the old generation serving,
+    unchanged; a killed copy leaves no generation behind (one transaction), a later kill a building
+    generation that the next plain run (the Dagster path) finishes: it then equals a full rebuild."""
+    from rag_assets.store.rebuild import COPY_MARK
+    from rag_assets.store.serving import live_generation
+
+    marker = {"copy": COPY_MARK, "delta-sync": "WITH ins AS", "hnsw-build": "USING hnsw (embedding"}[stage]
+    slow_build = {"hnsw_ef_construction": 1000} if stage == "hnsw-build" else {}
+    settings = _settings(db_url, tmp_path, **slow_build)
+    env = _env(settings, RAG_SYNC_STRATEGY="rebuild", **({"RAG_HNSW_EF_CONSTRUCTION": "1000"} if slow_build else {}))
+    _corpus(settings.source_path, 1200, seed=8)
+    p = _start_index(settings, env, "--core")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    conn = connect_index(settings)
+    old, g_old = shard_digests(conn), live_generation(conn).id
+    _corpus(settings.source_path, 1200, seed=9)  # every document edited
+    new = _reference(settings, make_db())
+    watcher = psycopg.connect(settings.database_url, autocommit=True)
+    p = _start_index(settings, env, "--core")
+    killed = False
+    deadline = time.time() + 240
+    while p.poll() is None and time.time() < deadline:
+        if watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{marker}%",),
+        ).fetchone():
+            _kill(p)
+            killed = True
+            break
+    assert killed, f"the refresh finished before its {stage} could be killed"
+    time.sleep(0.5)
+    # readers are still served by the old generation, as it was
+    assert live_generation(conn).id == g_old
+    assert shard_digests(conn) == old
+    assert conn.execute("SELECT count(*) FROM items").fetchone()[0] > 0
+    if stage == "copy":  # not committed: no generation row can be seen, the next run starts afresh
+        assert conn.execute("SELECT count(*) FROM generations WHERE id > %s", (g_old,)).fetchone()[0] == 0
+    else:
+        building = conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0]
+        assert building == 1
+    p = _start_index(settings, env)  # the default (Dagster) path resumes the rebuild, or decides anew
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert shard_digests(conn) == new
+    assert conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0] == 0
+    assert live_generation(conn).id != g_old  # a rebuilt generation went live
+    if stage == "copy":  # nothing to resume: the Dagster path chose the rebuild itself
+        import json
+
+        assert json.loads(out)["sync_strategy"] == "rebuild"

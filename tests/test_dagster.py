@@ -356,3 +356,28 @@ def test_every_stage_gets_the_api_key_from_the_embedder_resource(dset, monkeypat
             result = dg.materialize(assets, instance=instance, resources=res, tags=RANGE)
         assert result.success
         assert srv.request_count > 0
+
+
+def test_range_run_rebuilds_when_the_sync_strategy_says_so(dset, make_db):
+    """Issue 15 through Dagster: the embeddings step chooses the rebuild path itself (the assets only
+    pass settings), its checks run on the generation it wrote and pass, its metadata names the choice,
+    and the index equals a full rebuild."""
+    rebuild = replace(dset, sync_strategy="rebuild")
+    with dg.instance_for_test() as instance:
+        assert _materialize_all(rebuild, instance).success  # first generation: nothing to choose
+        conn = connect_index(dset)
+        g1 = live_generation(conn).id
+        rng = random.Random(12)
+        for i in range(12):
+            write(dset.source_path / f"d{i:02d}.md", markdown_doc(rng), mtime_ns=2 * 10**18 + i)
+        res = _materialize_all(rebuild, instance)
+        assert res.success
+        evals = res.get_asset_check_evaluations()
+        assert evals and all(e.passed for e in evals), [e.check_name for e in evals if not e.passed]
+        mats = [e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("embeddings")]
+        meta = mats[0].materialization.metadata
+        assert meta["sync_strategy"].value == "rebuild" and meta["sync_predicted_live_s"].value > 0
+    assert live_generation(conn).id != g1
+    ref = Indexer(replace(dset, database_url=make_db()))
+    ref.refresh(dset.source_path, full=True)
+    assert index_digest(conn) == index_digest(ref.conn)

@@ -30,6 +30,7 @@ from rag_assets.pipeline import (
     totals,
 )
 from rag_assets.settings import Settings
+from rag_assets.store.generations import get_generation
 
 from .names import IndexNames
 from .resources import stage_context_from
@@ -258,6 +259,8 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
             token = _fresh_token(context, config, shards, settings.shards)
             gen = ctx.target(token)
             out = embed_stage(ctx, shards, gen=gen, force=_rebuild(context, config) and token is None)
+            if out.generation != gen.id:  # the cost model chose to rebuild (sync_cost.py): check that one
+                gen = get_generation(ctx.conn, out.generation) or gen
             results = serving_checks(ctx.conn, gen, shards)
             _, chunks_total, full_tokens = totals(ctx.conn)
             out.seconds = time.perf_counter() - t0

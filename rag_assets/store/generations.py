@@ -142,6 +142,7 @@ def finalize_generation(
     hnsw_m: int = 16,
     hnsw_ef_construction: int = 64,
     hnsw_memory_cap_mb: int = 2048,
+    hnsw_workers: int | None = None,
 ) -> bool:
     """If ``gen`` is a complete building generation: index it, verify it, and switch to it."""
     conn.execute(sql.SQL("SELECT pg_advisory_lock({})").format(FINALIZE_LOCK))
@@ -152,7 +153,9 @@ def finalize_generation(
         if current is None or current.state != "building" or not generation_complete(conn, current):
             return False
         with conn.transaction():
-            schema.create_vector_index(conn, gen.id, hnsw_m, hnsw_ef_construction, hnsw_memory_cap_mb)
+            schema.create_vector_index(
+                conn, gen.id, hnsw_m, hnsw_ef_construction, hnsw_memory_cap_mb, workers=hnsw_workers
+            )
         with conn.transaction():
             for t in (schema.items_table(gen.id), schema.pos_table(gen.id)):
                 conn.execute(sql.SQL("ANALYZE {}").format(t))

@@ -359,7 +359,12 @@ def check_text_search_config(conn: psycopg.Connection, name: str) -> str:
 
 
 def create_generation_tables(
-    conn: psycopg.Connection, gen: int, dims: int, text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG
+    conn: psycopg.Connection,
+    gen: int,
+    dims: int,
+    text_search_config: str = DEFAULT_TEXT_SEARCH_CONFIG,
+    *,
+    indexes: bool = True,
 ) -> None:
     """Tables of a new generation, without the HNSW index: bulk loads build it afterwards.
 
@@ -374,6 +379,9 @@ def create_generation_tables(
     naming it, and a restore or rollback carries it with the generation's own table. The
     configuration is recorded as the column's comment, so queries parse user text the same way
     (:func:`generation_text_search_config`).
+
+    ``indexes=False`` leaves out the secondary indexes (full text, shard, metadata): a rebuild that
+    copies a whole generation in builds them once afterwards (:func:`create_generation_indexes`).
     """
     check_text_search_config(conn, text_search_config)
     conn.execute(
@@ -399,11 +407,6 @@ def create_generation_tables(
         )
     )
     conn.execute(
-        sql.SQL("CREATE INDEX {name} ON {items} USING gin ({tsv})").format(
-            name=sql.Identifier(f"g{gen}_items_tsv"), items=items_table(gen), tsv=sql.Identifier(TSV_COLUMN)
-        )
-    )
-    conn.execute(
         sql.SQL(
             """CREATE TABLE {pos} (
                 chunk_id text COLLATE "C" PRIMARY KEY,
@@ -420,6 +423,17 @@ def create_generation_tables(
                 meta_hash text NOT NULL,
                 metadata jsonb NOT NULL)"""
         ).format(docs=docs_table(gen))
+    )
+    if indexes:
+        create_generation_indexes(conn, gen)
+
+
+def create_generation_indexes(conn: psycopg.Connection, gen: int) -> None:
+    """The secondary indexes of a generation's tables (the HNSW index is :func:`create_vector_index`)."""
+    conn.execute(
+        sql.SQL("CREATE INDEX {name} ON {items} USING gin ({tsv})").format(
+            name=sql.Identifier(f"g{gen}_items_tsv"), items=items_table(gen), tsv=sql.Identifier(TSV_COLUMN)
+        )
     )
     for table, name in ((items_table(gen), "items"), (pos_table(gen), "pos"), (docs_table(gen), "docs")):
         conn.execute(
@@ -451,14 +465,20 @@ def hnsw_build_memory_mb(rows: int, dims: int, m: int = 16, cap_mb: int = 2048) 
 
 
 def create_vector_index(
-    conn: psycopg.Connection, gen: int, m: int = 16, ef_construction: int = 64, memory_cap_mb: int = 2048
+    conn: psycopg.Connection,
+    gen: int,
+    m: int = 16,
+    ef_construction: int = 64,
+    memory_cap_mb: int = 2048,
+    workers: int | None = None,
 ) -> int:
     """HNSW (cosine) on a generation's vectors; built once after the bulk load. Returns the memory used (MiB).
 
     ``m``/``ef_construction`` default to pgvector's; raise them (RAG_HNSW_M, RAG_HNSW_EF_CONSTRUCTION)
     when recall matters more than build time. They apply to generations built afterwards. The build's
     ``maintenance_work_mem`` is sized to the graph (:func:`hnsw_build_memory_mb`) for this statement's
-    transaction only; call it inside a transaction.
+    transaction only; call it inside a transaction. ``workers`` (RAG_HNSW_BUILD_WORKERS) sets
+    ``max_parallel_maintenance_workers`` for it too (None: the server's setting, 2 by default).
     """
     rows, dims = conn.execute(
         sql.SQL(
@@ -468,6 +488,10 @@ def create_vector_index(
     ).fetchone()
     mem_mb = hnsw_build_memory_mb(int(rows), max(int(dims or 0), 1), int(m), memory_cap_mb)
     conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(f"{mem_mb}MB")))
+    if workers is not None:
+        conn.execute(
+            sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(sql.Literal(int(workers)))
+        )
     conn.execute(
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS {name} ON {items} USING hnsw (embedding vector_cosine_ops)"
