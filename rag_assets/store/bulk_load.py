@@ -11,6 +11,9 @@ Reusable by any bulk writer (restore, a generation sync): :func:`copy_arrow` tak
 column names, the values column by column (Arrow arrays, or a 2-D ``float32`` array for vectors)
 and their PostgreSQL type names (:func:`column_types` reads them from the catalog).
 
+:func:`drop_indexes_for_load` / :func:`rebuild_indexes` drop a table's indexes for a load into an
+empty table and build each once afterwards (cheaper than maintaining them row by row).
+
 Supported types: text (varchar, bpchar, name), int2/int4/int8, float4/float8, bool, jsonb
 (values are JSON text), timestamptz/timestamp (Arrow timestamps), vector (pgvector). Any other
 type is a clear ``TypeError`` naming the column.
@@ -19,6 +22,7 @@ type is a clear ``TypeError`` naming the column.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import psycopg
@@ -200,3 +204,55 @@ def copy_arrow(
             cp.write(encode_rows(columns, chunk, types))
         cp.write(COPY_TRAILER)
     return n
+
+
+@dataclass(frozen=True)
+class DeferredIndex:
+    """One index (or the constraint it backs) dropped for a bulk load, with the SQL that rebuilds it."""
+
+    name: str
+    drop: sql.Composed
+    create: str
+
+
+def drop_indexes_for_load(conn: psycopg.Connection, table: sql.Composable) -> list[DeferredIndex]:
+    """Drop ``table``'s indexes (primary key and unique constraints included) for a bulk load.
+
+    Building an index once over loaded rows is several times cheaper than maintaining it row by
+    row (measured for a generation's tables: GIN on the tsvector, btrees on text keys). Returns
+    what :func:`rebuild_indexes` needs to recreate them exactly as they were (``pg_get_indexdef``,
+    ``pg_get_constraintdef``, same names). Indexes that a foreign key depends on are kept. Call it
+    inside the loading transaction: if the load fails, the rollback brings the indexes back too.
+    """
+    reg = table.as_string(conn)
+    rows = conn.execute(
+        """SELECT n.nspname, ci.relname, pg_get_indexdef(i.indexrelid), con.conname,
+                  pg_get_constraintdef(con.oid),
+                  EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = i.indexrelid)
+           FROM pg_index i JOIN pg_class ci ON ci.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ci.relnamespace
+           LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+                                        AND con.contype IN ('p', 'u')
+           WHERE i.indrelid = to_regclass(%s) ORDER BY ci.relname""",
+        (reg,),
+    ).fetchall()
+    out: list[DeferredIndex] = []
+    for nsp, index_name, index_def, con_name, con_def, referenced in rows:
+        if referenced:
+            continue
+        if con_name:
+            drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(table, sql.Identifier(con_name))
+            create = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(table, sql.Identifier(con_name))
+            out.append(DeferredIndex(con_name, drop, create.as_string(conn) + con_def))
+        else:
+            # pg_get_indexdef names the table schema-qualified: rebuilt where it was, whatever the search_path
+            drop = sql.SQL("DROP INDEX {}").format(sql.Identifier(nsp, index_name))
+            out.append(DeferredIndex(index_name, drop, index_def))
+    for d in out:
+        conn.execute(d.drop)
+    return out
+
+
+def rebuild_indexes(conn: psycopg.Connection, dropped: Sequence[DeferredIndex]) -> None:
+    """Recreate what :func:`drop_indexes_for_load` dropped (a duplicate key fails here, naming it)."""
+    for d in dropped:
+        conn.execute(d.create)
