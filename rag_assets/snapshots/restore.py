@@ -1,12 +1,18 @@
 """Restore: load a verified snapshot into a new generation and switch to it, in one transaction.
 
-Restore first verifies every object (:mod:`.verify`), before touching the database, then, in ONE
-transaction, creates a new generation, loads it by binary COPY, replaces the bookkeeping
-(manifest, bodies, chunk_docs, chunks, shard_state, generation_shards) so the restored manifest
-is the base of the next incremental run, adds the vectors to the embedding cache, builds the HNSW
-index, checks the index digest against the record, switches live (the view swap) and retires old
-generations. A kill at any point before the commit leaves the old generation live and the
-bookkeeping untouched.
+Restore first checks the record and the shard trees (:mod:`.verify`), before touching the database,
+then, in ONE transaction, creates a new generation and streams the pieces into it: the store's
+thread pool fetches and verifies each piece (size, SHA-256, then columns and counts once decoded)
+batches ahead of the load, one thread turns the next batch into columns, and this thread COPYs the
+current batch (binary, straight from Arrow: :mod:`rag_assets.store.bulk_load`) into the new
+generation and the bookkeeping (manifest, bodies, chunk_docs, chunks, shard_state,
+generation_shards), so the restored manifest is the base of the next incremental run. Every table
+it loads is empty, so its indexes are dropped for the load and built once afterwards. Then it adds
+the vectors to the embedding cache, builds the HNSW index, checks the index digest against the
+record, switches live (the view swap) and retires old generations. A corrupt or missing piece,
+found at any point of the stream, raises an error naming it and rolls the transaction back; a kill
+at any point before the commit likewise leaves the old generation live and the bookkeeping
+untouched.
 """
 
 from __future__ import annotations
@@ -367,6 +373,9 @@ def restore_snapshot(
     return result
 
 
+_AHEAD = 4  # batches fetched ahead of the one being loaded, at most
+
+
 class _Fetcher:
     """Fetches, verifies and decodes pieces on the store's thread pool, batches ahead of the load,
     holding at most ``memory_budget_mb`` of fetched object bytes not yet loaded (always the next
@@ -387,9 +396,11 @@ class _Fetcher:
         self.ahead(0)
 
     def ahead(self, current: int) -> None:
-        """Start fetching batches after ``current`` while the budget allows (always the next two)."""
+        """Start fetching batches after ``current`` while the budget allows (always the next two, at
+        most ``_AHEAD``: decoded pieces are larger than their bytes, and more would not load sooner)."""
         while self.next < len(self.groups) and (
-            self.next <= current + 1 or self.in_flight + self._size(self.next) <= self.budget
+            self.next <= current + 1
+            or (self.next <= current + _AHEAD and self.in_flight + self._size(self.next) <= self.budget)
         ):
             g = self.next
             pieces = [p for s in self.groups[g] for p in self.per_shard[s]]
