@@ -416,12 +416,13 @@ class _Fetcher:
         self.bytes_read += sum(len(b) for _, b in out)
         return out
 
-    def loaded(self, g: int) -> None:
+    def released(self, g: int) -> None:
+        """Batch ``g`` is decoded: its bytes no longer count against the budget; fetch further ahead."""
         self.in_flight -= self._size(g)
         self.ahead(g)
 
     def cancel(self) -> None:
-        for fs in self.futures.values():
+        for fs in list(self.futures.values()):  # (the prep thread may pop one meanwhile)
             for _, f in fs:
                 f.cancel()
         self.futures.clear()
@@ -497,7 +498,7 @@ def _restore_in_transaction(
                     tw = time.perf_counter()
                     batch = ahead.result()
                     t_wait += time.perf_counter() - tw
-                    fetcher.loaded(gi)
+                    fetcher.released(gi)
                     ahead = prep.submit(prepare, gi + 1) if gi + 1 < len(groups) else None
                     _copy_batch(cur, plans, batch)
                     counts["chunks"] += batch.n_chunks
