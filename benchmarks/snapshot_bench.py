@@ -17,6 +17,9 @@ shard (``piece_max_docs`` unbounded) to show what the sub-shard pieces buy; and 
     python benchmarks/snapshot_bench.py                        # Django docs + 100k synthetic docs
     python benchmarks/snapshot_bench.py --docs 10000 --dims 128
     python benchmarks/snapshot_bench.py --no-django --targets folder
+    python benchmarks/snapshot_bench.py --docs 20000 --no-django --restore-only   # iterate on restore
+
+Each restore also prints ``excl HNSW``: rows / (total - HNSW build seconds), the restore's own speed.
 
 Prints a table, then one JSON object with every number.
 """
@@ -225,7 +228,9 @@ def rollback_times(conn, keep: int, n: int = 5) -> list[float]:
     return out
 
 
-def bench_corpus(label: str, src: Path, settings: Settings, dims: int, targets, work: Path, moto) -> dict:
+def bench_corpus(
+    label: str, src: Path, settings: Settings, dims: int, targets, work: Path, moto, restore_only: bool = False
+) -> dict:
     print(f"[{label}] indexing {src} ...", file=sys.stderr, flush=True)
     idx = Indexer(settings, embedder=HashingEmbedder(dims))
     t0 = time.perf_counter()
@@ -251,9 +256,23 @@ def bench_corpus(label: str, src: Path, settings: Settings, dims: int, targets, 
         print(f"[{label}] snapshot -> {target}", file=sys.stderr, flush=True)
         snap = S.create_snapshot(idx.conn, store)
         print(f"[{label}] restore <- {target}", file=sys.stderr, flush=True)
-        rst = S.restore_snapshot(idx.conn, store, snap["id"], keep_generations=settings.keep_generations)
+        cpu0 = time.process_time()
+        rst = S.restore_snapshot(
+            idx.conn,
+            store,
+            snap["id"],
+            keep_generations=settings.keep_generations,
+            memory_budget_mb=settings.snapshot_restore_memory_mb,
+        )
+        rst["client_cpu_s"] = round(time.process_time() - cpu0, 2)
         assert index_digest(idx.conn) == snap["index_digest"]
+        rows = rst["docs"] + rst["chunks"]
+        rst["seconds_excl_hnsw"] = round(rst["seconds"] - rst["seconds_index"], 3)
+        rst["rows_per_s_excl_hnsw"] = round(rows / rst["seconds_excl_hnsw"], 1)
         res["targets"][target] = {"snapshot": snap, "restore": rst}
+    if restore_only:
+        idx.close()
+        return res
     # per-shard objects (no sub-shard pieces), for comparison
     per_shard_store = open_store(str(work / f"snapshots-{label}-pershard"))
     full_ps = S.create_snapshot(idx.conn, per_shard_store, piece_max_docs=10**9, piece_max_bytes=1 << 34)
@@ -310,9 +329,16 @@ def print_table(results: list[dict]) -> None:
                 f"{'':<18} {target:<7} {'restore':<9} {z['docs']:>7} {z['chunks']:>8} {z['bytes_read'] / 1e6:>8.1f} "
                 f"{s['objects']:>8} {z['seconds']:>8.2f} {_fmt_rate(z['rows_per_s'], z['mb_per_s'])}"
                 f"   (verify {z['seconds_verify']:.1f}s, load {z['seconds_load']:.1f}s, "
-                f"hnsw {z['seconds_index']:.1f}s, switch {z['switch_ms']:.0f} ms)"
+                f"hnsw {z['seconds_index']:.1f}s, check {z['seconds_check']:.1f}s, switch {z['switch_ms']:.0f} ms)"
+            )
+            print(
+                f"{'':<18} {target:<7} {'excl HNSW':<9} {'':>7} {'':>8} {'':>8} {'':>8} "
+                f"{z['seconds_excl_hnsw']:>8.2f} {z['rows_per_s_excl_hnsw']:>10,.0f} {'':>7}"
+                f"   = rows / (total - HNSW build); client CPU {z['client_cpu_s']:.1f}s"
             )
     print()
+    if any("incremental" not in r for r in results):
+        return
     print(
         f"{'incremental snapshot after a 1% change':<44} {'written':>12} {'of full':>12} {'ratio':>7} {'objects':>9}"
     )
@@ -349,6 +375,12 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=64)
     ap.add_argument("--targets", default="folder,s3", help="comma-separated: folder, s3")
     ap.add_argument("--no-django", action="store_true")
+    ap.add_argument(
+        "--restore-only",
+        action="store_true",
+        help="index, snapshot and restore only (no incremental snapshot, per-shard layout or rollback): "
+        "for iterating on restore speed, e.g. --docs 20000 --no-django --restore-only",
+    )
     ap.add_argument("--database-url", help="a server URL to create databases on (default: embedded)")
     ap.add_argument("--workdir", help="where corpora, snapshots and the embedded server live (default: temp)")
     args = ap.parse_args()
@@ -384,7 +416,7 @@ def main() -> int:
             src = work / "django-docs"
             shutil.copytree(DJANGO_DOCS, src)
             s = replace(base, database_url=new_database(server_url), source_path=src, include=("**/*.txt",))
-            results.append(bench_corpus("django-docs", src, s, args.dims, targets, work, moto))
+            results.append(bench_corpus("django-docs", src, s, args.dims, targets, work, moto, args.restore_only))
         if args.docs:
             src = work / "synthetic"
             t0 = time.perf_counter()
@@ -394,7 +426,9 @@ def main() -> int:
             )
             s = replace(base, database_url=new_database(server_url), source_path=src, include=("**/*.md",))
             results.append(
-                bench_corpus(f"synthetic-{args.docs // 1000}k", src, s, args.dims, targets, work, moto)
+                bench_corpus(
+                    f"synthetic-{args.docs // 1000}k", src, s, args.dims, targets, work, moto, args.restore_only
+                )
             )
         print_table(results)
         print(

@@ -248,7 +248,7 @@ class Settings:
     snapshot_s3_retry_mode: str = "standard"  # or "adaptive" (botocore retry modes)
     snapshot_s3_max_attempts: int = 10  # total attempts per S3 request
     snapshot_multipart_mb: int = 64  # multipart threshold and part size in MiB
-    snapshot_restore_memory_mb: int = 1024  # verified objects kept in memory up to this, else spooled to disk
+    snapshot_restore_memory_mb: int = 1024  # fetched-but-not-yet-loaded object bytes a restore holds ahead
     # embedders: RAG_EMBEDDING_PRICES as (model, USD per million tokens) pairs
     embedding_prices: tuple[tuple[str, float], ...] = ()
     # the quality gate on generation switches (quality_gate.py)

@@ -221,7 +221,10 @@ def test_round_trip_restores_index_and_manifest_and_next_run_embeds_nothing(
     assert S.list_snapshots(store)[0]["note"] == "before the bad push"
 
 
-def test_restore_beyond_the_memory_budget_spools_or_rereads_verified_objects(settings, docs_dir, store):
+def test_restore_with_a_zero_memory_budget_still_fetches_the_next_batches(settings, docs_dir, store, monkeypatch):
+    from rag_assets.snapshots import restore as R
+
+    monkeypatch.setattr(R, "_BATCH_CHUNKS", 1)  # one shard per batch: the budget bounds the look-ahead
     rng = _corpus(docs_dir, 16)
     idx = _indexer(settings)
     idx.refresh(docs_dir)
@@ -229,7 +232,8 @@ def test_restore_beyond_the_memory_budget_spools_or_rereads_verified_objects(set
     _mutate(docs_dir, rng)
     idx.refresh(docs_dir)
     budget = Settings.from_env({"RAG_SNAPSHOT_RESTORE_MEMORY_MB": "0"}).snapshot_restore_memory_mb
-    S.restore_snapshot(idx.conn, store, snap["id"], memory_budget_mb=budget)  # S3: spool; folder: re-read
+    assert budget == 0
+    S.restore_snapshot(idx.conn, store, snap["id"], memory_budget_mb=budget)  # two batches ahead, no more
     assert index_digest(idx.conn) == snap["index_digest"]
 
 
@@ -370,6 +374,72 @@ def test_damaged_object_aborts_restore_and_leaves_live_untouched(
         gens,
         live,
     )
+
+
+def test_corrupt_object_found_mid_pipeline_aborts_cleanly_and_the_old_generation_serves(
+    settings, docs_dir, store, monkeypatch
+):
+    """Pieces are verified as the load streams them: one shard per batch here, so earlier batches are
+    already COPYed into the new generation when the damaged piece of the last shard is read."""
+    from rag_assets.snapshots import restore as R
+
+    monkeypatch.setattr(R, "_BATCH_CHUNKS", 1)  # every shard its own batch: a long pipeline
+    copied = []
+    real_copy = R._copy_batch
+    monkeypatch.setattr(R, "_copy_batch", lambda cur, plans, b: (copied.append(b.shards), real_copy(cur, plans, b)))
+    rng = _corpus(docs_dir, 30)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    snap = S.create_snapshot(idx.conn, store)
+    _mutate(docs_dir, rng)
+    idx.refresh(docs_dir)
+    digest, gens, live, state = index_digest(idx.conn), _gen_count(idx.conn), live_generation(idx.conn).id, _state(idx.conn)
+    rec = S.show_snapshot(store, snap["id"])
+    last = max(s["shard"] for s in rec["shards"] if s["pieces"])
+    key = json.loads(store.get(rec["shards"][last]["tree"]))["pieces"][-1][0]
+    data = store.get(key)
+    _put_raw(store, key, data[:-9] + bytes([data[-9] ^ 0x40]) + data[-8:])
+    with pytest.raises(SnapshotError, match="fails its SHA-256 checksum") as ei:
+        S.restore_snapshot(idx.conn, store, snap["id"])
+    assert key in str(ei.value) and f"shard {last}" in str(ei.value)
+    assert copied and last not in {s for b in copied for s in b}  # rows were loaded, never committed
+    assert (index_digest(idx.conn), _gen_count(idx.conn), live_generation(idx.conn).id) == (digest, gens, live)
+    assert _state(idx.conn) == state  # manifest, bodies, chunk_docs, chunks, shard versions untouched
+    assert idx.conn.execute("SELECT count(*) FROM generations WHERE state = 'building'").fetchone()[0] == 0
+    assert len(search(idx.conn, idx.embedder, "snapshot rollback", 5).results) == 5
+    _put_raw(store, key, data)  # repaired: the same snapshot now restores
+    res = S.restore_snapshot(idx.conn, store, snap["id"])
+    assert res["previous_generation"] == live and index_digest(idx.conn) == snap["index_digest"]
+
+
+def test_duplicate_rows_in_a_snapshot_abort_the_restore_by_name(settings, docs_dir, folder_store):
+    """Indexes are built after the load: a key that appears twice (two pieces holding the same
+    document) fails there, as a clear error, and nothing switches."""
+    _corpus(docs_dir, 12)
+    idx = _indexer(settings)
+    idx.refresh(docs_dir)
+    snap = S.create_snapshot(idx.conn, folder_store)
+    digest, live = index_digest(idx.conn), live_generation(idx.conn).id
+
+    def twice(rec):  # shard 0's tree also lists the first piece of another shard's tree, as its own
+        import hashlib
+
+        src = next(s for s in rec["shards"] if s["pieces"])
+        tree = json.loads(folder_store.get(src["tree"]))
+        tree["pieces"] = tree["pieces"] + [tree["pieces"][0]]
+        data = json.dumps(tree).encode()
+        sha = hashlib.sha256(data).hexdigest()
+        tkey = f"objects/{sha[:2]}/{sha}.json"
+        _put_raw(folder_store, tkey, data)
+        src["tree"], src["pieces"] = tkey, src["pieces"] + 1
+        src["chunks"] += tree["pieces"][0][3]
+        src["docs"] += tree["pieces"][0][2]
+
+    bad = _forge_record(folder_store, snap, twice)
+    with pytest.raises(SnapshotError, match=f"snapshot {bad}: duplicate keys") as ei:
+        S.restore_snapshot(idx.conn, folder_store, bad)
+    assert "nothing was changed" in str(ei.value)
+    assert (index_digest(idx.conn), live_generation(idx.conn).id) == (digest, live)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "missing"])

@@ -29,7 +29,6 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -244,17 +243,15 @@ def get_verified(store: SnapshotStore, key: str, size: int | None, where: str) -
     return data
 
 
-@dataclass
+@dataclass(frozen=True)
 class Piece:
-    """One piece named by a shard tree, with its verified bytes (or where to re-read them) once fetched."""
+    """One piece named by a shard tree: its key, size in bytes and counts (checked when it is read)."""
 
     shard: int
     key: str
     size: int
     docs: int
     chunks: int
-    data: bytes | None = None  # verified bytes, when the snapshot fits the memory budget
-    path: Path | None = None  # else a verified copy on local disk (S3), or None: re-read the folder
 
 
 def _check_piece(t: pa.Table, p: Piece, dims: int) -> pa.Table:
@@ -265,10 +262,11 @@ def _check_piece(t: pa.Table, p: Piece, dims: int) -> pa.Table:
     if t.num_rows != p.docs:
         raise SnapshotError(f"{where}: {t.num_rows} documents, the tree says {p.docs}")
     try:
-        n_chunks = int(pc.sum(pc.list_value_length(t.column("chunks"))).as_py() or 0)
-        shards = t.column("shard")
-        lo, hi = pc.min(shards).as_py(), pc.max(shards).as_py()
-    except (pa.ArrowException, TypeError) as e:
+        chunks = t.column("chunks")
+        n_chunks = sum(int(c.offsets[-1].as_py() - c.offsets[0].as_py()) for c in chunks.chunks if len(c))
+        lo, hi = pc.min_max(t.column("shard")).values()
+        lo, hi = lo.as_py(), hi.as_py()
+    except (pa.ArrowException, TypeError, AttributeError) as e:
         raise SnapshotError(f"{where}: columns do not have the expected types ({e})") from None
     if n_chunks != p.chunks:
         raise SnapshotError(f"{where}: {n_chunks} chunks, the tree says {p.chunks}")
@@ -292,7 +290,7 @@ def parse_piece(data: bytes, p: Piece, dims: int, *, footer_only: bool = False) 
                     f"shard {p.shard} object {p.key}: {f.metadata.num_rows} documents, the tree says {p.docs}"
                 )
             return None
-        t = f.read()
+        t = f.read(use_threads=False)  # tiny files: the caller decodes many in parallel instead
     except (pa.ArrowException, OSError, ValueError) as e:
         raise SnapshotError(f"shard {p.shard} object {p.key}: not a readable Parquet file ({e})") from None
     return _check_piece(t, p, dims)
