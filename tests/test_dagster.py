@@ -406,9 +406,9 @@ def test_cli_record_gives_the_ui_what_a_run_gives(dset, make_db, monkeypatch):
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         refresh = (
-            (lambda: index_recorded(s, s.source_path, record="wait"))
+            (lambda s=s: index_recorded(s, s.source_path, record="wait"))
             if label == "recorded"
-            else (lambda: index_via_dagster(s, s.source_path))
+            else (lambda s=s: index_via_dagster(s, s.source_path))
         )
         first = refresh()
         assert first.docs_added == 24 and first.chunks_embedded > 0

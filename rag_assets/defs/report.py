@@ -22,6 +22,9 @@ import sys
 import uuid
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from dagster._core.definitions.data_version import (
     CODE_VERSION_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
@@ -31,9 +34,6 @@ from dagster._core.definitions.data_version import (
     compute_logical_data_version,
     get_input_data_version_tag,
     get_input_event_pointer_tag,
-)
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData,
 )
 from dagster._core.events import (
     DagsterEvent,
