@@ -6,7 +6,7 @@ events: one materialization per refreshed shard and asset, with the metadata, da
 code versions a run would have written, and the asset check evaluations of the refreshed shards.
 The UI's partition status, materialization metadata, plots and asset checks are those of a run;
 what a run adds and this does not is the run page (run record, step timeline, compute logs).
-Decision 27 in docs/architecture.md has the profile behind it.
+Decision 29 in docs/architecture.md has the profile behind it.
 
 This module never imports Dagster: importing it costs ~2.5 s of CPU, more than the whole one-document
 refresh. The record is built here (plain SQL on the index's connection), written to the index's
@@ -92,10 +92,19 @@ def index_recorded(
     change_source: bool = False,
     progress: bool = False,
     record: str = "background",
+    timings: dict | None = None,
 ) -> RefreshReport:
-    """Refresh through the core, then record the refresh for Dagster (see the module docstring)."""
+    """Refresh through the core, then record the refresh for Dagster (see the module docstring).
+
+    ``timings`` (benchmarks) receives the wall and CPU seconds of the core's part (``core_s``,
+    ``core_cpu_s``) and of the record's (``record_s``, ``record_cpu_s``: build, outbox, and with
+    ``record="wait"`` the Dagster writes).
+    """
+    import time
+
     if record not in RECORD_MODES:
         raise ValueError(f"record must be one of {RECORD_MODES}, not {record!r}")
+    t0, c0 = time.perf_counter(), time.process_time()
     idx = Indexer(settings)
     try:
         rep = idx.refresh(
@@ -106,6 +115,7 @@ def index_recorded(
             change_source=change_source,
             progress=progress,
         )
+        t1, c1 = time.perf_counter(), time.process_time()
         rec = build_record(idx, rep) if record != "off" else None
         if rec is not None:
             write_outbox(idx.conn, rec)
@@ -118,6 +128,9 @@ def index_recorded(
             drain_outbox(settings)
         else:
             spawn_reporter(settings)
+    if timings is not None:
+        t2, c2 = time.perf_counter(), time.process_time()
+        timings.update(core_s=t1 - t0, core_cpu_s=c1 - c0, record_s=t2 - t1, record_cpu_s=c2 - c1)
     return rep
 
 
@@ -217,11 +230,7 @@ def build_record(idx: Indexer, rep: RefreshReport) -> RefreshRecord | None:
     else:
         meta = {k: v for k, v in gate.as_dict().items() if v is not None and k != "key"}
         out.append(CheckRecord("embeddings", "quality_gate", bool(gate.passed), _jsonable(meta), "WARN"))
-    return RefreshRecord(settings_index(idx.settings), ctx.run_id, shards, stages, out)
-
-
-def settings_index(settings: Settings) -> str:
-    return settings.index_name
+    return RefreshRecord(idx.settings.index_name, ctx.run_id, shards, stages, out)
 
 
 def _stage_metadata(report: dict, cls) -> dict:
