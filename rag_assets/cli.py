@@ -465,6 +465,10 @@ def cmd_dev(args, settings: Settings) -> int:
         finally:
             conn.close()
         env["RAG_SOURCE_PATH"] = str(src.resolve())
+    from rag_assets.defs.recorded import spawn_reporter, waiting_records
+
+    if waiting_records(settings):  # CLI refreshes whose recorder died: into the instance the UI opens
+        spawn_reporter(settings)
     exe = shutil.which("dagster") or "dagster"
     cmd = [exe, "dev", "-m", args.location or "rag_assets.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={home} {' '.join(cmd)}", file=sys.stderr)

@@ -261,6 +261,18 @@ def write_outbox(conn: psycopg.Connection, rec: RefreshRecord) -> None:
         conn.commit()
 
 
+def waiting_records(settings: Settings) -> int:
+    """How many refreshes wait in the index's outbox (no Dagster import)."""
+    from rag_assets.store.db import connect_index
+
+    conn = connect_index(settings)
+    try:
+        conn.execute(OUTBOX_DDL)
+        return int(conn.execute("SELECT count(*) FROM dagster_outbox").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def spawn_reporter(settings: Settings) -> subprocess.Popen:
     """Start ``python -m rag_assets.defs.report`` detached; it drains the outbox and exits.
 
