@@ -253,3 +253,33 @@ def test_a_failed_refresh_ends_with_one_line_naming_its_cause(env, tmp_path, pat
     # Before it only the embedder's own retry warnings (why the run paused), no Dagster event log
     # and no traceback.
     assert before and all("connection error" in ln and "; retry " in ln for ln in before), p.stderr
+
+
+def test_an_edit_through_the_default_path_never_imports_dagster_in_the_cli_process(env, tmp_path):
+    """The CLI process of `rag-assets index` imports no Dagster module (~2.5 s of CPU): the detached
+    recorder does, after the command has returned. A no-change refresh does not load the tokenizer."""
+    docs = _docs(tmp_path / "docs")
+    _cli(env, "index", str(docs), "--core")
+    probe = (
+        "import json, sys\n"
+        "from rag_assets.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print(json.dumps({'rc': rc, 'dagster': sorted(m for m in sys.modules if m.split('.')[0].startswith('dagster')),"
+        " 'tiktoken': 'tiktoken' in sys.modules}))\n"
+    )
+
+    def probe_run(*args: str) -> dict:
+        p = subprocess.run(
+            [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.splitlines()[-1])
+
+    unchanged = probe_run("index", str(docs), "--json")
+    assert unchanged == {"rc": 0, "dagster": [], "tiktoken": False}
+    write(docs / "d2.md", "# Doc 2\n\nEdited: the recorder imports Dagster, not the CLI.")
+    edited = probe_run("index", str(docs), "--json")
+    assert edited["rc"] == 0 and edited["dagster"] == [] and edited["tiktoken"]  # chunking counted tokens
+    _cli(env, "record")
+    newest = _instance(env).fetch_materializations(dg.AssetKey("document_manifest"), limit=1).records[0]
+    assert newest.asset_materialization.metadata["docs_modified"].value == 1
