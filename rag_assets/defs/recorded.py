@@ -6,7 +6,7 @@ events: one materialization per refreshed shard and asset, with the metadata, da
 code versions a run would have written, and the asset check evaluations of the refreshed shards.
 The UI's partition status, materialization metadata, plots and asset checks are those of a run;
 what a run adds and this does not is the run page (run record, step timeline, compute logs).
-Decision 29 in docs/architecture.md has the profile behind it.
+Decision 32 in docs/architecture.md has the profile behind it.
 
 This module never imports Dagster: importing it costs ~2.5 s of CPU, more than the whole one-document
 refresh. The record is built here (plain SQL on the index's connection), written to the index's
