@@ -234,9 +234,15 @@ def build_record(idx: Indexer, rep: RefreshReport) -> RefreshRecord | None:
 
 
 def _stage_metadata(report: dict, cls) -> dict:
-    """The report's numeric figures under ``cls``'s field names (booleans as 0/1, floats rounded)."""
+    """The report's numeric figures under ``cls``'s field names (booleans as 0/1, floats rounded).
+
+    Not ``seconds``: a run's step reports its own stage's time under it, the report only the whole
+    refresh's; the stage's own timings (``seconds_manifest``, ``seconds_chunks``, ``seconds_embed``...)
+    are there under their names."""
     out: dict = {}
     for f in fields(cls):
+        if f.name == "seconds":
+            continue
         v = report.get(f.name)
         if isinstance(v, bool):
             out[f.name] = int(v)
