@@ -49,6 +49,22 @@ def cmd_index(args, settings: Settings) -> int:
             )
         finally:
             idx.close()
+    elif not args.dagster_run:
+        # The core's stages, then their record in the Dagster instance (defs/recorded.py): Dagster is
+        # imported by the recorder, in a detached process, or here with --verbose (which waits for it).
+        from rag_assets.defs.recorded import index_recorded
+        from rag_assets.progress import bars_wanted
+
+        rep = index_recorded(
+            settings,
+            path,
+            full=args.full,
+            rehash=args.rehash,
+            allow_deletes=args.allow_deletes,
+            change_source=args.change_source,
+            progress=bars_wanted(sys.stderr, as_json=args.json),
+            record="wait" if args.verbose else "background",
+        )
     else:
         from rag_assets.defs.runner import index_via_dagster
         from rag_assets.progress import StageBars, bars_wanted
@@ -83,6 +99,15 @@ def cmd_index(args, settings: Settings) -> int:
             print(f"  skipped {one_line(e['doc_id'])}: {one_line(e['error'])}", file=sys.stderr)
 
     _print(d, args.json, human)
+    return 0
+
+
+def cmd_record(args, settings: Settings) -> int:
+    """Drain the index's Dagster outbox in this process (``rag-assets index`` does it in the background)."""
+    from rag_assets.defs.report import drain_outbox
+
+    n = drain_outbox(settings)
+    _print({"recorded": n}, args.json, lambda d: print(f"recorded {d['recorded']} refresh(es) in the Dagster instance"))
     return 0
 
 
@@ -440,6 +465,10 @@ def cmd_dev(args, settings: Settings) -> int:
         finally:
             conn.close()
         env["RAG_SOURCE_PATH"] = str(src.resolve())
+    from rag_assets.defs.recorded import spawn_reporter, waiting_records
+
+    if waiting_records(settings):  # CLI refreshes whose recorder died: into the instance the UI opens
+        spawn_reporter(settings)
     exe = shutil.which("dagster") or "dagster"
     cmd = [exe, "dev", "-m", args.location or "rag_assets.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={home} {' '.join(cmd)}", file=sys.stderr)
@@ -490,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="also print Dagster's event log (stderr); by default a refresh shows progress bars and a summary",
+        help="index: wait for the refresh's record in the Dagster instance (with --dagster-run: print Dagster's "
+        "event log on stderr); by default a refresh shows progress bars and a summary",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -506,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--core", action="store_true", help="run the stages directly instead of as Dagster materializations"
     )
     s.add_argument(
+        "--dagster-run",
+        action="store_true",
+        help="refresh as in-process Dagster runs (a run page and event log in the UI; ~1 s more per run)",
+    )
+    s.add_argument(
         "--allow-deletes",
         action="store_true",
         help="let a refresh delete more than RAG_MAX_DELETE_FRACTION of the documents",
@@ -519,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Also accepted after the command (`index DOCS --verbose`); SUPPRESS keeps the global one otherwise.
     s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_index)
+
+    s = sub.add_parser(
+        "record", help="write the refreshes not yet recorded into the Dagster instance (waits for a running recorder)"
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_record)
 
     s = sub.add_parser("query", help="top-k chunks for a question")
     s.add_argument("text")

@@ -701,7 +701,6 @@ class Indexer:
         t_start = time.perf_counter()
         started_at = datetime.now(UTC)
         ctx = self.ctx
-        preload_tokenizer()
         ctx.run_id = uuid.uuid4().hex
         rep = RefreshReport()
         source = self.source(path, change_source=change_source)
@@ -711,6 +710,8 @@ class Indexer:
         rep.errors.extend({"doc_id": p, "error": r} for p, r in plan.scan.errors)
         gen = ctx.target(fresh_token=ctx.run_id if full else None)
         pending = set(range(self.settings.shards)) if full else ctx.pending_shards(plan, gen)
+        if pending:  # chunking counts tokens: load the tokenizer while the changed files are read
+            preload_tokenizer()
         if progress is None:
             progress = sys.stderr.isatty()
         bar = None

@@ -381,3 +381,126 @@ def test_range_run_rebuilds_when_the_sync_strategy_says_so(dset, make_db):
     ref = Indexer(replace(dset, database_url=make_db()))
     ref.refresh(dset.source_path, full=True)
     assert index_digest(conn) == index_digest(ref.conn)
+
+
+def _ui_state(instance: dg.DagsterInstance, dset: Settings, defs) -> dict:
+    """What the asset pages show: partition status, each partition's newest metadata and tags' data
+    version, staleness ("unsynced"), and the newest evaluation of every asset check."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    raw, _ = build_assets(dset)
+    keys = raw.partitions_def.get_partition_keys()
+    graph = defs.resolve_asset_graph()
+    stale = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    out: dict = {"status": {}, "meta": {}, "stale": {}, "checks": {}}
+    for asset in ("raw_documents", "document_manifest", "chunks", "embeddings"):
+        key = dg.AssetKey(asset)
+        status = instance.get_status_by_partition(key, partition_keys=keys, partitions_def=raw.partitions_def)
+        out["status"][asset] = {p: s.value for p, s in (status or {}).items() if s is not None}
+        newest: dict = {}
+        for r in instance.fetch_materializations(key, limit=1000).records:  # newest first
+            newest.setdefault(r.partition_key, r.asset_materialization)
+        out["meta"][asset] = {p: {k: v.value for k, v in m.metadata.items()} for p, m in newest.items()}
+        if asset != "raw_documents":
+            out["stale"][asset] = {p: stale.get_status(key, p).value for p in newest}
+    for check_key in graph.asset_check_keys:
+        [rec] = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=1)
+        ev = rec.event.dagster_event.event_specific_data
+        out["checks"][check_key.name] = {"passed": ev.passed, "target": ev.target_materialization_data}
+    return out
+
+
+def test_cli_record_gives_the_ui_what_a_run_gives(dset, make_db, monkeypatch):
+    """The CLI's default refresh (the core, then runless events) and an in-process Dagster run of the
+    same refreshes leave the same partition status, per-shard metadata, staleness and check results;
+    the index is the core's (digest = a full rebuild)."""
+    from rag_assets.defs.recorded import index_recorded
+    from rag_assets.defs.report import RUN_ID_TAG
+
+    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
+    import shutil
+
+    docs = dset.source_path.parent / "docs-run"
+    shutil.copytree(dset.source_path, docs)  # copies keep the mtimes: the same scan on both paths
+    other = replace(dset, database_url=make_db(), home=dset.home.parent / "home-run", source_path=docs)
+    states = {}
+    for label, s in (("recorded", dset), ("run", other)):
+        home = s.home / "dh"
+        home.mkdir(parents=True)
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        refresh = (
+            (lambda s=s: index_recorded(s, s.source_path, record="wait"))
+            if label == "recorded"
+            else (lambda s=s: index_via_dagster(s, s.source_path))
+        )
+        first = refresh()
+        assert first.docs_added == 24 and first.chunks_embedded > 0
+        write(s.source_path / "d07.md", "# Seven\n\nchanged once more", mtime_ns=5 * 10**18)
+        refresh()
+        instance = dg.DagsterInstance.from_config(str(home))
+        states[label] = _ui_state(instance, s, build_defs(s, resources=resources_for(s)))
+        if label == "recorded":
+            assert instance.get_runs() == []  # no run: runless events only
+            conn = connect_index(s)
+            assert conn.execute("SELECT count(*) FROM dagster_outbox").fetchone()[0] == 0
+            records = instance.fetch_materializations(dg.AssetKey("embeddings"), limit=1).records
+            assert records[0].asset_materialization.tags[RUN_ID_TAG] == conn.execute(
+                "SELECT run_id FROM runs ORDER BY id DESC LIMIT 1"
+            ).fetchone()[0]
+            ref = Indexer(replace(s, database_url=make_db()))
+            ref.refresh(s.source_path, full=True)
+            assert index_digest(conn) == index_digest(ref.conn)
+            ref.close()
+            conn.close()
+    rec, run = states["recorded"], states["run"]
+    shard7 = shard_key(shard_of("d07.md", N))
+    assert rec["status"] == run["status"]
+    assert set(rec["status"]["embeddings"].values()) == {"MATERIALIZED"} and shard7 in rec["status"]["embeddings"]
+    for asset in ("document_manifest", "chunks", "embeddings"):
+        assert rec["meta"][asset].keys() == run["meta"][asset].keys()  # the same partitions
+        for p, meta in rec["meta"][asset].items():
+            theirs = run["meta"][asset][p]
+            assert set(meta) <= set(theirs), set(meta) - set(theirs)  # no key a run would not write
+            shared = ("shard_documents", "manifest_version", "shard_chunks", "docs_added", "docs_modified",
+                      "chunks_embedded", "tokens_embedded", "chunks_total", "shards_in_run", "chunks_written")
+            assert {k: meta[k] for k in shared if k in theirs} == {k: theirs[k] for k in shared if k in theirs}, (asset, p)
+    assert rec["meta"]["embeddings"][shard7]["docs_modified"] == 1
+    assert rec["stale"] == run["stale"]
+    assert set(rec["stale"]["embeddings"].values()) == {"FRESH"}
+    assert rec["checks"].keys() == run["checks"].keys() == {
+        "manifest_matches_source", "rows_match_chunks", "no_orphan_rows", "vectors_valid", "quality_gate"
+    }
+    assert all(c["passed"] for c in rec["checks"].values())
+    assert all(c["target"] is not None for c in rec["checks"].values())  # each targets its materialization
+
+
+def test_cli_record_survives_a_dead_reporter_and_reports_once(dset, monkeypatch):
+    """A record waits in the outbox until a reporter writes it; a second reporter finds nothing."""
+    from rag_assets.defs.recorded import index_recorded
+    from rag_assets.defs.report import drain_outbox
+
+    home = dset.home / "dh"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    rep = index_recorded(dset, dset.source_path, record="off")  # the index is updated, nothing recorded
+    assert rep.docs_added == 24
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert instance.fetch_materializations(dg.AssetKey("embeddings"), limit=10).records == []
+    write(dset.source_path / "d03.md", "# Three\n\nedited", mtime_ns=6 * 10**18)
+    conn = connect_index(dset)
+    from rag_assets.defs.recorded import build_record, waiting_records, write_outbox
+
+    idx = Indexer(dset)
+    r2 = idx.refresh(dset.source_path)
+    write_outbox(idx.conn, build_record(idx, r2))  # the reporter "dies" before it runs
+    idx.close()
+    assert waiting_records(dset) == 1  # what `rag-assets dev` checks before it starts a recorder
+    assert drain_outbox(dset) == 1
+    assert drain_outbox(dset) == 0 and waiting_records(dset) == 0
+    records = instance.fetch_materializations(dg.AssetKey("chunks"), limit=100).records
+    assert [r.partition_key for r in records] == [shard_key(shard_of("d03.md", N))]
+    assert records[0].asset_materialization.metadata["docs_rechunked"].value == 1
+    conn.close()

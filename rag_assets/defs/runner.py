@@ -1,4 +1,7 @@
-"""The CLI's path through Dagster: ``rag-assets index`` materializes the stale shards in process.
+"""``rag-assets index --dagster-run``: the stale shards materialized as in-process Dagster runs.
+
+(Plain ``rag-assets index`` runs the core and records it as runless events instead: ``recorded.py``,
+decision 36; this path keeps a run page per refresh at ~1-2 s of orchestration per run.)
 
 The stale shards are found exactly as the sensors would (file stats against the manifest, plus
 any shard whose chunk or serving stage is behind, plus pending webhook events). Nothing stale →
