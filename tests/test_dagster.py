@@ -235,6 +235,15 @@ def test_full_reindex_job_builds_and_switches_a_new_generation(dset, defs):
         assert res.success
         assert live_generation(conn).id > before
         assert index_digest(conn) == digest
+        # the run building the new generation shows what the switch embeds (rag-assets plan's figures),
+        # worked out before it embedded: the same embedder, so every text is already in the cache
+        mats = [e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey("embeddings")]
+        distinct = conn.execute("SELECT count(DISTINCT chunk_hash) FROM chunks").fetchone()[0]
+        assert len(mats) == dset.shards  # one per shard of the range run, each with the run's plan
+        for mat in mats:
+            meta = mat.materialization.metadata
+            assert meta["plan_texts_to_embed"].value == 0 and meta["plan_tokens_to_embed"].value == 0
+            assert meta["plan_texts_cached"].value == distinct > 0 and meta["plan_cost_usd"].value == 0.0
 
 
 def test_audit_finds_and_repairs_drift(dset, defs, make_db):

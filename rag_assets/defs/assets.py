@@ -76,6 +76,22 @@ def _fresh_token(
     )
 
 
+def _switch_plan(conn, settings: Settings) -> dict:
+    """``rag-assets plan``'s figures, as the materialization metadata of a run that builds a new
+    generation, computed before it embeds: the texts and tokens missing from the embedding cache
+    under the configured embedder, and their price."""
+    from rag_assets.plan import plan_switch
+
+    p = plan_switch(conn, settings)
+    return {
+        "plan_texts_to_embed": p.texts_to_embed,
+        "plan_tokens_to_embed": p.tokens_to_embed,
+        "plan_texts_cached": p.texts_cached,
+        "plan_cost_usd": dg.MetadataValue.float(p.cost_usd),
+        "plan_price_known": p.price_known,
+    }
+
+
 def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefinition]]:
     """The four assets of one index (partitions, code versions and names come from ``settings``)."""
     names = IndexNames.of(settings)
@@ -257,6 +273,8 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         ctx = stage_context_from(context, names)
         try:
             token = _fresh_token(context, config, shards, settings.shards)
+            # a run that builds a new generation shows first what the switch embeds and costs
+            switch_plan = _switch_plan(ctx.conn, ctx.settings) if token is not None else {}
             gen = ctx.target(token)
             out = embed_stage(ctx, shards, gen=gen, force=_rebuild(context, config) and token is None)
             if out.generation != gen.id:  # the cost model chose to rebuild (sync_cost.py): check that one
@@ -272,7 +290,7 @@ def build_assets(settings: Settings) -> tuple[dg.AssetSpec, list[dg.AssetsDefini
         if out.generation_switched:
             context.log.info(f"generation {gen.id} complete and verified: now live")
         needed = out.chunks_embedded + out.chunks_reused
-        meta: dict = {**out.metadata(), **docs_counts}
+        meta: dict = {**out.metadata(), **docs_counts, **switch_plan}
         meta.update(
             chunks_total=chunks_total,
             cache_hit_rate=round(out.chunks_reused / needed, 4) if needed else 1.0,
