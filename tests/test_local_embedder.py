@@ -436,3 +436,12 @@ def test_onnx_builds_and_embeds_with_torch_blocked(tmp_path: Path) -> None:
         assert v[0] @ v[1] > v[0] @ v[2] + 0.3  # the two cat sentences are closer than revenue
         assert runs[0][backend]["sha"] == runs[1][backend]["sha"]
         np.testing.assert_allclose(v, np.array(runs[1][backend]["vectors"]), atol=1e-6)
+
+
+def test_torch_free_graph_keeps_fp32_fingerprint_and_moves_int8() -> None:
+    """fp32 vectors of the torch-free graph equal the torch export's to float rounding: the "onnx"
+    fingerprint indexes store is kept; int8 vectors moved (another graph quantised): a new one."""
+    assert LocalEmbedder.fingerprint_for(backend="onnx") == "local:all-MiniLM-L6-v2:384:norm:a27884c838ac"
+    int8 = LocalEmbedder.fingerprint_for(backend="onnx-int8")
+    assert int8 == "local:all-MiniLM-L6-v2:384:norm:d273552f58e4"
+    assert int8 != "local:all-MiniLM-L6-v2:384:norm:b228c81f5ba0"  # the int8 of the torch.onnx.export graph

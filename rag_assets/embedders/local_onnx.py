@@ -50,6 +50,9 @@ RECIPES = {
     "onnx": f"bert-graph-v{GRAPH_VERSION}-opset{OPSET}",
     "onnx-int8": f"bert-graph-v{GRAPH_VERSION}-opset{OPSET}+dynamic-int8-per-channel-v1",
 }
+# The graph int8 quantises, in the int8 fingerprint (rag_assets/embedders/local.py): bump with GRAPH_VERSION
+# when a graph change moves the int8 vectors.
+INT8_GRAPH = f"bert-graph-v{GRAPH_VERSION}"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
