@@ -349,12 +349,12 @@ def _model_dir_or_skip() -> Path:
 
 def test_bert_graph_is_deterministic_and_reads_safetensors() -> None:
     """The torch-free graph: the same bytes twice, a valid opset-17 model with the inputs and output
-    the encoder feeds; the numpy safetensors reader gives what the safetensors package gives."""
+    the encoder feeds, sized from config.json."""
     import hashlib
 
     import onnx
 
-    from rag_assets.embedders.bert_graph import BertConfig, build_bert_onnx, read_safetensors
+    from rag_assets.embedders.bert_graph import BertConfig, build_bert_onnx
 
     model_dir = _model_dir_or_skip()
     first, second = build_bert_onnx(model_dir), build_bert_onnx(model_dir)
@@ -367,6 +367,12 @@ def test_bert_graph_is_deterministic_and_reads_safetensors() -> None:
     cfg = BertConfig.from_file(model_dir / "config.json")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim) == (384, 6, 12, 32)
     assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == 1 + 2 * cfg.num_hidden_layers
+
+
+def test_safetensors_reader_matches_the_safetensors_package() -> None:
+    from rag_assets.embedders.bert_graph import read_safetensors
+
+    model_dir = _model_dir_or_skip()
     mine = read_safetensors(model_dir / "model.safetensors")
     st = pytest.importorskip("safetensors.numpy")
     ref = st.load_file(str(model_dir / "model.safetensors"))
