@@ -55,7 +55,8 @@ OLD_RELEASE = textwrap.dedent(
 
         schema.create_vector_index = dying_build
     from rag_assets.cli import main
-    sys.exit(main(["index", sys.argv[1]]))
+    # the previous release ran every CLI refresh as an in-process Dagster run (decision 36 came later)
+    sys.exit(main(["index", sys.argv[1], "--dagster-run"]))
     """
 )
 

@@ -336,7 +336,8 @@ def test_query_hits_carry_bounded_metadata(settings, docs_dir):
     (big_stored,) = idx.conn.execute("SELECT metadata FROM manifest WHERE doc_id = 'big.md'").fetchone()
     assert len(big_stored["notes"]) == 200_000
     hits = {h.doc_id: h.metadata for h in search(idx.conn, idx.embedder, "the text", k=10).results}
-    assert hits["big.md"] == {"metadata_truncated": True, "path": "big.md", "title": "Big"}
+    # cut to path and title, plus the chunk's own heading path (bounded by the chunker's header cap)
+    assert hits["big.md"] == {"metadata_truncated": True, "path": "big.md", "title": "Big", "heading_path": ["Big"]}
     assert hits["small.md"]["tags"] == ["s"] and "metadata_truncated" not in hits["small.md"]
     assert bounded_metadata({"path": "p", "title": "t" * 5000, "x": "x" * MAX_HIT_METADATA_BYTES}) == {
         "metadata_truncated": True,
