@@ -352,11 +352,10 @@ def test_bert_graph_is_deterministic_and_reads_safetensors() -> None:
     the encoder feeds, sized from config.json."""
     import hashlib
 
-    import onnx
-
     from rag_assets.embedders.bert_graph import BertConfig, build_bert_onnx
 
     model_dir = _model_dir_or_skip()
+    onnx = pytest.importorskip("onnx", reason="needs the 'onnx' or 'local' extra")
     first, second = build_bert_onnx(model_dir), build_bert_onnx(model_dir)
     assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
     proto = onnx.load_from_string(first)
