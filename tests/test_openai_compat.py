@@ -739,7 +739,9 @@ def test_slow_large_batches_are_halved_until_one_is_answered_in_time() -> None:
         out = emb.embed(texts, stats)
         elapsed = time.monotonic() - t0
         assert_complete(srv, texts, out)
-        assert elapsed < 3.0  # two timeouts of 0.5 s per worker, not 30 s
+        # two timeouts of 0.5 s per worker, not the 30 s retry budget (the old behaviour); the bound leaves
+        # room for a loaded 2-core machine (one CI run took 5.8 s), the counts below check the halving exactly
+        assert elapsed < 12.0
         slow = [r for r in srv.requests if r.fault == "slow"]
         assert stats.batch_splits == len(slow) and 2 <= len(slow) <= 4  # 8 and 4, in each of 2 workers
         assert {len(r.inputs) for r in slow} <= {8, 4}
