@@ -10,6 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
+def metadata_number(v: object) -> int | float | None:
+    """A stage figure as Dagster metadata: booleans as 0/1, ints as they are, floats rounded to 4
+    places; None for anything else (lists, dicts, text are not plotted)."""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return round(v, 4)
+    return None
+
+
 @dataclass
 class StageResult:
     seconds: float = 0.0
@@ -22,16 +34,8 @@ class StageResult:
 
     def metadata(self) -> dict[str, int | float]:
         """Numeric fields for Dagster materialization metadata (booleans as 0/1, floats rounded)."""
-        out: dict[str, int | float] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool):
-                out[f.name] = int(v)
-            elif isinstance(v, int):
-                out[f.name] = v
-            elif isinstance(v, float):
-                out[f.name] = round(v, 4)
-        return out
+        values = {f.name: metadata_number(getattr(self, f.name)) for f in fields(self)}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass

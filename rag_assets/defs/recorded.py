@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 
 from rag_assets.pipeline import Indexer, RefreshReport
 from rag_assets.settings import Settings
-from rag_assets.stage_results import ChunkResult, EmbedResult, ManifestResult
+from rag_assets.stage_results import ChunkResult, EmbedResult, ManifestResult, metadata_number
 
 RECORD_MODES = ("background", "wait", "off")
 OUTBOX_DDL = """CREATE TABLE IF NOT EXISTS dagster_outbox (
@@ -243,13 +243,9 @@ def _stage_metadata(report: dict, cls) -> dict:
     for f in fields(cls):
         if f.name == "seconds":
             continue
-        v = report.get(f.name)
-        if isinstance(v, bool):
-            out[f.name] = int(v)
-        elif isinstance(v, int):
+        v = metadata_number(report.get(f.name))
+        if v is not None:
             out[f.name] = v
-        elif isinstance(v, float):
-            out[f.name] = round(v, 4)
     return out
 
 
